@@ -1,0 +1,538 @@
+"""Chapter 1: where OpenMoE's text comes from, and how it becomes token ids.
+
+OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) and 50% The Stack
+(deduplicated source code), sampled as a seqio mixture of documents (arXiv 2402.01739, §2.2 and
+Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000 pieces with byte
+fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos; 2 = unk), plus 300
+span-corruption sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows.
+
+This file builds the same two halves from what every Python installation carries, so that
+everything runs offline: *code* is the standard library's `.py` files (test suites skipped),
+*text* is the English prose that ships with Python (the language-reference topics of
+`pydoc_data.topics` and the standard library's docstrings). Real runs name hub datasets instead
+(RedPajama, The Stack, or any dataset with a text column), streamed with `datasets`.
+A small unigram model is trained on the embedded corpus and cached; an existing `.model` file
+(umT5's `spiece.model`) loads unchanged and gives exactly its ids.
+
+Left out: umT5's Unicode normalization (we keep text byte-exact so code round-trips), and
+tokenization inside a `datasets` pipeline (09 does that).
+Self-test: `python 01_tokenizer.py` (about 30 s: builds the corpus, trains, shows examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import sysconfig
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import datasets
+import sentencepiece as spm
+from datasets.distributed import split_dataset_by_node
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# The embedded corpus: Python's own prose and code, as two `datasets.Dataset`s.
+# ------------------------------------------------------------------------------------------------
+
+# Directories inside a Python source tree that hold test suites or third-party code, not stdlib.
+SKIPPED_DIRECTORIES = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+# Documents are cut into chunks of at most this many characters, at paragraph boundaries, so that
+# text and code "documents" have similar sizes: mixing by documents (as seqio does) is then also
+# mixing by bytes, as it was for RedPajama pages and The Stack's files.
+MAX_DOCUMENT_CHARS = 4096
+# Share of documents (whole files, before chunking) that go to the validation split.
+VALIDATION_FRACTION = 0.05
+
+
+def split_into_chunks(document: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """Cut a document into consecutive chunks of at most `max_chars`, preferring blank lines.
+
+    The chunks concatenate back to the document exactly:
+    >>> split_into_chunks("para one\\n\\npara two\\n", max_chars=12)
+    ['para one\\n\\n', 'para two\\n']
+    """
+    # Paragraphs keep their trailing separators, so joining the chunks restores the document.
+    paragraphs = re.split(r"(?<=\n\n)", document)
+    pieces = []
+    for paragraph in paragraphs:
+        # A paragraph longer than a chunk is cut at line ends, and a single huge line hard-cut.
+        for line in (paragraph.splitlines(keepends=True) if len(paragraph) > max_chars else [paragraph]):
+            pieces.extend(line[i:i + max_chars] for i in range(0, len(line), max_chars))
+    chunks, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
+            chunks.append(current)
+            current = ""
+        current += piece
+    return chunks + [current] if current else chunks
+
+
+def is_validation(document_id: str, fraction: float = VALIDATION_FRACTION) -> bool:
+    """Deterministic split by document: a hash of the id, the same on every machine."""
+    digest = hashlib.sha256(document_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def python_files(directory: pathlib.Path) -> tuple[list[tuple[str, str]], int]:
+    """(relative path, source) of every `.py` file under `directory` outside test suites.
+
+    Returns the files and how many were skipped because they are not valid UTF-8: a source
+    tree may hold a few such files, and one bad file should not stop a run.
+    """
+    files, undecodable = [], 0
+    for path in sorted(directory.rglob("*.py")):
+        relative = path.relative_to(directory)
+        if SKIPPED_DIRECTORIES.intersection(relative.parts[:-1]) or relative.name.startswith("test_"):
+            continue
+        try:
+            files.append((relative.as_posix(), path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            undecodable += 1
+    return files, undecodable
+
+
+def docstrings(source: str) -> list[str]:
+    """The module, class and function docstrings of a Python source, in file order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    nodes = (n for n in ast.walk(tree)
+             if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return [doc for doc in map(ast.get_docstring, nodes) if doc]
+
+
+def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, str]]:
+    """Every embedded document as {"id", "source", "text"}, before chunking and splitting."""
+    import pydoc_data.topics
+
+    directory = pathlib.Path(directory or sysconfig.get_paths()["stdlib"])
+    files, undecodable = python_files(directory)
+    if undecodable:
+        log.warning("skipped %d undecodable .py files under %s", undecodable, directory)
+    documents = [{"id": f"pydoc_topics/{name}", "source": "text", "text": text}
+                 for name, text in sorted(pydoc_data.topics.topics.items())]
+    for relative, source in files:
+        # A module's docstrings together read as one prose document about that module.
+        prose = "\n\n".join(docstrings(source))
+        if prose:
+            documents.append({"id": f"docstrings/{relative}", "source": "text", "text": prose})
+        documents.append({"id": f"stdlib/{relative}", "source": "code", "text": source})
+    return documents
+
+
+@functools.lru_cache(maxsize=4)
+def embedded_corpus(split: str = "train", directory: str | None = None) -> dict[str, datasets.Dataset]:
+    """The default corpus: {"text": Dataset, "code": Dataset}, columns `id`, `source`, `text`.
+
+    Documents are assigned to `train` or `validation` by a hash of their id (a path relative to
+    the standard library, so the split is the same on every machine with the same Python
+    version), then cut into chunks; chunks keep their document's split, so nothing leaks.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r} is not a split of the embedded corpus; use 'train' or 'validation'")
+    columns: dict[str, dict[str, list[str]]] = {}
+    for document in embedded_documents(pathlib.Path(directory) if directory else None):
+        if is_validation(document["id"]) != (split == "validation"):
+            continue
+        rows = columns.setdefault(document["source"], {"id": [], "source": [], "text": []})
+        for index, chunk in enumerate(split_into_chunks(document["text"])):
+            rows["id"].append(f"{document['id']}#{index}")
+            rows["source"].append(document["source"])
+            rows["text"].append(chunk)
+    if not columns:
+        raise ValueError(f"the embedded corpus under {directory or 'the standard library'} is empty")
+    return {source: datasets.Dataset.from_dict(rows) for source, rows in sorted(columns.items())}
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub corpora, streamed by name, for real runs.
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HubSource:
+    """Where one mixture component lives: a hub dataset (or a local json/parquet builder)."""
+
+    path: str                          # hub name, e.g. "bigcode/the-stack-dedup", or "json"/"parquet"
+    config: str | None = None          # the dataset's configuration (RedPajama: "c4", "arxiv", …)
+    column: str = "text"               # which column holds the document (The Stack: "content")
+    split: str = "train"               # which split to stream
+    data_files: str | Sequence[str] | None = None  # local files, for the "json"/"parquet" builders
+
+
+_REDPAJAMA = "togethercomputer/RedPajama-Data-1T"
+# The datasets OpenMoE trained on (RedPajama subsets, The Stack dedup), plus English Wikipedia,
+# which the phase-II and 34B mixtures add (they used TFDS wikipedia/20190301.en; this is the hub's
+# current dump). The Stack is gated: accept its terms on the hub and log in before streaming it.
+HUB_SOURCES: dict[str, HubSource] = {
+    "redpajama_c4": HubSource(_REDPAJAMA, "c4"),
+    "redpajama_wikipedia": HubSource(_REDPAJAMA, "wikipedia"),
+    "redpajama_stackexchange": HubSource(_REDPAJAMA, "stackexchange"),
+    "redpajama_arxiv": HubSource(_REDPAJAMA, "arxiv"),
+    "redpajama_book": HubSource(_REDPAJAMA, "book"),
+    "redpajama_github": HubSource(_REDPAJAMA, "github"),
+    "redpajama_common_crawl": HubSource(_REDPAJAMA, "common_crawl"),
+    "the_stack_dedup": HubSource("bigcode/the-stack-dedup", column="content"),
+    "wikipedia": HubSource("wikimedia/wikipedia", "20231101.en"),
+}
+
+
+def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_index: int = 0,
+                    process_count: int = 1) -> datasets.IterableDataset:
+    """Stream one source as an `IterableDataset` with columns `text` and `source`.
+
+    `spec` is a `HubSource` or a key of `HUB_SOURCES`. With several hosts, each host streams
+    only its own shard (`process_index` of `process_count`), so no document is read twice.
+    Errors name the dataset and what to check, before any training starts.
+    """
+    if isinstance(spec, str):
+        if spec not in HUB_SOURCES:
+            raise ValueError(f"unknown hub source {spec!r}; known: {sorted(HUB_SOURCES)}, "
+                             "or pass a HubSource(path=..., column=...) for any other dataset")
+        name, spec = name or spec, HUB_SOURCES[spec]
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    label = f"{spec.path}" + (f" ({spec.config})" if spec.config else "")
+    try:
+        stream = datasets.load_dataset(spec.path, spec.config, split=spec.split,
+                                       data_files=spec.data_files, streaming=True)
+    except Exception as error:  # the hub client raises many types; all mean "cannot load this name"
+        raise ValueError(f"hub dataset {label} could not be loaded: {error}. Check the name and "
+                         "configuration on the hub, your login for gated datasets, and the network "
+                         "(HF_HUB_OFFLINE=1 forbids downloads)") from error
+    # Peek at one document so that a wrong column name fails now, not hours into a run.
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise ValueError(f"hub dataset {label} split {spec.split!r} is empty")
+    if spec.column not in first:
+        raise ValueError(f"hub dataset {label} has no column {spec.column!r}; "
+                         f"its columns are {sorted(first)}. Set HubSource(column=...)")
+    stream = stream.select_columns([spec.column])
+    if spec.column != "text":
+        stream = stream.rename_column(spec.column, "text")
+    source = name or spec.path
+    stream = stream.map(lambda example: {"source": source})
+    if process_count > 1:
+        stream = split_dataset_by_node(stream, process_index, process_count)
+    return stream
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixtures: sample documents from several sources with fixed probabilities, like seqio.
+# ------------------------------------------------------------------------------------------------
+
+# Sampling rates per source (normalized to probabilities by `mixture_probabilities`), from
+# OpenMoE's seqio mixtures (t5/data/mixtures.py of its t5 fork; paper Table 1).
+MIXTURES: dict[str, dict[str, float]] = {
+    # The embedded default: OpenMoE phase I's 50% text / 50% code.
+    "embedded": {"text": 1.0, "code": 1.0},
+    # Version I (OpenMoE-Base and 8B before 780B tokens): 50% RedPajama, 50% The Stack.
+    "openmoe_v1": {"redpajama_c4": 15, "redpajama_wikipedia": 4.5, "redpajama_stackexchange": 2,
+                   "redpajama_arxiv": 2.5, "redpajama_book": 4.5, "redpajama_github": 4.5,
+                   "redpajama_common_crawl": 67, "the_stack_dedup": 100},
+    # Version II (OpenMoE-8B after 780B tokens): code cut to 15%.
+    "openmoe_v2": {"redpajama_c4": 15, "redpajama_wikipedia": 6.5, "wikipedia": 6.5,
+                   "redpajama_stackexchange": 2.5, "redpajama_arxiv": 4.5, "redpajama_book": 6.5,
+                   "redpajama_github": 5, "redpajama_common_crawl": 43.5, "the_stack_dedup": 10},
+    # Version III (OpenMoE-34B, whole run): 35% code.
+    "openmoe_v3": {"redpajama_c4": 15, "redpajama_wikipedia": 4.5, "wikipedia": 2.5,
+                   "redpajama_stackexchange": 1, "redpajama_arxiv": 4.5, "redpajama_book": 4.5,
+                   "redpajama_github": 5, "redpajama_common_crawl": 33, "the_stack_dedup": 30},
+}
+
+
+def mixture_probabilities(name: str) -> dict[str, float]:
+    """A named mixture's rates, normalized to probabilities that sum to 1."""
+    if name not in MIXTURES:
+        raise ValueError(f"unknown mixture {name!r}; known: {sorted(MIXTURES)}")
+    total = sum(MIXTURES[name].values())
+    return {source: rate / total for source, rate in MIXTURES[name].items()}
+
+
+def mix(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
+        probabilities: Mapping[str, float], *, seed: int = 0,
+        stopping_strategy: str = "all_exhausted"):
+    """Interleave sources, drawing each next document's source with the given probabilities.
+
+    The draw sequence is fixed by `seed`. With "all_exhausted" (the default) sampling goes on
+    until every source has been seen once, repeating the smaller ones, as a mixture of a small
+    and a large corpus should; "first_exhausted" stops at the first source to run out.
+    """
+    if set(probabilities) != set(sources):
+        raise ValueError(f"mixture probabilities are given for {sorted(probabilities)} but the "
+                         f"sources are {sorted(sources)}; give one probability per source")
+    if any(not p >= 0 for p in probabilities.values()) or not math.isclose(
+            sum(probabilities.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"mixture probabilities {dict(probabilities)} must be non-negative and "
+                         f"sum to 1 (they sum to {sum(probabilities.values()):.6g})")
+    names = sorted(sources)
+    # Only the shared columns survive interleaving: each source may carry extra ones.
+    parts = [sources[name].select_columns(["text", "source"]) for name in names]
+    return datasets.interleave_datasets(parts, probabilities=[probabilities[n] for n in names],
+                                        seed=seed, stopping_strategy=stopping_strategy)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tokenizer: a SentencePiece unigram model in umT5's layout, with sentinels on top.
+# ------------------------------------------------------------------------------------------------
+
+# Pieces SentencePiece reserves before it learns any: pad, eos, unk and the 256 byte pieces.
+RESERVED_PIECES = 3 + 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """How to train (or complete) a tokenizer. Defaults are OpenMoE's umT5 tokenizer."""
+
+    vocab_size: int = 256_000            # SentencePiece pieces (umT5: 256,000)
+    num_extra_ids: int = 300             # sentinels for span corruption (OpenMoE: 300; early gins 100)
+    pad_vocab_to_multiple: int = 128     # embedding rows are padded (256,300 -> 256,384)
+    model_type: str = "unigram"          # umT5's SentencePiece algorithm ("bpe" also works)
+    character_coverage: float = 0.9995   # rarer characters are left to byte fallback
+    max_training_chars: int = 6_000_000  # size of the corpus sample the model is trained on
+    seed: int = 0                        # which sample of the corpus
+
+    def __post_init__(self):
+        if self.vocab_size <= RESERVED_PIECES:
+            raise ValueError(f"vocab_size={self.vocab_size} must exceed the {RESERVED_PIECES} "
+                             "pieces that pad/eos/unk and byte fallback reserve")
+        if self.num_extra_ids < 0:
+            raise ValueError(f"num_extra_ids={self.num_extra_ids} must be >= 0")
+        if self.pad_vocab_to_multiple < 1:
+            raise ValueError(f"pad_vocab_to_multiple={self.pad_vocab_to_multiple} must be >= 1")
+        if self.model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model_type={self.model_type!r}; use 'unigram' (umT5) or 'bpe'")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ValueError(f"character_coverage={self.character_coverage} must be in [0.9, 1]")
+        if self.max_training_chars < 1:
+            raise ValueError(f"max_training_chars={self.max_training_chars} must be >= 1")
+
+
+# The tokenizer the embedded default run uses: small enough to train in seconds on a laptop.
+EMBEDDED_TOKENIZER = TokenizerConfig(vocab_size=8_000)
+
+
+class Tokenizer:
+    """Text <-> ids in T5's layout: SentencePiece ids, then sentinels, then padding rows.
+
+    For a model of P pieces with N sentinels, ids 0..P-1 are SentencePiece's own (so a loaded
+    `spiece.model` gives exactly its ids), `<extra_id_0>` is P+N-1 and `<extra_id_{N-1}>` is P
+    (T5 counts sentinels down from the top), and `vocab_size` rounds P+N up to a multiple of
+    `pad_vocab_to_multiple`; the padding rows are never produced.
+    """
+
+    def __init__(self, model_proto: bytes, *, num_extra_ids: int = 300,
+                 pad_vocab_to_multiple: int = 128, path: str | None = None):
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.path = path
+        self.piece_count = self.processor.get_piece_size()
+        self.num_extra_ids = num_extra_ids
+        self.pad_id, self.eos_id, self.unk_id = (
+            self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id())
+        if self.pad_id < 0 or self.eos_id < 0:
+            raise ValueError(f"SentencePiece model {path or ''} has pad_id={self.pad_id}, "
+                             f"eos_id={self.eos_id}; OpenMoE's T5 layout needs both pieces")
+        used = self.piece_count + num_extra_ids
+        self.vocab_size = -(-used // pad_vocab_to_multiple) * pad_vocab_to_multiple
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, num_extra_ids: int = 300,
+             pad_vocab_to_multiple: int = 128) -> "Tokenizer":
+        """Load an existing SentencePiece `.model` file unchanged (umT5's `spiece.model`, say)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer model {str(path)!r} does not exist or is not a file")
+        try:
+            return cls(path.read_bytes(), num_extra_ids=num_extra_ids,
+                       pad_vocab_to_multiple=pad_vocab_to_multiple, path=str(path))
+        except RuntimeError as error:  # SentencePiece's message for a file it cannot parse
+            raise ValueError(f"tokenizer model {str(path)!r} is not a valid SentencePiece "
+                             f"model: {error}") from error
+
+    def sentinel_id(self, index: int) -> int:
+        """The id of `<extra_id_{index}>`: sentinel 0 is the highest id in use."""
+        if not 0 <= index < self.num_extra_ids:
+            raise ValueError(f"sentinel index {index} is outside [0, {self.num_extra_ids})")
+        return self.piece_count + self.num_extra_ids - 1 - index
+
+    def encode(self, text: str, *, add_eos: bool = False) -> list[int]:
+        """Ids of one string; with `add_eos`, the eos id closes it (a document boundary)."""
+        return self.processor.encode(text, add_eos=add_eos)
+
+    def encode_batch(self, texts: Sequence[str], *, add_eos: bool = False) -> list[list[int]]:
+        """Ids of many strings at once (SentencePiece encodes them on several threads)."""
+        return self.processor.encode(list(texts), add_eos=add_eos, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a list of ids. Sentinels print as `<extra_id_i>`; pad and eos print nothing;
+        ids of padding rows, which a model should never emit, print as unk (" ⁇ ")."""
+        text, run = [], []
+        for token in map(int, ids):
+            if self.piece_count <= token < self.piece_count + self.num_extra_ids:
+                text.append(self.processor.decode(run))
+                text.append(f"<extra_id_{self.piece_count + self.num_extra_ids - 1 - token}>")
+                run = []
+            else:
+                run.append(token if 0 <= token < self.piece_count else self.unk_id)
+        return "".join(text) + self.processor.decode(run)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def pieces(self, text: str) -> list[str]:
+        """The pieces a string is cut into: what a reader wants to see in a worked example."""
+        return self.processor.encode(text, out_type=str)
+
+    def tokens_per_byte(self, texts: Iterable[str]) -> float:
+        """Tokens per UTF-8 byte over `texts`: lower means the tokenizer compresses better."""
+        texts = list(texts)
+        tokens = sum(map(len, self.encode_batch(texts)))
+        return tokens / max(1, sum(len(t.encode()) for t in texts))
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where trained tokenizers are kept: $OPENMOE_CACHE_DIR, else `.cache/` beside this file."""
+    return pathlib.Path(os.environ.get("OPENMOE_CACHE_DIR") or pathlib.Path(__file__).parent / ".cache")
+
+
+def training_sample(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
+                    max_chars: int, seed: int) -> list[str]:
+    """Equal shares of `max_chars` from each source, drawn in a seeded random order."""
+    share = max_chars // max(1, len(sources))
+    sample = []
+    for name in sorted(sources):
+        taken = 0
+        for example in sources[name].shuffle(seed=seed):
+            if taken >= share:
+                break
+            sample.append(example["text"])
+            taken += len(example["text"])
+    return sample
+
+
+def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
+                    config: TokenizerConfig = EMBEDDED_TOKENIZER,
+                    cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """Train a SentencePiece model on a sample of `sources`, or load it from the cache.
+
+    The cache key hashes the exact training text, the config and the SentencePiece version, so
+    the second run with the same corpus and settings loads in milliseconds instead of retraining,
+    and any change retrains. The model file is written atomically: a crash never leaves half a
+    file behind, and an existing file is never overwritten with different contents.
+    """
+    texts = training_sample(sources, config.max_training_chars, config.seed)
+    if not any(texts):
+        raise ValueError(f"cannot train a tokenizer on an empty corpus (sources: {sorted(sources)})")
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(config), spm.__version__]).encode())
+    for text in texts:
+        key.update(hashlib.sha256(text.encode()).digest())
+    directory = pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers" / key.hexdigest()[:16]
+    model_path = directory / "spiece.model"
+    if model_path.is_file():
+        return Tokenizer.load(model_path, num_extra_ids=config.num_extra_ids,
+                              pad_vocab_to_multiple=config.pad_vocab_to_multiple)
+
+    # umT5's layout (pad 0, eos 1, unk 2, no bos) with byte fallback, so no text becomes unk.
+    # Identity normalization and kept whitespace make decode(encode(x)) == x, which code needs.
+    model = io.BytesIO()
+    spm.set_random_generator_seed(config.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
+            model_type=config.model_type, character_coverage=config.character_coverage,
+            byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, max_sentence_length=4 * MAX_DOCUMENT_CHARS + 16,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as error:
+        limit = re.search(r"value <= (\d+)", str(error))
+        if limit:
+            raise ValueError(f"vocab_size={config.vocab_size} is larger than this corpus supports "
+                             f"(at most {limit.group(1)} pieces for {sum(map(len, texts)):,} "
+                             "characters); lower vocab_size or train on more text") from error
+        raise
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    partial = directory / f"spiece.model.{os.getpid()}.tmp"
+    partial.write_bytes(model.getvalue())
+    os.replace(partial, model_path)
+    return Tokenizer(model.getvalue(), num_extra_ids=config.num_extra_ids,
+                     pad_vocab_to_multiple=config.pad_vocab_to_multiple, path=str(model_path))
+
+
+def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The default run's tokenizer: trained on the embedded corpus' train split, then cached."""
+    return train_tokenizer(embedded_corpus("train"), EMBEDDED_TOKENIZER, cache_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-test: build the corpus, train a tokenizer, show it working, check the round trips.
+# ------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(
+        "Build the embedded text+code corpus, train (or load from cache) a small umT5-style "
+        "SentencePiece tokenizer, print worked examples and tokens per byte, and check round trips."))
+    parser.add_argument("--cache-dir", default=None, help="where trained tokenizers are cached "
+                        "(default: $OPENMOE_CACHE_DIR or .cache/ beside this file)")
+    args = parser.parse_args()
+    datasets.disable_progress_bars()
+
+    # 1. The corpus: two sources, each split by document into train and validation.
+    start = time.time()
+    train, validation = embedded_corpus("train"), embedded_corpus("validation")
+    print(f"Embedded corpus (built in {time.time() - start:.1f} s from Python's own files):")
+    print(f"  {'source':8}{'train chunks':>14}{'val chunks':>12}{'train MB':>10}")
+    for source in train:
+        megabytes = sum(map(len, train[source]["text"])) / 1e6
+        print(f"  {source:8}{len(train[source]):>14,}{len(validation[source]):>12,}{megabytes:>10.1f}")
+    train_ids = {i.split("#")[0] for ds in train.values() for i in ds["id"]}
+    assert not train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}
+
+    # 2. The 50/50 mixture, as phase I of OpenMoE drew its documents.
+    mixture = mix(train, mixture_probabilities("embedded"), seed=0)
+    first = mixture.select(range(2000))["source"]
+    print(f"\nMixture 'embedded': first 12 draws {first[:12]}; "
+          f"text share of 2000 draws = {first.count('text') / 2000:.3f} (expected 0.5)")
+    assert abs(first.count("text") / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000)
+
+    # 3. The tokenizer: trained once, then loaded from the cache.
+    start = time.time()
+    tokenizer = embedded_tokenizer(args.cache_dir)
+    print(f"\nTokenizer ready in {time.time() - start:.1f} s: {tokenizer.path}")
+    print(f"  {tokenizer.piece_count:,} pieces + {tokenizer.num_extra_ids} sentinels -> "
+          f"{tokenizer.vocab_size:,} embedding rows (a multiple of 128)")
+    print(f"  pad={tokenizer.pad_id} eos={tokenizer.eos_id} unk={tokenizer.unk_id}  "
+          f"<extra_id_0>={tokenizer.sentinel_id(0)}  <extra_id_299>={tokenizer.sentinel_id(299)}")
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) == (0, 1, 2)
+    assert tokenizer.vocab_size % 128 == 0 and tokenizer.decode([tokenizer.sentinel_id(0)]) == "<extra_id_0>"
+
+    # 4. Worked examples: a sentence, a line of code, and text the corpus never saw.
+    for label, text in [("sentence", "The quick brown fox jumps over the lazy dog."),
+                        ("code", "    for key, value in sorted(items.items()):\n"),
+                        ("unseen", "東京は晴れ 🙂")]:
+        ids = tokenizer.encode(text)
+        print(f"\n  {label}: {text!r}\n    pieces {tokenizer.pieces(text)}\n    ids    {ids}")
+        assert tokenizer.decode(ids) == text and tokenizer.unk_id not in ids
+    print("  (unseen characters fall back to their UTF-8 bytes, <0xE6> ..., never to <unk>)")
+
+    # 5. Compression by domain, the measure of the paper's Table 10, on held-out documents.
+    for source in validation:
+        sample = validation[source]["text"][:200]
+        print(f"\n  tokens per byte, {source} (validation): {tokenizer.tokens_per_byte(sample):.3f}")
+        assert all(tokenizer.decode(ids) == text
+                   for ids, text in zip(tokenizer.encode_batch(sample), sample))
+    print("\nAll round trips exact, no <unk>: OK")

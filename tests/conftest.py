@@ -1,0 +1,30 @@
+"""Shared test set-up: 8 simulated CPU devices, and loading the numbered chapters by name.
+
+JAX reads the device count once, when its backend starts, so it is set here, before any test
+module imports JAX. Eight devices let every sharding test build a real ('data', 'expert',
+'model') mesh on a laptop or CI machine with no accelerator.
+"""
+
+import importlib
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Hub look-ups must fail fast and offline: tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def load(name: str):
+    """Import a numbered chapter, e.g. ``load("01_tokenizer")``.
+
+    A module name cannot start with a digit, so ``import 01_tokenizer`` is a syntax error;
+    ``importlib`` takes the name as a string instead, exactly as the chapters import each other.
+    """
+    return importlib.import_module(name)
