@@ -1,0 +1,194 @@
+"""The feed-forward network (FFN) of every block and every expert: OpenMoE's double-gated SwiGLU.
+
+An FFN widens each token's vector from d_model (D) to d_ff (F), applies a gated nonlinearity, and
+projects back. LLaMA's SwiGLU gates one "up" projection with a SiLU of another:
+    y = wo( silu(x·W_gate) · x·W_up ),                 3·D·F parameters.
+OpenMoE's released code (reference/openmoe-facts.md §1.2, "FFN = double-gated SwiGLU"; Fuzhao's
+flaxformer `components/dense.py`, `activations=('swiglu', 'linear')`) makes wi_0 twice as wide,
+splits its output into halves (a, b) and multiplies three projections together:
+    y = wo( a · silu(b) · x·wi_1 ),  (a, b) = split(x·wi_0),   4·D·F parameters, no biases,
+with wi_0: D→2F, wi_1: D→F, wo: F→D. Plainly: the paper's parameter counts (8.7B / 2.1B active
+for OpenMoE-8B, Table 11) assume the ordinary 3·D·F form, while the released weights use the
+double-gated one (facts §6.2); both are here as `FFNConfig.variant` so you can compare them.
+Kernels are f32 parameters named by logical axes ("embed", "mlp") and initialized as OpenMoE
+does: variance scaling 0.1, fan-in (facts §1.2, "Initialization"); the math runs in the
+activation dtype. `ffn_param_count` and `ffn_flops_per_token` feed active-parameter counts and MFU.
+Left out: dropout (0 in pretraining), other activations, and anything MoE (05 vmaps `swiglu`).
+Run the self-test: `python 03_swiglu.py` (`--help` for options).
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+VARIANTS = ("double_gated", "swiglu")
+
+# Logical axis names of each kernel; 07_sharding.py maps them onto the device mesh.
+FFN_LOGICAL_AXES = {"wi_0": ("embed", "mlp"), "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed")}
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    d_model: int = 2048  # D; OpenMoE-8B: 2048 (Base 768, 34B 3072)
+    d_ff: int = 8192  # F; OpenMoE-8B: 8192 (Base 2048 in the code, 3072 in the paper; 34B 12288)
+    variant: str = "double_gated"  # released code; "swiglu" is LLaMA's form the paper counts
+    init_scale: float = 0.1  # variance-scaling scale, OpenMoE's SCALE=0.1 "for stability"
+    dtype: Any = jnp.float32  # activation dtype of the math (bf16 on TPU); params stay f32
+
+    def __post_init__(self):
+        for name in ("d_model", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FFNConfig.{name}={getattr(self, name)}: must be a positive int")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"FFNConfig.variant={self.variant!r}: must be one of {VARIANTS}")
+        if not self.init_scale > 0:
+            raise ValueError(f"FFNConfig.init_scale={self.init_scale}: must be > 0 (OpenMoE: 0.1)")
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"FFNConfig.dtype={self.dtype}: must be a float dtype, "
+                             "e.g. jnp.float32 or jnp.bfloat16")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: must be one of {VARIANTS}")
+
+
+def ffn_kernel_shapes(d_model: int, d_ff: int, variant: str = "double_gated") -> dict:
+    """Shape of each kernel, e.g. D=2, F=3 double-gated: wi_0 (2, 6), wi_1 (2, 3), wo (3, 2)."""
+    _check_variant(variant)
+    gate_width = 2 * d_ff if variant == "double_gated" else d_ff
+    return {"wi_0": (d_model, gate_width), "wi_1": (d_model, d_ff), "wo": (d_ff, d_model)}
+
+
+def ffn_param_count(d_model: int, d_ff: int, variant: str = "double_gated") -> int:
+    """Parameters of one FFN: 4·D·F double-gated, 3·D·F swiglu (no biases)."""
+    return sum(math.prod(shape) for shape in ffn_kernel_shapes(d_model, d_ff, variant).values())
+
+
+def ffn_flops_per_token(d_model: int, d_ff: int, variant: str = "double_gated") -> int:
+    """Forward matmul FLOPs per token of one FFN, counting a multiply-add as 2 FLOPs.
+
+    Every kernel weight takes part in exactly one multiply-add per token, so this is
+    2 × ffn_param_count: 8·D·F double-gated, 6·D·F swiglu. The element-wise SiLU and
+    products (a few·F) are left out, as MFU conventions do; the backward pass costs about 2×.
+    """
+    return 2 * ffn_param_count(d_model, d_ff, variant)
+
+
+def ffn_init(key, shape, dtype=jnp.float32, *, scale: float = 0.1,
+             distribution: str = "truncated_normal"):
+    """Variance scaling with fan-in = shape[-2]: std ≈ sqrt(scale / fan_in) per input feature.
+
+    Axes before the last two are independent copies: a stacked expert kernel [E, D, F] gets
+    fan-in D (not E·D), each expert its own draw. OpenMoE uses "truncated_normal" for the dense
+    MLP and "normal" for experts (facts §1.2); jax rescales the truncated normal to keep the std.
+    """
+    if len(shape) < 2:
+        raise ValueError(f"ffn_init shape={shape}: needs at least 2 axes (..., fan_in, fan_out)")
+    if distribution not in ("truncated_normal", "normal", "uniform"):
+        raise ValueError(f"ffn_init distribution={distribution!r}: must be 'truncated_normal', "
+                         "'normal' or 'uniform'")
+    init = jax.nn.initializers.variance_scaling(
+        scale, "fan_in", distribution, in_axis=-2, out_axis=-1,
+        batch_axis=tuple(range(len(shape) - 2)))
+    return init(key, shape, dtype)
+
+
+def swiglu(x_TD, wi_0_DF, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32):
+    """The FFN as a pure function: x [..., D] → y [..., D], all math in `dtype`.
+
+    For "double_gated", wi_0 is [D, 2F] and its output splits into a (first half) and b
+    (second half): hidden = a · silu(b) · (x·wi_1). For "swiglu", wi_0 is [D, F] and
+    hidden = silu(x·wi_0) · (x·wi_1). Then y = hidden·wo. Plain einsums, so `jax.vmap` over a
+    stacked expert axis turns it into batched matmuls.
+    """
+    _check_variant(variant)
+    expected = 2 * wi_1_DF.shape[-1] if variant == "double_gated" else wi_1_DF.shape[-1]
+    if wi_0_DF.shape[-1] != expected:
+        raise ValueError(f"swiglu: wi_0 has width {wi_0_DF.shape[-1]} but variant={variant!r} "
+                         f"with d_ff={wi_1_DF.shape[-1]} needs {expected}")
+    # Parameters are stored in f32; the matmuls run in the activation dtype (bf16 on TPU).
+    x_TD = x_TD.astype(dtype)
+    gate_TF = jnp.einsum("...D,DF->...F", x_TD, wi_0_DF.astype(dtype))
+    up_TF = jnp.einsum("...D,DF->...F", x_TD, wi_1_DF.astype(dtype))
+    if variant == "double_gated":
+        # Released OpenMoE: a second gate; SiLU on the second half, the first half stays linear.
+        a_TF, b_TF = jnp.split(gate_TF, 2, axis=-1)
+        hidden_TF = a_TF * jax.nn.silu(b_TF) * up_TF
+    else:
+        hidden_TF = jax.nn.silu(gate_TF) * up_TF
+    return jnp.einsum("...F,FD->...D", hidden_TF, wo_FD.astype(dtype))
+
+
+class FeedForward(nnx.Module):
+    """One dense FFN with f32 kernels wi_0, wi_1, wo, each tagged with its logical axes."""
+
+    def __init__(self, cfg: FFNConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        shapes = ffn_kernel_shapes(cfg.d_model, cfg.d_ff, cfg.variant)
+
+        # The dense MLP draws from a truncated normal (experts in 05 use a plain normal).
+        def kernel(name):
+            value = ffn_init(rngs.params(), shapes[name], scale=cfg.init_scale)
+            return nnx.Param(value, logical_axes=FFN_LOGICAL_AXES[name])
+
+        self.wi_0, self.wi_1, self.wo = kernel("wi_0"), kernel("wi_1"), kernel("wo")
+
+    def __call__(self, x_BLD):
+        return swiglu(x_BLD, self.wi_0[...], self.wi_1[...], self.wo[...],
+                      self.cfg.variant, self.cfg.dtype)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Self-test of the FFN: a worked double-gated SwiGLU example on a few tokens, "
+                    "checked against NumPy, and the parameter/FLOP counts of OpenMoE-8B's FFN.")
+    parser.add_argument("--variant", choices=VARIANTS, default="double_gated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example's weights")
+    args = parser.parse_args()
+    np.set_printoptions(precision=3, suppress=True)
+
+    # A worked example small enough to read: 3 tokens, D=4, F=2; init scale 1 (OpenMoE: 0.1)
+    # only so the printed numbers are not all zeros after three small factors are multiplied.
+    cfg = FFNConfig(d_model=4, d_ff=2, variant=args.variant, init_scale=1.0)
+    ffn = FeedForward(cfg, rngs=nnx.Rngs(args.seed))
+    x_BLD = jnp.asarray(np.random.default_rng(args.seed).normal(size=(1, 3, 4)), jnp.float32)
+    y_BLD = ffn(x_BLD)
+    print(f"{cfg.variant} FFN, D={cfg.d_model}, F={cfg.d_ff}; kernel shapes and logical axes:")
+    for name in FFN_LOGICAL_AXES:
+        print(f"  {name}: {getattr(ffn, name)[...].shape} {getattr(ffn, name).logical_axes}")
+
+    # The same computation step by step in NumPy, independent of the function above.
+    x, wi_0, wi_1, wo = (np.asarray(v, np.float64) for v in (x_BLD[0], ffn.wi_0[...],
+                                                             ffn.wi_1[...], ffn.wo[...]))
+    def silu(v):
+        return v / (1 + np.exp(-v))
+
+    gate, up = x @ wi_0, x @ wi_1
+    if cfg.variant == "double_gated":
+        a, b = gate[:, :cfg.d_ff], gate[:, cfg.d_ff:]
+        print(f"\nx =\n{x}\na = first half of x·wi_0 =\n{a}\nb = second half =\n{b}")
+        hidden = a * silu(b) * up
+    else:
+        print(f"\nx =\n{x}\ngate = x·wi_0 =\n{gate}")
+        hidden = silu(gate) * up
+    print(f"up = x·wi_1 =\n{up}\nhidden =\n{hidden}\ny = hidden·wo =\n{hidden @ wo}")
+    assert np.allclose(np.asarray(y_BLD[0]), hidden @ wo, rtol=1e-4, atol=1e-6), (
+        "FeedForward must equal the NumPy computation")
+
+    # The full-size numbers: OpenMoE-8B's FFN (one per block and one per expert).
+    d_model, d_ff = 2048, 8192
+    print(f"\nOpenMoE-8B FFN (D={d_model}, F={d_ff}):")
+    for variant in VARIANTS:
+        print(f"  {variant:12s}: {ffn_param_count(d_model, d_ff, variant):,} parameters, "
+              f"{ffn_flops_per_token(d_model, d_ff, variant):,} forward FLOPs per token")
+    assert ffn_param_count(d_model, d_ff) == 4 * d_model * d_ff == 67_108_864
+    assert ffn_param_count(d_model, d_ff, "swiglu") == 3 * d_model * d_ff
+    print("  (released weights: double-gated; the paper's parameter counts assume swiglu)")
+    print("\nOK: the FFN matches NumPy and the parameter counts add up.")
