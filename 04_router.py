@@ -1,0 +1,301 @@
+"""Top-k token-choice routing: each token picks k experts, and each expert serves a fixed number.
+
+A router is a learned D → E projection; a softmax over its logits says how much each token wants
+each expert, and the token goes to its top k. Experts run on fixed-size buffers (static shapes for
+the compiler), so each holds at most C tokens per group and the rest are *dropped*. OpenMoE
+(arXiv 2402.01739 §2.2 Eq. 5–7, after ST-MoE and GShard) uses flaxformer's
+TokensChooseMaskedRouter (reference/openmoe-facts.md §1.3): router in f32, k = 2, combine weights
+= the raw softmax probabilities (not renormalized), groups of ≤ 4096 tokens, capacity
+C = max(4, round(cf·T/E)) with cf 1.25 in training and 2.0 in evaluation (8B: C = 160), and a
+queue in which every token's first choice comes before any second choice, earlier tokens first.
+Late tokens therefore lose the race for busy experts: the paper's "Drop-towards-the-End" (§4.4).
+Losses: load balance E·Σ_e f_e·P_e (balanced value k) and router z-loss mean(logsumexp²).
+Axis letters as in 06 (G groups, T tokens per group, E experts, D d_model), plus A: one of a
+token's k choices ("assignment"), ordered by preference.
+Left out: batch-prioritized routing (OpenMoE disables it in the decoder), expert-choice routing,
+and the all-to-all (05/07). Self-test: `python 04_router.py` prints a worked 8-token example.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+CAPACITY_RULES = ("t5x", "colossalai")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    d_model: int = 2048  # D, the router's input width (OpenMoE-8B; Base 768, 34B 3072)
+    num_experts: int = 32  # E (OpenMoE-8B and 34B; Base 16)
+    top_k: int = 2  # k experts per token (flaxformer NUM_SELECTED_EXPERTS = 2)
+    max_group_size: int = 4096  # routing and capacity are per group of ≤ this many tokens (34B: 8192)
+    train_capacity_factor: float = 1.25  # cf while training (T5X gins)
+    eval_capacity_factor: float = 2.0  # cf while evaluating (EVAL_EXPERT_CAPACITY_FACTOR)
+    min_capacity: int = 4  # floor on C per expert and group (flaxformer min_expert_capacity)
+    capacity_rule: str = "t5x"  # round(cf·T/E); "colossalai": floor(k·cf·T/E) rounded up to even,
+    #                             the PyTorch port the paper's drop analysis (§4.4) ran on
+    renormalize: bool = False  # False: raw softmax probs (OpenMoE); True: sum to 1 over k (Mixtral)
+    jitter_noise: float = 0.0  # ε: inputs × uniform(1-ε, 1+ε) while training; OpenMoE 0 (off)
+    init_std: float = 0.02  # router kernel ~ N(0, init_std²), no bias (flaxformer RouterWeights)
+
+    def __post_init__(self):
+        for name in ("d_model", "num_experts", "max_group_size", "min_capacity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)}: must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"{type(self).__name__}.top_k={self.top_k}: must be in "
+                             f"[1, num_experts={self.num_experts}] (OpenMoE: 2)")
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            check_capacity_factor(getattr(self, name), f"{type(self).__name__}.{name}")
+        if self.capacity_rule not in CAPACITY_RULES:
+            raise ValueError(f"{type(self).__name__}.capacity_rule={self.capacity_rule!r}: "
+                             f"must be one of {CAPACITY_RULES}")
+        if not 0 <= self.jitter_noise < 1 or not self.init_std > 0:
+            raise ValueError(f"{type(self).__name__}: jitter_noise={self.jitter_noise} must be in "
+                             f"[0, 1) and init_std={self.init_std} must be > 0")
+
+    def group_shape(self, num_tokens: int) -> tuple[int, int]:
+        """(G, T): split the batch's tokens into G equal groups of T ≤ max_group_size tokens.
+
+        E.g. 4 sequences of 2048 with groups of 4096 → (2, 4096). Unequal groups would change
+        capacities and padding tokens would take queue places, so we refuse rather than pad.
+        """
+        num_groups = -(-num_tokens // self.max_group_size)
+        if num_tokens < 1 or num_tokens % num_groups:
+            raise ValueError(
+                f"cannot split {num_tokens} tokens into equal groups of at most max_group_size="
+                f"{self.max_group_size}: use batch × length divisible by {num_groups}, or a "
+                f"max_group_size that divides the token count")
+        return num_groups, num_tokens // num_groups
+
+    def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
+        """C, how many of a group's assignments each expert can take.
+
+        t5x (OpenMoE training): max(4, round(1.25 · 4096 / 32)) = 160 for the 8B.
+        colossalai: floor(2 · 1.25 · 4096 / 32) = 320, made even, at least 4.
+        """
+        check_capacity_factor(capacity_factor, "capacity_factor")
+        experts = self.num_experts
+        if self.capacity_rule == "t5x":
+            slots = round(capacity_factor * tokens_per_group / experts)  # Python round, as flaxformer
+        else:
+            slots = math.floor(self.top_k * capacity_factor * tokens_per_group / experts)
+            slots += slots % 2
+        return max(self.min_capacity, int(slots))
+
+
+def check_capacity_factor(capacity_factor: float, name: str) -> None:
+    if not capacity_factor > 0:
+        raise ValueError(f"{name}={capacity_factor}: must be > 0 (OpenMoE: 1.25 train, 2.0 eval)")
+
+
+def check_float(x, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float array (activations); got dtype {x.dtype}")
+
+
+class Routing(NamedTuple):
+    """The router's decision for every (group, token, choice) assignment."""
+    expert_GTA: jax.Array  # int32: the expert of each choice, best first
+    slot_GTA: jax.Array  # int32: its place in that expert's queue (≥ C means dropped)
+    kept_GTA: jax.Array  # bool: slot < C
+    weight_GTA: jax.Array  # f32 combine weight; 0 where dropped
+
+
+def router_logits(x_GTD, kernel_DE, *, jitter_noise: float = 0.0, key=None):
+    """Logits [G, T, E] in f32 whatever the activation dtype ("selective precision").
+
+    Jitter (Switch Transformer) multiplies the *inputs*, not the logits, by uniform(1-ε, 1+ε);
+    it needs a key, so evaluation simply passes none.
+    """
+    x_GTD = x_GTD.astype(jnp.float32)
+    if jitter_noise > 0 and key is not None:
+        x_GTD = x_GTD * jax.random.uniform(key, x_GTD.shape, jnp.float32,
+                                           1.0 - jitter_noise, 1.0 + jitter_noise)
+    return jnp.einsum("GTD,DE->GTE", x_GTD, kernel_DE.astype(jnp.float32))
+
+
+def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False) -> Routing:
+    """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`."""
+    num_groups, tokens, experts = logits_GTE.shape
+    probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
+
+    # The choice is discrete; gradients reach the router only through the combine weights.
+    _, expert_GTA = jax.lax.top_k(jax.lax.stop_gradient(probs_GTE), top_k)
+    choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.int32)
+    # Pick each choice's probability with a one-hot product: its gradient is dense, not a scatter.
+    gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE.astype(jnp.float32))
+    if renormalize:
+        gate_GTA = gate_GTA / jnp.sum(gate_GTA, axis=-1, keepdims=True)
+
+    # The queue: all first choices (token 0, 1, ...), then all second choices. A running count
+    # per expert along that order is each assignment's slot (flaxformer routing.py, top-k leading).
+    queue_GNE = jnp.swapaxes(choice_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
+    place_GNE = jnp.cumsum(queue_GNE, axis=1) - 1
+    slot_GN = jnp.sum(place_GNE * queue_GNE, axis=-1)
+    slot_GTA = jnp.swapaxes(slot_GN.reshape(num_groups, top_k, tokens), 1, 2)
+
+    kept_GTA = slot_GTA < capacity
+    return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
+
+
+def load_balance_loss(logits_GTE, expert_GTA):
+    """E · Σ_e f_e · P_e per group, averaged over groups (Eq. 5–6; flaxformer, ST-MoE).
+
+    f_e: fraction of the group's tokens with e among their top-k, counted *before* capacity, so
+    Σ_e f_e = k; P_e: mean router probability of e. Uniform routing gives E · E · (k/E)(1/E) = k.
+    """
+    experts = logits_GTE.shape[-1]
+    probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
+    chosen_GE = jnp.mean(jax.nn.one_hot(expert_GTA, experts).sum(axis=2), axis=1)
+    return jnp.mean(experts * jnp.sum(chosen_GE * jnp.mean(probs_GTE, axis=1), axis=-1))
+
+
+def router_z_loss(logits_GTE):
+    """mean over tokens of logsumexp(logits)², which keeps router logits small (ST-MoE, Eq. 7)."""
+    return jnp.mean(jax.nn.logsumexp(logits_GTE.astype(jnp.float32), axis=-1) ** 2)
+
+
+def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int) -> dict:
+    """What flaxformer sows per layer, plus each expert's load and the drop rate by position.
+
+    Groups hold whole batch rows in order, so flat token n sits at sequence position n mod L.
+    """
+    top_k = routing.expert_GTA.shape[-1]
+    kept_NA = routing.kept_GTA.reshape(-1, top_k).astype(jnp.float32)
+    num_groups = routing.expert_GTA.shape[0]
+    return {
+        "fraction_dropped": 1.0 - kept_NA.mean(),
+        "fraction_tokens_left_behind": 1.0 - kept_NA.max(axis=-1).mean(),
+        "drop_rate_by_position": 1.0 - kept_NA.reshape(-1, seq_len, top_k).mean(axis=(0, 2)),
+        # Share of the (pre-capacity) assignments each expert received; 1/E when balanced.
+        "expert_load": jnp.mean(jax.nn.one_hot(routing.expert_GTA, num_experts), axis=(0, 1, 2)),
+        # Filled share of all expert buffers, and mean combine weight of what was kept.
+        "expert_usage": kept_NA.sum() / (num_groups * num_experts * capacity),
+        "router_confidence": routing.weight_GTA.sum() / jnp.maximum(kept_NA.sum(), 1.0),
+    }
+
+
+class Router(nnx.Module):
+    """The learned D → E projection, plus routing and its two losses."""
+
+    def __init__(self, cfg: RouterConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        value_DE = cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.num_experts))
+        # The expert axis of the router is "unmodeled" (flaxformer RouterWeights): every device
+        # keeps the whole small kernel, so each token's softmax over all E experts is local,
+        # and Adafactor treats it as one matrix rather than E separate columns.
+        self.kernel = nnx.Param(value_DE, logical_axes=("embed", "unmodeled"))
+
+    def __call__(self, x_GTD, *, capacity: int, key=None) -> tuple[Routing, dict]:
+        check_float(x_GTD, "router input x_GTD")
+        if x_GTD.ndim != 3 or x_GTD.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"router input must be [G, T, D={self.cfg.d_model}]; "
+                             f"got shape {x_GTD.shape}")
+        logits_GTE = router_logits(x_GTD, self.kernel[...], jitter_noise=self.cfg.jitter_noise,
+                                   key=key)
+        routing = route(logits_GTE, top_k=self.cfg.top_k, capacity=capacity,
+                        renormalize=self.cfg.renormalize)
+        losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
+                  "router_z_loss": router_z_loss(logits_GTE)}
+        return routing, losses
+
+
+def worked_example(capacity: int = 2) -> tuple[np.ndarray, Routing]:
+    """8 tokens, 4 experts, each token's (first, second) choice; logits 2 and 1, 0 elsewhere."""
+    choices = [(0, 1), (0, 2), (1, 0), (0, 3), (2, 1), (1, 0), (1, 2), (3, 1)]
+    logits_TE = np.zeros((len(choices), 4), np.float32)
+    for token, (first, second) in enumerate(choices):
+        logits_TE[token, first], logits_TE[token, second] = 2.0, 1.0
+    return logits_TE, route(jnp.asarray(logits_TE)[None], top_k=2, capacity=capacity)
+
+
+def print_example(logits_TE: np.ndarray, routing: Routing, capacity: int) -> None:
+    expert_TA, slot_TA, kept_TA, weight_TA = (np.asarray(a[0]) for a in routing)
+    print(f"Worked example: {len(logits_TE)} tokens, {logits_TE.shape[1]} experts, top-2, "
+          f"capacity {capacity}.\nQueue order: every first choice (tokens 0..7), then every "
+          "second choice; slot = place in that expert's queue.\n")
+    print("token |   1st: expert slot weight    |   2nd: expert slot weight    | routed to")
+    for token in range(len(logits_TE)):
+        cells = [f"e{expert_TA[token, a]}    {slot_TA[token, a]}    "
+                 + (f"{weight_TA[token, a]:.3f} kept   " if kept_TA[token, a] else "0     DROPPED")
+                 for a in range(2)]
+        routed = [f"e{e}" for e, k in zip(expert_TA[token], kept_TA[token]) if k] or ["nothing"]
+        print(f"  {token}   |   {cells[0]}   |   {cells[1]}   | {', '.join(routed)}")
+    print("\nWhy: each expert's queue (| marks its capacity):")
+    for expert in range(logits_TE.shape[1]):
+        entries = sorted((slot_TA[t, a], f"t{t}({a + 1})") for t in range(len(logits_TE))
+                         for a in range(2) if expert_TA[t, a] == expert)
+        names = [name for _, name in entries]
+        print(f"  e{expert}: {' '.join(names[:capacity])} | {' '.join(names[capacity:])}")
+    print("Token 5's first choice (e1) beats token 0's second choice (e1): first choices queue "
+          "first.\nToken 6 comes late: both its experts are full, so the MoE layer gives it "
+          "nothing\nand only the residual carries it (Drop-towards-the-End in miniature).\n")
+
+
+def check_queue_invariants(routing: Routing, capacity: int) -> None:
+    """Every expert's kept assignments fill slots 0..n-1 (n ≤ C) in (choice, token) order."""
+    expert_GTA, slot_GTA, kept_GTA, weight_GTA = (np.asarray(a) for a in routing)
+    for g in range(expert_GTA.shape[0]):
+        for e in np.unique(expert_GTA[g]):
+            token_M, choice_M = np.nonzero(expert_GTA[g] == e)
+            order_M = np.lexsort((token_M, choice_M))  # choice first, then token
+            assert list(slot_GTA[g][token_M, choice_M][order_M]) == list(range(len(token_M)))
+            assert kept_GTA[g][token_M, choice_M].sum() == min(len(token_M), capacity)
+    assert np.all(kept_GTA == (slot_GTA < capacity)) and np.all(weight_GTA[~kept_GTA] == 0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Self-test of OpenMoE's router: prints a worked 8-token routing table "
+                    "(choices, queue slots, drops and why), the capacity arithmetic, and a "
+                    "drop-by-position demo, then asserts the routing invariants and losses.")
+    parser.parse_args()
+
+    # 1. The worked example, small enough to check by hand.
+    logits_TE, routing = worked_example(capacity=2)
+    print_example(logits_TE, routing, capacity=2)
+    check_queue_invariants(routing, capacity=2)
+    kept_TA = np.asarray(routing.kept_GTA[0])
+    assert kept_TA[5, 0] and not kept_TA[0, 1], "a first choice must beat an earlier second choice"
+    assert not kept_TA[6].any() and not kept_TA[3, 0] and kept_TA[3, 1]
+    # Combine weights are the raw softmax probabilities of the chosen experts (no renormalizing).
+    assert np.allclose(routing.weight_GTA[0, 1], jax.nn.softmax(logits_TE[1])[np.array([0, 2])])
+
+    # 2. Capacity arithmetic for OpenMoE-8B's groups, and the floor of 4 on small groups.
+    cfg = RouterConfig()
+    table = {"t5x train": cfg.capacity(4096, 1.25), "t5x eval": cfg.capacity(4096, 2.0),
+             "colossalai train": RouterConfig(capacity_rule="colossalai").capacity(4096, 1.25),
+             "t5x, 64-token group": cfg.capacity(64, 1.25)}
+    print("Capacity per expert, E=32, 4096-token groups:",
+          ", ".join(f"{name} {c}" for name, c in table.items()))
+    assert list(table.values()) == [160, 256, 320, 4]
+    assert cfg.group_shape(4 * 2048) == (2, 4096)
+
+    # 3. Losses: uniform routing balances at exactly k; z-loss of zero logits is log(E)².
+    zeros_GTE = jnp.zeros((2, 64, 32))
+    uniform = route(zeros_GTE, top_k=2, capacity=8)
+    balance, z = load_balance_loss(zeros_GTE, uniform.expert_GTA), router_z_loss(zeros_GTE)
+    print(f"Uniform router: load-balance loss {float(balance):.4f} (= k = 2), "
+          f"z-loss {float(z):.4f} (= log(32)² = {math.log(32) ** 2:.4f})")
+    assert np.isclose(balance, 2.0) and np.isclose(z, math.log(32) ** 2, rtol=1e-5)
+
+    # 4. Drop-towards-the-End: a router that favours a few experts, one 512-token sequence.
+    router = Router(RouterConfig(d_model=32, num_experts=8, max_group_size=512), rngs=nnx.Rngs(0))
+    x_GTD = jax.random.normal(jax.random.key(1), (1, 512, 32)) + 1.0  # shared offset → skew
+    capacity = router.cfg.capacity(512, 1.25)
+    routing, losses = router(x_GTD, capacity=capacity)
+    check_queue_invariants(routing, capacity)
+    metrics = routing_metrics(routing, num_experts=8, capacity=capacity, seq_len=512)
+    quarters = np.asarray(metrics["drop_rate_by_position"]).reshape(4, -1).mean(axis=1)
+    print(f"Skewed router, C={capacity}: dropped {float(metrics['fraction_dropped']):.1%} of "
+          f"assignments; by position quarter: {', '.join(f'{q:.1%}' for q in quarters)}; "
+          f"load-balance loss {float(losses['load_balance_loss']):.3f}")
+    assert quarters[0] <= quarters[-1] and quarters[-1] > 0
+    print("router self-test passed")

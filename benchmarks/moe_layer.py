@@ -1,0 +1,103 @@
+"""How much does routing cost? MoE layer forward+backward time / one dense FFN's, side by side.
+
+Every path (05_moe_layer.py's loop, einsum and gather dispatch, router included) and one dense
+03 FFN with the same D and F run on the same T tokens, interleaved round by round, and we report
+median-time ratios, so a noisy machine slows all of them alike. The baseline is the dense FFN on
+the token matrix [T, D], its fastest form on XLA:CPU; the row "dense BLD" is the same FFN called
+on [B, L, D] as 06 calls it, for reference. The experts' buffers hold cf · T token-slots, so cf
+(1.25) is the compute floor; but the expert weights and their gradients are E times the dense
+FFN's, memory traffic (and fresh pages for the gradients) that the dense FFN does not pay.
+Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients included).
+
+    python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25
+"""
+
+import argparse
+import importlib
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+ffn = importlib.import_module("03_swiglu")
+moe = importlib.import_module("05_moe_layer")
+
+
+def forward_backward(module, x):
+    """A compiled step: gradients of a fixed random probe of the output w.r.t. input and params.
+
+    x is [B, L, D] or the token matrix [T, D]; the MoE layer's output is (y, stats).
+    """
+    probe = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
+
+    def loss(module, x):
+        y = module(x)
+        return jnp.sum((y[0] if isinstance(y, tuple) else y) * probe)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(module, x).compile()
+    memory = compiled.memory_analysis()
+    peak_bytes = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    return (lambda: jax.block_until_ready(compiled(module, x))), peak_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="T, all in one routing group")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--paths", nargs="+", default=["gather", "einsum"], choices=moe.DISPATCHES,
+                        help="add 'loop' to time the oracle too (about E dense FFNs: slow)")
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    args = parser.parse_args()
+
+    seq_len = min(args.tokens, 2048)
+    x_BLD = jax.random.normal(jax.random.key(0), (args.tokens // seq_len, seq_len, args.d_model))
+    dense = ffn.FeedForward(ffn.FFNConfig(d_model=args.d_model, d_ff=args.d_ff), rngs=nnx.Rngs(0))
+    steps = {("dense", "-"): forward_backward(dense, x_BLD.reshape(-1, args.d_model)),
+             ("dense BLD", "-"): forward_backward(dense, x_BLD)}
+    for experts in args.experts:
+        cfg = moe.MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=experts,
+                            max_group_size=args.tokens, train_capacity_factor=args.capacity_factor)
+        for name, layer in moe.layers_per_dispatch(cfg).items():
+            if name in args.paths:
+                steps[(name, experts)] = forward_backward(layer, x_BLD)
+
+    # Warm up once, then time round-robin so every path sees the same machine conditions.
+    for run, _ in steps.values():
+        run()
+    seconds = {key: [] for key in steps}
+    for _ in range(args.rounds):
+        for key, (run, _) in steps.items():
+            start = time.perf_counter()
+            run()
+            seconds[key].append(time.perf_counter() - start)
+    median = {key: float(np.median(times)) for key, times in seconds.items()}
+    dense_time, dense_bytes = median[("dense", "-")], steps[("dense", "-")][1]
+
+    print(f"MoE layer forward+backward vs one dense FFN: T={args.tokens} tokens, D={args.d_model}, "
+          f"F={args.d_ff}, k=2, cf={args.capacity_factor}; {jax.devices()[0].device_kind}, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'path':9s} {'E':>3s} {'ms':>9s} {'x dense':>8s} {'peak MiB':>9s} {'x dense':>8s}")
+    rows = []
+    for (name, experts), (_, peak_bytes) in steps.items():
+        row = {"path": name, "experts": experts, "ms": round(median[(name, experts)] * 1e3, 1),
+               "time_ratio": round(median[(name, experts)] / dense_time, 2),
+               "peak_mib": round(peak_bytes / 2**20, 1),
+               "memory_ratio": round(peak_bytes / dense_bytes, 2)}
+        rows.append(row)
+        print(f"{name:9s} {experts!s:>3s} {row['ms']:9.1f} {row['time_ratio']:8.2f} "
+              f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f}")
+    print(json.dumps({"benchmark": "moe_layer", "tokens": args.tokens, "d_model": args.d_model,
+                      "d_ff": args.d_ff, "capacity_factor": args.capacity_factor, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""05_moe_layer.py: the three dispatch paths are one function; drops give zero; bad input fails."""
+
+import dataclasses
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load
+
+moe = load("05_moe_layer")
+
+CFG = moe.MoEConfig(d_model=8, d_ff=16, num_experts=4, max_group_size=16)
+X_BLD = jax.random.normal(jax.random.key(1), (2, 16, 8))
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return moe.layers_per_dispatch(CFG)
+
+
+@pytest.fixture(scope="module", params=[0.5, 1.25, 4.0], ids=["many-drops", "train-cf", "no-drops"])
+def results(request, layers):
+    return request.param, {name: moe.outputs_and_grads(layer, X_BLD, request.param)
+                           for name, layer in layers.items()}
+
+
+def test_layers_share_parameters(layers):
+    states = [jax.tree.leaves(nnx.state(layer, nnx.Param)) for layer in layers.values()]
+    for leaves in states[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(leaves, states[0]))
+
+
+def test_paths_agree_on_outputs_and_gradients(results):
+    capacity_factor, by_path = results
+    y_oracle, stats, grads_oracle = by_path["loop"]
+    # The three settings cover many drops, OpenMoE's training capacity, and none at all.
+    dropped = float(stats["fraction_dropped"])
+    assert (dropped == 0.0) == (capacity_factor == 4.0) and dropped < 0.9
+    for name in ("einsum", "gather"):
+        y_BLD, _, grads = by_path[name]
+        np.testing.assert_allclose(y_BLD, y_oracle, rtol=1e-5, atol=1e-7)
+        assert len(grads) == len(grads_oracle) == 5  # router, wi_0, wi_1, wo, and x
+        for grad, grad_oracle in zip(grads, grads_oracle):
+            scale = float(jnp.max(jnp.abs(grad_oracle)))
+            np.testing.assert_allclose(grad, grad_oracle, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_tokens_dropped_by_every_expert_get_exactly_zero(results):
+    capacity_factor, by_path = results
+    _, stats, _ = by_path["loop"]
+    left_behind_BL = ~np.asarray(stats["kept_BLA"]).any(-1)
+    if capacity_factor == 0.5:
+        assert left_behind_BL.any()
+    for y_BLD, _, _ in by_path.values():
+        assert np.all(np.asarray(y_BLD)[left_behind_BL] == 0)
+        assert np.all(np.abs(np.asarray(y_BLD)[~left_behind_BL]).max(-1) > 0)
+
+
+def test_dispatch_paths_match_a_hand_built_mixture():
+    # y_t = Σ over kept choices of weight · FFN_e(x_t), written out with 03's swiglu.
+    layer = moe.MoELayer(CFG, rngs=nnx.Rngs(0))
+    y_BLD, stats = layer(X_BLD, capacity_factor=1.0)
+    expert_BLA, kept_BLA = np.asarray(stats["expert_BLA"]), np.asarray(stats["kept_BLA"])
+    probs_BLE = jax.nn.softmax(X_BLD @ layer.router.kernel[...])
+    expected = np.zeros(X_BLD.shape, np.float32)
+    for b, t, a in zip(*np.nonzero(kept_BLA)):
+        e = expert_BLA[b, t, a]
+        out = moe.ffn.swiglu(X_BLD[b, t], layer.wi_0[...][e], layer.wi_1[...][e], layer.wo[...][e])
+        expected[b, t] += float(probs_BLE[b, t, e]) * np.asarray(out)
+    np.testing.assert_allclose(y_BLD, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_experts_are_independent_draws_with_logical_axes(layers):
+    layer = layers["gather"]
+    assert layer.wi_0.logical_axes == ("expert", "embed", "mlp")
+    assert layer.wo.logical_axes == ("expert", "mlp", "embed")
+    wi_0 = np.asarray(layer.wi_0[...])
+    assert wi_0.shape == (4, 8, 32) and layer.wi_1[...].shape == (4, 8, 16)
+    assert not np.allclose(wi_0[0], wi_0[1])
+    # Fan-in is D (not E·D): big enough experts show the std sqrt(0.1 / D) per expert.
+    big = moe.MoELayer(dataclasses.replace(CFG, d_model=256, d_ff=256), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(big.wi_1[...]).std(axis=(1, 2)), np.sqrt(0.1 / 256),
+                               rtol=0.05)
+
+
+def test_stats_train_and_eval_capacity(layers):
+    layer = layers["gather"]
+    _, train_stats = layer(X_BLD, train=True)
+    _, eval_stats = layer(X_BLD, train=False)
+    assert train_stats["drop_rate_by_position"].shape == (16,)
+    assert train_stats["expert_BLA"].shape == (2, 16, 2) and train_stats["kept_BLA"].dtype == bool
+    # 16-token groups: train C = max(4, round(1.25·16/4)) = 5, eval C = 8.
+    assert float(eval_stats["expert_usage"]) * 4 * 8 * 2 == pytest.approx(
+        float(np.asarray(eval_stats["kept_BLA"]).sum()))
+    assert float(eval_stats["fraction_dropped"]) <= float(train_stats["fraction_dropped"])
+
+
+def test_bfloat16_activations_keep_an_f32_router(layers):
+    cfg = dataclasses.replace(CFG, dtype=jnp.bfloat16)
+    y = {name: moe.MoELayer(dataclasses.replace(cfg, dispatch=name), rngs=nnx.Rngs(0))(
+        X_BLD.astype(jnp.bfloat16))[0] for name in moe.DISPATCHES}
+    assert all(v.dtype == jnp.bfloat16 for v in y.values())
+    np.testing.assert_allclose(np.asarray(y["gather"], np.float32),
+                               np.asarray(y["loop"], np.float32), rtol=0.05, atol=1e-3)
+    _, stats = layers["gather"](X_BLD.astype(jnp.bfloat16))
+    assert stats["router_z_loss"].dtype == jnp.float32
+
+
+def test_gather_path_has_no_one_hot_and_no_scatter_add():
+    # Sizes where a [G, T, E, C] tensor would dwarf every legitimate intermediate.
+    cfg = moe.MoEConfig(d_model=8, d_ff=8, num_experts=16, max_group_size=256)
+    layer = moe.MoELayer(cfg, rngs=nnx.Rngs(0))
+    x_BLD = jnp.ones((1, 256, 8))
+    tokens, capacity = 256, cfg.capacity(256, 1.25)
+
+    def loss(layer, x_BLD):
+        return jnp.sum(layer(x_BLD)[0])
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(layer, x_BLD)
+    text = str(jaxpr)
+    assert "scatter-add" not in text and "scatter_add" not in text
+
+    def sizes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (int(np.prod(var.aval.shape)) for var in eqn.outvars)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            yield from sizes(sub)
+
+    assert max(sizes(jaxpr.jaxpr)) < tokens * cfg.num_experts * capacity // 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"dispatch": "sparse"}, "dispatch"),
+    ({"top_k": 5}, "top_k"),
+    ({"ffn_variant": "geglu"}, "variant"),
+    ({"train_capacity_factor": 0}, "train_capacity_factor"),
+])
+def test_bad_config_is_a_clear_error(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(CFG, **kwargs)
+
+
+def test_bad_input_is_a_clear_error(layers):
+    layer = layers["gather"]
+    with pytest.raises(ValueError, match="float"):
+        layer(jnp.ones((2, 16, 8), jnp.int32))
+    with pytest.raises(ValueError, match="D=8"):
+        layer(jnp.ones((2, 16, 6)))
+    with pytest.raises(ValueError, match="max_group_size=16"):
+        layer(jnp.ones((1, 17, 8)))  # 17 tokens do not split into equal groups of <= 16
+    with pytest.raises(ValueError, match="capacity_factor"):
+        layer(X_BLD, capacity_factor=0.0)
