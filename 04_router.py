@@ -35,6 +35,8 @@ class RouterConfig:
     num_experts: int = 32  # E (OpenMoE-8B and 34B; Base 16)
     top_k: int = 2  # k experts per token (flaxformer NUM_SELECTED_EXPERTS = 2)
     max_group_size: int = 4096  # routing and capacity are per group of ≤ this many tokens (34B: 8192)
+    group_multiple: int = 1  # G is a multiple of this: 07 sets the number of batch shards, so each
+    #                          device routes whole groups of its own (T5X: num_groups % shards == 0)
     train_capacity_factor: float = 1.25  # cf while training (T5X gins)
     eval_capacity_factor: float = 2.0  # cf while evaluating (EVAL_EXPERT_CAPACITY_FACTOR)
     min_capacity: int = 4  # floor on C per expert and group (flaxformer min_expert_capacity)
@@ -45,7 +47,7 @@ class RouterConfig:
     init_std: float = 0.02  # router kernel ~ N(0, init_std²), no bias (flaxformer RouterWeights)
 
     def __post_init__(self):
-        for name in ("d_model", "num_experts", "max_group_size", "min_capacity"):
+        for name in ("d_model", "num_experts", "max_group_size", "group_multiple", "min_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)}: must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
@@ -63,15 +65,20 @@ class RouterConfig:
     def group_shape(self, num_tokens: int) -> tuple[int, int]:
         """(G, T): split the batch's tokens into G equal groups of T ≤ max_group_size tokens.
 
-        E.g. 4 sequences of 2048 with groups of 4096 → (2, 4096). Unequal groups would change
-        capacities and padding tokens would take queue places, so we refuse rather than pad.
+        G is the smallest count that keeps groups within max_group_size, is a multiple of
+        group_multiple and divides the tokens. E.g. 4 sequences of 2048 with groups of 4096 →
+        (2, 4096). Unequal groups would change capacities, and padding tokens would take queue
+        places, so we refuse rather than pad.
         """
-        num_groups = -(-num_tokens // self.max_group_size)
-        if num_tokens < 1 or num_tokens % num_groups:
+        least = max(1, -(-num_tokens // self.max_group_size))
+        least = -(-least // self.group_multiple) * self.group_multiple
+        num_groups = next((g for g in range(least, num_tokens + 1, self.group_multiple)
+                           if num_tokens % g == 0), None)
+        if num_groups is None or num_tokens / num_groups > self.max_group_size:
             raise ValueError(
                 f"cannot split {num_tokens} tokens into equal groups of at most max_group_size="
-                f"{self.max_group_size}: use batch × length divisible by {num_groups}, or a "
-                f"max_group_size that divides the token count")
+                f"{self.max_group_size} with a group count that is a multiple of group_multiple="
+                f"{self.group_multiple}: use batch × length divisible by {least}")
         return num_groups, num_tokens // num_groups
 
     def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:

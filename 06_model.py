@@ -60,6 +60,7 @@ class ModelConfig:
     moe_interval: int = 6                # MoE where layer % interval == interval-1; 0 = all dense
     moe_wiring: str = "sequential"       # released: MoE then extra FFN; "parallel": paper Eq. 4
     max_group_size: int = 4096           # routing group (34B: 8192)
+    group_multiple: int = 1              # routing groups per step are a multiple of this (07 sets it)
     train_capacity_factor: float = 1.25  # expert capacity factor while training
     eval_capacity_factor: float = 2.0    # ... while evaluating and generating
     min_capacity: int = 4                # capacity floor per expert and group
@@ -111,6 +112,7 @@ class ModelConfig:
         return moe.MoEConfig(
             d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
             ffn_variant=self.ffn_variant, max_group_size=self.max_group_size,
+            group_multiple=self.group_multiple,
             train_capacity_factor=self.train_capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
             capacity_rule=self.capacity_rule, init_scale=self.init_scale,

@@ -88,8 +88,13 @@ def test_group_shape():
     assert cfg.group_shape(8 * 2048) == (4, 4096)
     assert cfg.group_shape(1000) == (1, 1000)
     assert router.RouterConfig(max_group_size=64).group_shape(100) == (2, 50)
-    with pytest.raises(ValueError, match="max_group_size=64"):
-        router.RouterConfig(max_group_size=64).group_shape(99)
+    # As flaxformer's _num_groups: the smallest group count that divides the tokens.
+    assert router.RouterConfig(max_group_size=64).group_shape(99) == (3, 33)
+    # With a group multiple (07: one or more groups per batch shard), G is a multiple of it.
+    assert router.RouterConfig(group_multiple=8).group_shape(4096) == (8, 512)
+    assert router.RouterConfig(group_multiple=4, max_group_size=64).group_shape(16 * 32) == (8, 64)
+    with pytest.raises(ValueError, match="group_multiple=8"):
+        router.RouterConfig(group_multiple=8).group_shape(12)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
