@@ -33,8 +33,6 @@ ffn = importlib.import_module("03_swiglu")
 router_lib = importlib.import_module("04_router")
 
 DISPATCHES = ("gather", "einsum", "loop")
-# Stacked expert kernels carry the FFN's logical names behind a leading "expert" axis.
-EXPERT_LOGICAL_AXES = {name: ("expert", *axes) for name, axes in ffn.FFN_LOGICAL_AXES.items()}
 
 
 @dataclass(frozen=True)
@@ -56,9 +54,9 @@ class MoEConfig(router_lib.RouterConfig):
 def apply_experts(buffers_GECD, experts, variant: str, dtype):
     """Expert e runs 03's FFN on its slots from every group: rows [E, G·C, D], vmapped over E.
 
-    [E, G·C, D] is the layout flaxformer reaches after its all-to-all. Two-axis rows also matter
-    on XLA:CPU, where 03's matmuls run ~1.4× slower with extra leading axes. Batched matmuls keep
-    E an array axis that 07 can shard, and beat a `lax.map` over experts (E=32: 1.8× vs 2.2×).
+    [E, G·C, D] is the layout flaxformer reaches after its all-to-all. Batched matmuls keep E an
+    array axis that 07 can shard, and on XLA:CPU beat a `lax.map` over experts (E=32, the
+    experts alone: 1.7× vs 2.0× one dense FFN's forward+backward on the same tokens).
     """
     num_groups, num_experts, capacity, dim = buffers_GECD.shape
     rows_EMD = jnp.swapaxes(buffers_GECD, 0, 1).reshape(num_experts, num_groups * capacity, dim)
@@ -67,9 +65,9 @@ def apply_experts(buffers_GECD, experts, variant: str, dtype):
     return jnp.swapaxes(out_EMD.reshape(num_experts, num_groups, capacity, dim), 0, 1)
 
 
-def dispatch_loop(x_GTD, routing, experts, capacity: int, variant: str, dtype):
+def dispatch_loop(x_GTD, routing, experts, capacity: int, variant: str, dtype, run_experts=None):
     """The oracle: every expert sees every token; keep its output where the router kept it."""
-    del capacity  # the loop has no buffers; `kept` (inside the weights) is all it needs
+    del capacity, run_experts  # no buffers: `kept` (inside the weights) is all the loop needs
     y_GTD = jnp.zeros(x_GTD.shape, dtype)
     for expert, kernels in enumerate(zip(*experts)):
         weight_GT = jnp.sum(jnp.where(routing.expert_GTA == expert, routing.weight_GTA, 0.0), -1)
@@ -77,7 +75,8 @@ def dispatch_loop(x_GTD, routing, experts, capacity: int, variant: str, dtype):
     return y_GTD
 
 
-def dispatch_einsum(x_GTD, routing, experts, capacity: int, variant: str, dtype):
+def dispatch_einsum(x_GTD, routing, experts, capacity: int, variant: str, dtype,
+                    run_experts=apply_experts):
     """One-hot masks [G, T, E, C]: dispatch and combine are two einsums (flaxformer `gtec`)."""
     num_experts = experts[0].shape[0]
     expert_GTAE = jax.nn.one_hot(routing.expert_GTA, num_experts, dtype=dtype)
@@ -86,7 +85,7 @@ def dispatch_einsum(x_GTD, routing, experts, capacity: int, variant: str, dtype)
     combine_GTEC = jnp.einsum("GTAE,GTAC,GTA->GTEC", expert_GTAE, slot_GTAC,
                               routing.weight_GTA.astype(dtype))
     buffers_GECD = jnp.einsum("GTD,GTEC->GECD", x_GTD.astype(dtype), dispatch_GTEC)
-    out_GECD = apply_experts(buffers_GECD, experts, variant, dtype)
+    out_GECD = run_experts(buffers_GECD, experts, variant, dtype)
     return jnp.einsum("GECD,GTEC->GTD", out_GECD, combine_GTEC)
 
 
@@ -124,15 +123,20 @@ def slot_maps(routing, num_experts: int, capacity: int):
     slots = num_experts * capacity
     target_GN = jnp.where(routing.kept_GTA, routing.expert_GTA * capacity + routing.slot_GTA,
                           slots).reshape(num_groups, tokens * top_k)
-    # Kept assignments have distinct slots, so this integer scatter has no collisions.
-    group_G1 = jnp.arange(num_groups)[:, None]
+    # Kept assignments have distinct slots, so this integer scatter has no collisions. It is
+    # written per group and vmapped, so a compiler splitting groups over devices sees that each
+    # group's scatter stays on its own device.
     assignment_N = jnp.arange(tokens * top_k, dtype=jnp.int32)
-    source_GS = jnp.full((num_groups, slots), tokens * top_k, jnp.int32)
-    source_GS = source_GS.at[group_G1, target_GN].set(assignment_N, mode="drop")
-    return target_GN, source_GS
+
+    def sources(target_N):
+        empty_S = jnp.full((slots,), tokens * top_k, jnp.int32)
+        return empty_S.at[target_N].set(assignment_N, mode="drop")
+
+    return target_GN, jax.vmap(sources)(target_GN)
 
 
-def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype):
+def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype,
+                    run_experts=apply_experts):
     """Index-based dispatch and combine: each a gather whose gradient is a gather too."""
     num_groups, tokens, dim = x_GTD.shape
     num_experts, top_k = experts[0].shape[0], routing.expert_GTA.shape[-1]
@@ -142,7 +146,7 @@ def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype)
     rows_GND = jnp.repeat(x_GTD.astype(dtype), top_k, axis=1)
     buffers_GSD = take_rows(rows_GND, source_GS, target_GN)
     buffers_GECD = buffers_GSD.reshape(num_groups, num_experts, capacity, dim)
-    out_GECD = apply_experts(buffers_GECD, experts, variant, dtype)
+    out_GECD = run_experts(buffers_GECD, experts, variant, dtype)
 
     # Combine: every assignment reads its slot back (0 if dropped), weighted, summed over k.
     out_GSD = out_GECD.reshape(num_groups, num_experts * capacity, dim)
@@ -159,15 +163,15 @@ class MoELayer(nnx.Module):
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.router = router_lib.Router(cfg, rngs=rngs)
-        shapes = ffn.ffn_kernel_shapes(cfg.d_model, cfg.d_ff, cfg.ffn_variant)
-
-        # One [E, ...] parameter per kernel; fan-in excludes E, so each expert is its own draw.
-        def stacked(name):
-            value = ffn.ffn_init(rngs.params(), (cfg.num_experts, *shapes[name]),
-                                 scale=cfg.init_scale, distribution="normal")
-            return nnx.Param(value, logical_axes=EXPERT_LOGICAL_AXES[name])
-
-        self.wi_0, self.wi_1, self.wo = stacked("wi_0"), stacked("wi_1"), stacked("wo")
+        # One [E, ...] parameter per kernel, named ("expert", ...); fan-in excludes E, so each
+        # expert is its own draw, from a normal distribution as OpenMoE's experts are.
+        kernels = ffn.init_kernels(rngs, cfg.d_model, cfg.d_ff, cfg.ffn_variant,
+                                   leading=(cfg.num_experts,), scale=cfg.init_scale,
+                                   distribution="normal")
+        self.wi_0, self.wi_1, self.wo = kernels["wi_0"], kernels["wi_1"], kernels["wo"]
+        # How experts run on their buffers: here, on the devices that hold the tokens.
+        # 07_sharding.py swaps in an expert-parallel runner that moves tokens by all-to-all.
+        self.run_experts = apply_experts
 
     def __call__(self, x_BLD, *, train: bool = True, capacity_factor: float | None = None,
                  key=None):
@@ -188,7 +192,7 @@ class MoELayer(nnx.Module):
 
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
         y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, capacity, cfg.ffn_variant,
-                                       cfg.dtype)
+                                       cfg.dtype, self.run_experts)
         # Per-layer numbers for 06's logs, and each assignment's decision for 10's analysis.
         stats = {**losses, **router_lib.routing_metrics(
                      routing, num_experts=cfg.num_experts, capacity=capacity, seq_len=length),

@@ -99,11 +99,12 @@ def openmoe_schedule(cfg: ScheduleConfig = ScheduleConfig()) -> Callable[[Any], 
 
 
 # Which role each logical axis plays in T5X mode: t5x/adafactor.py `standard_logical_factor_rules`
-# plus t5x/contrib/moe/adafactor_utils.py. "row"/"column": the two factored sides; "batch":
+# plus t5x/contrib/moe/adafactor_utils.py, and "pair" for 03's [D, 2, F] view of T5X's [D, 2F]
+# kernel (column, like the F it was part of). "row"/"column": the two factored sides; "batch":
 # independent copies (a separate factorization, clipping and parameter scale per index);
 # "none": averaged over but not factored.
 OPENMOE_FACTOR_RULES = {
-    "vocab": "column", "embed": "row", "mlp": "column", "heads": "column", "kv": "column",
+    "vocab": "column", "embed": "row", "mlp": "column", "pair": "column", "heads": "column", "kv": "column",
     "joined_kv": "column", "expert": "batch", "expert_mlp": "column", "mlp_embed": "row",
     "unmodeled": "none", "layers": "batch", "stack": "batch",
 }

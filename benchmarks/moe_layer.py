@@ -3,10 +3,12 @@
 Every path (05_moe_layer.py's loop, einsum and gather dispatch, router included) and one dense
 03 FFN with the same D and F run on the same T tokens, interleaved round by round, and we report
 median-time ratios, so a noisy machine slows all of them alike. The baseline is the dense FFN on
-the token matrix [T, D], its fastest form on XLA:CPU; the row "dense BLD" is the same FFN called
-on [B, L, D] as 06 calls it, for reference. The experts' buffers hold cf · T token-slots, so cf
-(1.25) is the compute floor; but the expert weights and their gradients are E times the dense
-FFN's, memory traffic (and fresh pages for the gradients) that the dense FFN does not pay.
+the token matrix [T, D]; the row "dense BLD" is the same FFN called on [B, L, D] as 06 calls it
+(03 flattens it to [T, D] itself, so the two should match). The experts' buffers hold cf · T
+token-slots, so cf (1.25) is the compute floor. On top of it the experts' weights and their
+gradients are E times the dense FFN's: every step reads the weights twice and writes fresh
+gradients (E=32: 268 MB, ~0.25× a dense FFN's time here on a 2-core CPU), a cost per step that
+more tokens per step amortize (`--tokens 16384`: gather at E=32 drops to ~1.45×).
 Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients included).
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25
@@ -30,9 +32,12 @@ moe = importlib.import_module("05_moe_layer")
 
 
 def forward_backward(module, x):
-    """A compiled step: gradients of a fixed random probe of the output w.r.t. input and params.
+    """A compiled step: value and gradients (w.r.t. input and params) of a random probe loss.
 
-    x is [B, L, D] or the token matrix [T, D]; the MoE layer's output is (y, stats).
+    x is [B, L, D] or the token matrix [T, D]; the MoE layer's output is (y, stats). The loss
+    value matters: this probe loss is linear in y, so its gradient alone would let XLA skip the
+    dense FFN's last forward matmul (hidden·wo), which the MoE layer cannot skip (the router's
+    gradient needs the experts' outputs) and which any real loss needs.
     """
     probe = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
 
@@ -40,7 +45,7 @@ def forward_backward(module, x):
         y = module(x)
         return jnp.sum((y[0] if isinstance(y, tuple) else y) * probe)
 
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(module, x).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(module, x).compile()
     memory = compiled.memory_analysis()
     peak_bytes = memory.temp_size_in_bytes + memory.output_size_in_bytes
     return (lambda: jax.block_until_ready(compiled(module, x))), peak_bytes

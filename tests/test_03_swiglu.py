@@ -23,6 +23,8 @@ def forward_and_grads_reference(x, wi_0, wi_1, wo, dy, variant):
     silu(v) = v·σ(v), so silu'(v) = σ(v)·(1 + v·(1 − σ(v))).
     """
     x, wi_0, wi_1, wo, dy = (np.asarray(v, np.float64) for v in (x, wi_0, wi_1, wo, dy))
+    gate_shape = wi_0.shape
+    wi_0 = wi_0.reshape(wi_0.shape[0], -1)  # double-gated [D, 2, F] → [D, 2F] = [a's | b's]
     gate, up = x @ wi_0, x @ wi_1
     if variant == "double_gated":
         a, b = gate[..., :F], gate[..., F:]
@@ -45,7 +47,7 @@ def forward_and_grads_reference(x, wi_0, wi_1, wo, dy, variant):
         return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
 
     grads = (d_gate @ wi_0.T + d_up @ wi_1.T,
-             outer(x, d_gate), outer(x, d_up), outer(hidden, dy))
+             outer(x, d_gate).reshape(gate_shape), outer(x, d_up), outer(hidden, dy))
     return y, grads
 
 
@@ -113,7 +115,7 @@ def test_feed_forward_module():
     for name, shape in ffn.ffn_kernel_shapes(D, F, "double_gated").items():
         param = getattr(module, name)
         assert param[...].shape == shape and param[...].dtype == jnp.float32
-        assert param.logical_axes == ffn.FFN_LOGICAL_AXES[name]
+        assert param.logical_axes == ffn.ffn_logical_axes()[name]
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
     assert n_params == ffn.ffn_param_count(D, F) == 4 * D * F
     x_BLD = _random((2, 3, D), 5)
@@ -138,7 +140,7 @@ def test_init_is_variance_scaling_fan_in_per_expert(distribution):
 
 def test_counts_for_openmoe_8b():
     assert ffn.ffn_kernel_shapes(2048, 8192) == {
-        "wi_0": (2048, 16384), "wi_1": (2048, 8192), "wo": (8192, 2048)}
+        "wi_0": (2048, 2, 8192), "wi_1": (2048, 8192), "wo": (8192, 2048)}
     assert ffn.ffn_kernel_shapes(2048, 8192, "swiglu")["wi_0"] == (2048, 8192)
     assert ffn.ffn_param_count(2048, 8192) == 67_108_864
     assert ffn.ffn_param_count(2048, 8192, "swiglu") == 50_331_648
@@ -157,7 +159,7 @@ def test_config_rejects_bad_values(kwargs, field):
 
 def test_clear_errors_for_bad_function_arguments():
     x_BLD, (wi_0, wi_1, wo) = _inputs("swiglu")
-    with pytest.raises(ValueError, match="wi_0 has width"):
+    with pytest.raises(ValueError, match=r"wi_0 has shape \(8, 6\) but .* needs \[D, 2, 6\]"):
         ffn.swiglu(x_BLD, wi_0, wi_1, wo, "double_gated")
     with pytest.raises(ValueError, match="variant"):
         ffn.swiglu(x_BLD, wi_0, wi_1, wo, "relu")

@@ -76,15 +76,16 @@ def test_dispatch_paths_match_a_hand_built_mixture():
 
 def test_stacked_experts_are_independent_draws_with_logical_axes(layers):
     layer = layers["gather"]
-    assert layer.wi_0.logical_axes == ("expert", "embed", "mlp")
+    assert layer.wi_0.logical_axes == ("expert", "embed", "pair", "mlp")
     assert layer.wo.logical_axes == ("expert", "mlp", "embed")
     wi_0 = np.asarray(layer.wi_0[...])
-    assert wi_0.shape == (4, 8, 32) and layer.wi_1[...].shape == (4, 8, 16)
+    assert wi_0.shape == (4, 8, 2, 16) and layer.wi_1[...].shape == (4, 8, 16)
     assert not np.allclose(wi_0[0], wi_0[1])
-    # Fan-in is D (not E·D): big enough experts show the std sqrt(0.1 / D) per expert.
+    # Fan-in is D (not E·D, and not the pair axis): experts show the std sqrt(0.1 / D) each.
     big = moe.MoELayer(dataclasses.replace(CFG, d_model=256, d_ff=256), rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(np.asarray(big.wi_1[...]).std(axis=(1, 2)), np.sqrt(0.1 / 256),
-                               rtol=0.05)
+    for kernel in (big.wi_0, big.wi_1):
+        std_E = np.asarray(kernel[...]).reshape(CFG.num_experts, -1).std(axis=1)
+        np.testing.assert_allclose(std_E, np.sqrt(0.1 / 256), rtol=0.05)
 
 
 def test_stats_train_and_eval_capacity(layers):
@@ -150,7 +151,9 @@ def test_bad_input_is_a_clear_error(layers):
         layer(jnp.ones((2, 16, 8), jnp.int32))
     with pytest.raises(ValueError, match="D=8"):
         layer(jnp.ones((2, 16, 6)))
-    with pytest.raises(ValueError, match="max_group_size=16"):
-        layer(jnp.ones((1, 17, 8)))  # 17 tokens do not split into equal groups of <= 16
+    # 17 tokens cannot form an even number of equal groups (e.g. two batch shards' worth).
+    uneven = moe.MoELayer(dataclasses.replace(CFG, group_multiple=2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="group_multiple=2"):
+        uneven(jnp.ones((1, 17, 8)))
     with pytest.raises(ValueError, match="capacity_factor"):
         layer(X_BLD, capacity_factor=0.0)
