@@ -1,0 +1,200 @@
+"""Tests for 07_sharding.py on 8 simulated CPU devices (and 2 processes × 4 devices)."""
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO_ROOT, load
+
+m06 = load("06_model")
+m07 = load("07_sharding")
+
+
+# --- The mesh --------------------------------------------------------------------------------
+
+def test_eight_simulated_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("request_, shape", [
+    ({"model": 2, "expert": 2}, (2, 2, 2)),
+    ({"model": 1, "expert": 8}, (1, 8, 1)),
+    ({"model": 2, "expert": 3}, (2, 2, 2)),   # the largest divisor of 4 not above 3
+    ({"model": 8}, (1, 1, 8)),
+    ({"data": 4, "expert": 2, "model": 1}, (4, 2, 1)),
+])
+def test_mesh_follows_t5x_recipe(request_, shape):
+    mesh = m07.make_mesh(**request_)
+    assert mesh.axis_names == ("data", "expert", "model")
+    assert tuple(mesh.shape[a] for a in mesh.axis_names) == shape
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"model": 3}, "model=3 partitions do not divide the 8 devices"),
+    ({"data": 3, "expert": 2, "model": 1}, "does not match the 8 devices"),
+    ({"expert": 0}, "expert=0 must be >= 1"),
+])
+def test_impossible_meshes_are_clear_errors(request_, message):
+    with pytest.raises(ValueError, match=message):
+        m07.make_mesh(**request_)
+
+
+# --- Rules and parameter shardings -----------------------------------------------------------
+
+def test_mesh_spec_maps_names_and_skips_indivisible_or_reused_axes():
+    mesh = m07.make_mesh(model=2, expert=2)
+    assert m07.mesh_spec(("expert", "embed", "mlp"), (8, 64, 128), mesh) == P("expert", None, "model")
+    assert m07.mesh_spec(("batch", "length"), (16, 32), mesh) == P(("expert", "data"), None)
+    assert m07.mesh_spec(("vocab", "embed"), (511, 64), mesh) == P(None, None)   # 511 is odd
+    assert m07.mesh_spec(("mlp", "mlp"), (4, 4), mesh) == P("model", None)      # axis used once
+    assert m07.mesh_spec(("embed", "mlp"), (64, 128), mesh, m07.FSDP_RULES) == P("data", "model")
+
+
+@pytest.mark.parametrize("name", ["small", "openmoe-base", "openmoe-8b", "openmoe-34b"])
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 1, 8), (4, 2, 1)])
+def test_every_parameter_of_every_preset_gets_a_valid_sharding(name, shape):
+    # Abstract meshes describe pods this machine does not have; shapes only, no memory.
+    mesh = jax.sharding.AbstractMesh(shape, m07.MESH_AXES)
+    abstract = nnx.eval_shape(lambda: m06.OpenMoE(m06.PRESETS[name], rngs=nnx.Rngs(0)))
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        value = variable.get_value()
+        spec = m07.mesh_spec(variable.logical_axes, value.shape, mesh)
+        assert len(spec) == len(value.shape), path
+        used = [a for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes)]
+        assert len(used) == len(set(used)), f"{path}: {spec} uses a mesh axis twice"
+        for size, axes in zip(value.shape, spec):
+            if axes:
+                names = (axes,) if isinstance(axes, str) else axes
+                assert size % np.prod([mesh.shape[a] for a in names]) == 0, (path, spec)
+        if variable.logical_axes[0] == "expert" and mesh.shape["expert"] > 1:
+            assert spec[0] == "expert", f"{path}: experts must be split over 'expert'"
+
+
+def test_config_for_mesh_checks_divisibility_and_sets_groups():
+    mesh = m07.make_mesh(model=2, expert=2)
+    cfg = m07.config_for_mesh(m07.DEMO_CONFIG, mesh)
+    assert cfg.group_multiple == 4
+    with pytest.raises(ValueError, match="num_experts=3 is not divisible by the mesh's expert axis"):
+        m07.config_for_mesh(dataclasses.replace(m07.DEMO_CONFIG, num_experts=3), mesh)
+
+
+# --- Sharded equals single-device ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded_run():
+    mesh = m07.make_mesh(model=2, expert=2)
+    model = m07.sharded_model(m07.DEMO_CONFIG, mesh)
+    batch = m07.demo_batch()
+    loss, metrics, grads, lowered = m07.sharded_loss_and_grads(model, m07.global_batch(batch, mesh), mesh)
+    single = m06.OpenMoE(m07.config_for_mesh(m07.DEMO_CONFIG, mesh), rngs=nnx.Rngs(0))
+    (single_loss, single_metrics), single_grads = jax.jit(
+        jax.value_and_grad(m06.loss_fn, has_aux=True))(single, {k: jnp.asarray(v) for k, v in batch.items()})
+    return locals()
+
+
+def test_parameters_are_born_sharded_by_their_logical_names(sharded_run):
+    state = nnx.state(sharded_run["model"], nnx.Param)
+    moe_layer = sharded_run["model"].layers[1].mlp
+    assert moe_layer.wi_0.get_value().sharding.spec == P("expert", None, None, "model")
+    assert moe_layer.wo.get_value().sharding.spec == P("expert", "model", None)
+    assert moe_layer.router.kernel.get_value().sharding.spec == P(None, None)
+    assert sharded_run["model"].token_embedder.get_value().sharding.spec == P("model", None)
+    # No device holds a whole expert kernel: each shard is 1/(expert·model) of it.
+    wi_1 = moe_layer.wi_1.get_value()
+    assert wi_1.addressable_shards[0].data.size == wi_1.size // 4
+    assert all(isinstance(v.get_value().sharding, jax.NamedSharding)
+               for _, v in nnx.to_flat_state(state))
+
+
+def test_sharded_loss_and_gradients_equal_single_device(sharded_run):
+    run = sharded_run
+    assert float(run["metrics"]["fraction_dropped"]) > 0  # the MoE layer drops tokens here
+    np.testing.assert_allclose(float(run["loss"]), float(run["single_loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(nnx.state(run["grads"])), jax.tree.leaves(nnx.state(run["single_grads"]))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+def test_tokens_travel_by_all_to_all_and_weights_are_never_gathered(sharded_run):
+    lowered = sharded_run["lowered"]
+    assert m07.count_collectives(lowered.as_text())["all-to-all"] == 4  # 2 forward, 2 backward
+    compiled_text = lowered.compile().as_text()
+    assert m07.count_collectives(compiled_text)["all-to-all"] >= 4
+    # Any gathered weight would be at least one device's shard of it; nothing that big is gathered.
+    expert_shards = [v.get_value().addressable_shards[0].data.size
+                     for _, v in nnx.to_flat_state(nnx.state(sharded_run["model"], nnx.Param))
+                     if v.logical_axes[0] == "expert"]
+    assert max(m07.all_gather_sizes(compiled_text), default=0) < min(expert_shards)
+
+
+def test_all_gather_sizes_reads_hlo_shapes():
+    text = ("%a = f32[4,128,8]{2,1,0} all-gather(%x), dimensions={0}\n"
+            "%b = s32[16]{0} all-gather(%y)\n%c = f32[2,2]{1,0} all-reduce(%z)")
+    assert m07.all_gather_sizes(text) == [4096, 16]
+
+
+def test_optimizer_state_shardings_are_inferred_from_the_parameters():
+    mesh = m07.make_mesh(model=2, expert=2)
+    weight = jax.device_put(jnp.ones((8, 64, 128)), jax.NamedSharding(mesh, P("expert", None, "model")))
+
+    def row_and_column_means(w):
+        return jnp.mean(w, axis=-1), jnp.mean(w, axis=-2)
+
+    rows, columns = m07.infer_shardings(row_and_column_means, weight, mesh=mesh)
+    assert rows.spec == P("expert", None) and columns.spec == P("expert", "model")
+    assert rows.mesh == mesh
+
+
+# --- Memory ----------------------------------------------------------------------------------
+
+def test_memory_per_device_equals_the_bytes_a_device_really_holds(sharded_run):
+    # The abstract count must match the shards that the sharded demo model put on device 0.
+    held = sum(4 * v.get_value().addressable_shards[0].data.size
+               for _, v in nnx.to_flat_state(nnx.state(sharded_run["model"], nnx.Param)))
+    estimate = m07.memory_per_device(m07.DEMO_CONFIG, {"data": 2, "expert": 2, "model": 2},
+                                     batch=16, seq_len=32)
+    assert estimate["parameters"] == held == estimate["gradients"]
+
+
+def test_openmoe_8b_fits_a_v3_core_only_with_expert_and_model_parallelism():
+    cfg = m06.PRESETS["openmoe-8b"]
+    replicated = m07.memory_per_device(cfg, {"data": 256, "expert": 1, "model": 1}, batch=128, seq_len=2048)
+    assert replicated["parameters"] == 4 * m06.parameter_counts(cfg)["total"]
+    split = m07.memory_per_device(cfg, {"data": 1, "expert": 32, "model": 8}, batch=128, seq_len=2048)
+    assert split["total"] < 16 * 2**30 < replicated["total"]
+
+
+# --- Multi-host ------------------------------------------------------------------------------
+
+def test_two_processes_compute_the_same_loss_as_one(sharded_run):
+    # A real JAX cluster over loopback: 2 processes × 4 CPU devices = the same 8-device mesh.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen(
+        [sys.executable, "07_sharding.py", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    losses = [float(out.strip().split("loss ")[-1]) for out, _ in outputs]
+    assert losses[0] == losses[1]
+    np.testing.assert_allclose(losses[0], float(sharded_run["loss"]), rtol=1e-6)
+
+
+def test_multihost_arguments_must_come_together():
+    with pytest.raises(ValueError, match="together"):
+        m07.initialize_multihost("127.0.0.1:1234", None, 0)
+    with pytest.raises(ValueError, match="process_id=2"):
+        m07.initialize_multihost("127.0.0.1:1234", 2, 2)
