@@ -1,0 +1,85 @@
+"""Tokens/s and MFU of 09_train.py's train step, for the small preset and a 2x-wider one.
+
+MFU is measured against this machine's own matmul peak, measured in the same run (a jitted
+f32 matmul loop), so the ratio means the same thing on a laptop and on a server. FLOPs per token
+are 06's `train_flops_per_token` (6 x active weights + attention). Last line: one JSON object.
+Run: `python benchmarks/train_throughput.py [--steps 10]`.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+model_lib = importlib.import_module("06_model")
+shard = importlib.import_module("07_sharding")
+train_lib = importlib.import_module("09_train")
+
+model_lib.PRESETS.setdefault("small-wide", dataclasses.replace(
+    model_lib.PRESETS["small"], d_model=512, num_heads=8, d_ff=1024))
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of one device on a chain of square f32 matmuls."""
+    a = jnp.ones((size, size), jnp.float32) / size
+
+    @jax.jit
+    def chain(x):
+        for _ in range(8):
+            x = x @ a
+        return x
+
+    chain(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = chain(a)
+    out.block_until_ready()
+    return 8 * repeats * 2 * size**3 / (time.perf_counter() - start) / jax.device_count()
+
+
+def step_throughput(preset: str, steps: int, batch: int, seq_len: int) -> dict:
+    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], preset=preset, batch_size=batch,
+                              seq_len=seq_len)
+    mesh = train_lib.build_mesh(cfg)
+    trainer = train_lib.build_trainer(cfg, mesh)
+    tokens = np.random.default_rng(0).integers(2, 8000, (batch, seq_len + 1), dtype=np.int32)
+    local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": np.ones((batch, seq_len), np.float32),
+             "segment_ids": np.ones((batch, seq_len), np.int32),
+             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))}
+    with jax.set_mesh(mesh):
+        batch_arrays = shard.global_batch(local, mesh)
+        params, opt_state = trainer.params, trainer.opt_state
+        for index in range(steps + 2):  # two warm-up steps (compile), then timed ones
+            if index == 2:
+                start = time.perf_counter()
+            params, opt_state, metrics = trainer.train_step(params, opt_state, batch_arrays)
+        jax.block_until_ready(metrics["loss"])
+    seconds = (time.perf_counter() - start) / steps
+    flops = model_lib.train_flops_per_token(trainer.model_cfg, seq_len) * batch * seq_len
+    return {"preset": preset, "step_s": seconds, "tokens_per_s": batch * seq_len / seconds,
+            "model_tflops_per_s": flops / seconds / 1e12}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per preset")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    peak = matmul_peak_flops()
+    rows = [step_throughput(p, args.steps, args.batch_size, args.seq_len) for p in ("small", "small-wide")]
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s per device ({jax.device_count()} devices)")
+    print(f"{'preset':12}{'step s':>9}{'tokens/s':>10}{'MFU':>8}")
+    for row in rows:
+        row["mfu"] = row["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
+        print(f"{row['preset']:12}{row['step_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['mfu']:>8.1%}")
+    print(json.dumps({"matmul_peak_gflops": peak / 1e9, "results": rows}))

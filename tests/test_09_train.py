@@ -1,0 +1,201 @@
+"""Tests for 09_train.py: packing, UL2 denoisers, schedule wiring, exact resume, NaN handling,
+bad inputs, a sharded run on 8 simulated devices, and the dry run.
+
+Training runs use a tiny preset registered for these tests only (2 layers, D 64), so each run
+compiles in seconds; runs share module-scoped fixtures.
+"""
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load
+
+tok = load("01_tokenizer")
+model_lib = load("06_model")
+train_lib = load("09_train")
+
+model_lib.PRESETS.setdefault("test-tiny", dataclasses.replace(
+    model_lib.PRESETS["small"], num_layers=2, d_model=64, num_heads=4, head_dim=16, d_ff=128,
+    num_experts=8, moe_interval=2))
+
+
+def tiny(tmp_path, **overrides) -> "train_lib.TrainConfig":
+    base = dataclasses.replace(
+        train_lib.CONFIGS["quick"], preset="test-tiny", run_dir=str(tmp_path / "run"),
+        objective="lm", ul2_until_step=0, seq_len=32, batch_size=8, microbatches=1, steps=6,
+        warmup_steps=2, eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=5,
+        keep_period=100, sample_tokens=0, mesh="data=8")
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tok.embedded_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: packing and UL2
+# ---------------------------------------------------------------------------------------------
+
+def test_lm_packing_concatenates_documents_with_eos_and_shifts_by_one(tokenizer):
+    texts = ["first document", "second one", "and a third document here"] * 5
+    stream = list(train_lib.token_stream(iter(texts), tokenizer))
+    assert stream.count(tokenizer.eos_id) == len(texts)  # one eos closes every document
+    rows = list(train_lib.pack_lm_rows(iter(stream), seq_len=8))
+    assert len(rows) == len(stream) // 9
+    for index, row in enumerate(rows):
+        chunk = stream[index * 9:(index + 1) * 9]
+        assert list(row["inputs"]) == chunk[:-1] and list(row["targets"]) == chunk[1:]
+        assert row["loss_mask"].sum() == 8
+
+
+def test_noise_mask_has_the_requested_density_and_spans():
+    rng = np.random.default_rng(0)
+    for density, mean_span in [(0.15, 3), (0.5, 8), (0.5, 64)]:
+        mask = train_lib.noise_mask(200, density, mean_span, rng)
+        assert len(mask) == 200 and mask.sum() == round(200 * density) and not mask[0]
+        starts = np.sum(mask[1:] & ~mask[:-1])
+        assert starts == max(1, round(round(200 * density) / mean_span))
+
+
+@pytest.mark.parametrize("denoiser", train_lib.UL2_DENOISERS, ids=lambda d: f"{d.prefix}{d.mean_span}")
+def test_ul2_targets_and_sentinels_reconstruct_the_text(tokenizer, denoiser):
+    text = "def mean(values):\n    return sum(values) / len(values)  # the arithmetic mean\n" * 3
+    tokens = np.array(tokenizer.encode(text), np.int32)
+    prefix_ids = tokenizer.encode(denoiser.prefix)
+    inputs, targets = train_lib.ul2_example(tokens, denoiser, prefix_ids, tokenizer,
+                                            np.random.default_rng(1))
+    assert list(inputs[:len(prefix_ids)]) == prefix_ids and targets[-1] == tokenizer.eos_id
+    restored = train_lib.reconstruct(inputs, targets, len(prefix_ids), tokenizer)
+    assert restored == list(tokens) and tokenizer.decode(restored) == text
+    if denoiser.mean_span:
+        sentinels = [t for t in inputs if t >= tokenizer.piece_count]
+        assert sentinels == [t for t in targets if t >= tokenizer.piece_count]
+        assert sentinels[0] == tokenizer.sentinel_id(0)
+
+
+def test_ul2_rows_put_the_loss_on_targets_only(tokenizer):
+    inputs, targets = np.array([5, 6, 7], np.int32), np.array([8, 9, 1], np.int32)
+    row = train_lib.decoder_row([(inputs, targets), (inputs[:1], targets[1:])], seq_len=10)
+    assert list(row["targets"]) == [5, 6, 7, 8, 9, 1, 5, 9, 1, 0]
+    assert list(row["inputs"]) == [0, 5, 6, 7, 8, 9, 0, 5, 9, 0]  # start token 0 per segment
+    assert list(row["loss_mask"]) == [0, 0, 0, 1, 1, 1, 0, 1, 1, 0]
+    assert list(row["segment_ids"]) == [1] * 6 + [2] * 3 + [0]
+    assert list(row["positions"]) == [0, 1, 2, 3, 4, 5, 0, 1, 2, 0]
+    # Real packed rows: every row fits, and each segment's loss covers exactly its targets.
+    stream = train_lib.token_stream(iter(tokenizer.decode(range(300, 900)).split(" ") * 50), tokenizer)
+    rows = list(itertools.islice(train_lib.pack_ul2_rows(stream, 128, tokenizer,
+                                                         np.random.default_rng(0)), 20))
+    for row in rows:
+        assert row["loss_mask"].sum() > 0 and np.all(row["loss_mask"][row["segment_ids"] == 0] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: schedule wiring, exact resume, NaN, bad inputs, sharding, dry run
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cfg = tiny(tmp_path_factory.mktemp("straight"))
+    return cfg, train_lib.train(cfg, progress=False)
+
+
+def test_schedule_is_openmoes_scaled_to_the_run(uninterrupted):
+    cfg, summary = uninterrupted
+    records = [json.loads(l) for l in open(f"{cfg.run_dir}/metrics.jsonl")]
+    expected = [cfg.peak_lr * math.sqrt(cfg.warmup_steps / max(s, cfg.warmup_steps))
+                for s in range(cfg.steps)]
+    assert np.allclose([r["lr"] for r in records], expected, rtol=1e-6)
+    assert {"cross_entropy", "z_loss", "load_balance_loss", "router_z_loss", "tokens_per_s",
+            "drop_rate_by_layer", "mfu"} <= set(records[0])
+    assert len(records[0]["drop_rate_by_layer"]) == 1
+    # The optimizer the step uses is built from the same schedule.
+    assert train_lib.schedule_config(cfg) == load("08_adafactor").ScheduleConfig(
+        peak=cfg.peak_lr, warmup_steps=cfg.warmup_steps)
+
+
+def test_exact_resume_after_interruption(uninterrupted):
+    cfg, straight = uninterrupted
+    resumed_cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "-resumed")
+    first = train_lib.train(resumed_cfg, stop_after=3, progress=False)  # "killed" after step 3
+    assert list(first["losses"]) == [1, 2, 3]
+    second = train_lib.train(resumed_cfg, progress=False)               # resumes from step 2
+    assert min(second["losses"]) == 3
+    for step, loss in second["losses"].items():
+        assert loss == straight["losses"][step], f"step {step}: {loss} != {straight['losses'][step]}"
+    assert straight["losses"][6] < straight["losses"][1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, steps=4)
+    real_batches = train_lib.train_batches
+
+    def poisoned_batches(*args, **kwargs):
+        for index, batch in enumerate(real_batches(*args, **kwargs)):
+            if index == 2:  # the third step's batch carries a NaN: its loss is NaN
+                batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+            yield batch
+
+    monkeypatch.setattr(train_lib, "train_batches", poisoned_batches)
+    with pytest.raises(train_lib.TrainingDiverged, match="step 3.*last good checkpoint"):
+        train_lib.train(cfg, progress=False)
+    assert list(train_lib.checkpoint_manager(cfg).all_steps()) == [2]
+
+
+def test_bad_inputs_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny(tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="mesh"):
+        tiny(tmp_path, mesh="data=2,experts=4")
+    with pytest.raises(ValueError, match="objective"):
+        tiny(tmp_path, objective="mlm")
+    with pytest.raises(ValueError, match="devices"):
+        train_lib.train(tiny(tmp_path, mesh="data=3"), progress=False)
+    with pytest.raises(ValueError, match="divisible"):
+        train_lib.train(tiny(tmp_path, batch_size=4), progress=False)
+    with pytest.raises(ValueError, match="hub dataset|could not be loaded"):
+        train_lib.train(tiny(tmp_path, mixture="openmoe_v1"), progress=False)
+    with pytest.raises(SystemExit):
+        train_lib.parse_args(["--steps", "many"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_different_config_is_not_silently_overwritten(uninterrupted):
+    cfg, _ = uninterrupted
+    with pytest.raises(ValueError, match="different config"):
+        train_lib.prepare_run_dir(dataclasses.replace(cfg, seq_len=64), overwrite=False)
+    train_lib.prepare_run_dir(dataclasses.replace(cfg, steps=10), overwrite=False)  # extending is fine
+
+
+def test_sharded_run_on_8_devices_matches_data_parallel(tmp_path, uninterrupted):
+    assert jax.device_count() == 8
+    cfg, straight = uninterrupted
+    sharded = train_lib.train(tiny(tmp_path, mesh="data=2,expert=4,model=1", steps=3,
+                                   microbatches=1), progress=False)
+    for step in (1, 2, 3):
+        assert sharded["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-4)
+
+
+def test_dry_run_reports_memory_and_flops(tmp_path):
+    report = train_lib.dry_run(tiny(tmp_path, mesh="data=2,expert=4,model=1", batch_size=16,
+                                     microbatches=2))
+    assert report["devices"] == 8 and report["argument_gib"] > 0 and report["temp_gib"] >= 0
+    assert report["compiler_flops_per_device"] > 0 and report["model_flops_per_device"] > 0
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+def test_dry_run_compiles_for_a_tpu_v3_topology(tmp_path):
+    cfg = dataclasses.replace(train_lib.CONFIGS["openmoe-base"], run_dir=str(tmp_path / "run"),
+                              mesh="data=4,expert=4,model=2", batch_size=32, microbatches=1,
+                              seq_len=512)
+    report = train_lib.dry_run(cfg, "v3:4x4")
+    assert report["devices"] == 32 and report["estimated_mfu"] > 0
