@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import importlib
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 

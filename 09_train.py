@@ -27,7 +27,6 @@ import importlib
 import itertools
 import json
 import math
-import os
 import pathlib
 import shutil
 import sys
