@@ -127,14 +127,15 @@ class TrainConfig:
 # cores see the loss fall within ~10 minutes. Its schedule keeps OpenMoE's shape (flat plateau,
 # then 1/√step) with warmup a tenth of the run; peak 0.03 (3× OpenMoE's) because a 4-layer
 # model seeing only ~1M tokens needs bigger steps: measured at step 80, train loss 5.97 with 0.03
-# against 7.18 with 0.01. "quick" is the test suite's self-test: UL2, then LM, microbatches.
+# against 7.18 with 0.01. Every 80th step's checkpoint is kept (7 of 57 MB) for the early-routing
+# curve of 10_routing_analysis.py. "quick" is the test suite's self-test: UL2, then LM, microbatches.
 OPENMOE = TrainConfig()
 CONFIGS: dict[str, TrainConfig] = {
     "laptop": dataclasses.replace(
         OPENMOE, preset="small", run_dir="runs/laptop", mixture="embedded", objective="lm",
         ul2_until_step=0, seq_len=128, batch_size=16, microbatches=1, steps=480, peak_lr=0.03,
         warmup_steps=48, dtype="float32", remat=False, mesh="", eval_every=120, eval_batches=4,
-        checkpoint_every=40, keep_last=2, keep_period=240),
+        checkpoint_every=40, keep_last=2, keep_period=80),
     "quick": dataclasses.replace(
         OPENMOE, preset="small", run_dir="runs/quick", mixture="embedded", objective="ul2",
         ul2_until_step=15, seq_len=64, batch_size=8, microbatches=2, steps=30, peak_lr=0.03,

@@ -1,0 +1,441 @@
+"""Tests for 10_routing_analysis.py: the routing statistics on constructed decisions with known
+answers, the text helpers, and loading, recording and analysing one tiny 09 run.
+
+The statistics are pure numpy functions, so they are checked on hand-built router decisions
+whose answers are known. Everything that needs a trained model shares one module-scoped run of
+06's "tiny" preset (4 blocks, MoE in blocks 1 and 3; 10 steps, checkpoints at 5 and 10, rows
+of 32 tokens), trained once by 09's own `train`.
+"""
+
+import dataclasses
+import json
+import re
+import shutil
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load
+
+ra = load("10_routing_analysis")
+train_lib = load("09_train")
+model_lib = load("06_model")
+
+
+# ---------------------------------------------------------------------------------------------
+# A. Statistics on constructed decisions
+# ---------------------------------------------------------------------------------------------
+
+def test_routing_distribution_counts_every_choice_and_filters_rare_keys():
+    # The docstring's example: per key, the share of its assignments that went to each expert.
+    keys, counts, dist = ra.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2)
+    assert keys.tolist() == [7, 9] and counts.tolist() == [2, 1]
+    np.testing.assert_allclose(dist, [[0.5, 0.5], [0.0, 1.0]])
+    # min_count drops keys seen fewer times (9 is seen once).
+    keys, counts, dist = ra.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2,
+                                                 min_count=2)
+    assert keys.tolist() == [7] and counts.tolist() == [2]
+    np.testing.assert_allclose(dist, [[0.5, 0.5]])
+    # k=2: both choices count, so key 3's four assignments are e0 twice, e1 once, e2 once.
+    keys, counts, dist = ra.routing_distribution(np.array([3, 3]), np.array([[0, 1], [0, 2]]), 4)
+    assert keys.tolist() == [3] and counts.tolist() == [2]
+    np.testing.assert_allclose(dist, [[0.5, 0.25, 0.25, 0.0]])
+
+
+@pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (32, 2), (16, 3), (4, 4)])
+def test_max_spread_is_the_std_of_a_key_that_always_picks_the_same_experts(experts, top_k):
+    # The normaliser of the specialization score: k entries at 1/k, the rest zero.
+    always_same = np.array([1.0 / top_k] * top_k + [0.0] * (experts - top_k))
+    assert ra.max_spread(experts, top_k) == pytest.approx(np.std(always_same), abs=1e-12)
+
+
+def _pair_table():
+    """All 56 ordered pairs of distinct experts out of 8: a balanced top-2 lookup table (every
+    expert is the first choice of 7 entries and the second of 7), so mixing the table's rows
+    uniformly gives exactly uniform routing."""
+    return np.array([(a, b) for a in range(8) for b in range(8) if a != b])
+
+
+def test_specialization_score_separates_token_id_routing_from_position_routing():
+    # Finding 1's measure: a router that reads only the token id scores 1 by token id and ~0 by
+    # position; one that reads only the position the reverse; a random router ~0 for both.
+    rng = np.random.default_rng(0)
+    table = _pair_table()
+    n = 56 * 400
+    token_N = rng.integers(0, 56, n)
+    position_N = rng.integers(0, 56, n)
+    by_token = table[token_N]
+    by_position = table[position_N]
+    random_choice = np.argsort(rng.random((n, 8)), axis=1)[:, :2]  # 2 distinct random experts
+
+    def scores(expert_NA):
+        return (ra.specialization_score(token_N, expert_NA, 8, min_count=100)["score"],
+                ra.specialization_score(position_N, expert_NA, 8, min_count=100)["score"])
+
+    token_score, position_score = scores(by_token)
+    assert token_score == pytest.approx(1.0, abs=1e-9) and position_score < 0.2
+    token_score, position_score = scores(by_position)
+    assert position_score == pytest.approx(1.0, abs=1e-9) and token_score < 0.2
+    token_score, position_score = scores(random_choice)
+    assert token_score < 0.2 and position_score < 0.2
+    # Keys below min_count are left out, and with none left the score is NaN, not an error.
+    result = ra.specialization_score(token_N, by_token, 8, min_count=n + 1)
+    assert result["keys"] == 0 and np.isnan(result["score"])
+    assert ra.specialization_score(token_N, by_token, 8, min_count=1)["keys"] == 56
+
+
+def test_top_tokens_orders_each_experts_tokens_by_count_with_their_share():
+    # The paper's Table 9: per expert, the ids it receives most, and how reliably it gets them.
+    token_N = np.array([5, 5, 5, 5, 6, 6, 6, 6, 7])
+    expert_NA = np.array([[2, 0]] * 4 + [[2, 1], [2, 1], [3, 1], [3, 1]] + [[2, 3]])
+    table = ra.top_tokens(token_N, expert_NA, num_experts=5)
+    assert table[0] == [(5, 4, 1.0)]
+    assert table[1] == [(6, 4, 1.0)]
+    assert table[2] == [(5, 4, 1.0), (6, 2, 0.5), (7, 1, 1.0)]  # token 5 always, 6 half the time
+    assert table[3] == [(6, 2, 0.5), (7, 1, 1.0)]
+    assert table[4] == []  # an unused expert has no top tokens
+    assert ra.top_tokens(token_N, expert_NA, num_experts=5, count=2)[2] == [(5, 4, 1.0), (6, 2, 0.5)]
+
+
+def test_top1_experts_and_agreement():
+    # Finding 2 compares favourite experts between checkpoints: identical routing agrees fully,
+    # relabelled experts (a permutation with no fixed point) not at all, and only ids present in
+    # both are compared.
+    rng = np.random.default_rng(1)
+    token_N = rng.integers(0, 10, 4000)
+    first_N = np.where(rng.random(4000) < 0.7, token_N % 4, rng.integers(0, 4, 4000))
+    expert_NA = np.stack([first_N, (first_N + 1) % 4], axis=1)
+    keys, top1 = ra.top1_experts(token_N, expert_NA, 4, min_count=1)
+    assert keys.tolist() == list(range(10)) and top1.tolist() == [t % 4 for t in range(10)]
+    # The favourite is the most common *first* choice: second choices do not count.
+    keys_second, top1_second = ra.top1_experts(token_N, expert_NA[:, ::-1], 4, min_count=1)
+    assert top1_second.tolist() == [(t + 1) % 4 for t in range(10)]
+    assert ra.agreement(keys, top1, keys, top1) == 1.0
+    relabelled = (expert_NA + 1) % 4  # e -> e+1: no expert keeps its label
+    assert ra.agreement(keys, top1, *ra.top1_experts(token_N, relabelled, 4, min_count=1)) == 0.0
+    # Only common keys: 2 agrees, 3 does not, 1 and 4 are in one side only.
+    assert ra.agreement(np.array([1, 2, 3]), np.array([0, 1, 2]),
+                        np.array([2, 3, 4]), np.array([1, 0, 5])) == 0.5
+    assert np.isnan(ra.agreement(np.array([1]), np.array([0]), np.array([2]), np.array([0])))
+    # min_count removes rare ids from the comparison.
+    rare = np.concatenate([token_N, [99]])
+    rare_experts = np.concatenate([expert_NA, [[0, 1]]])
+    assert 99 in ra.top1_experts(rare, rare_experts, 4, min_count=1)[0]
+    assert 99 not in ra.top1_experts(rare, rare_experts, 4, min_count=2)[0]
+
+
+def test_drop_rate_by_position_and_quarter_means():
+    # Finding 3's curve: dropped share of the k assignments at each position; NaN where no token.
+    position_N = np.array([0, 0, 1, 3])
+    kept_NA = np.array([[True, True], [True, False], [False, False], [True, False]])
+    rate_L = ra.drop_rate_by_position(position_N, kept_NA, seq_len=4)
+    np.testing.assert_allclose(rate_L[[0, 1, 3]], [0.25, 1.0, 0.5])
+    assert np.isnan(rate_L[2])
+    assert ra.quarter_means(np.arange(8.0)) == [0.5, 2.5, 4.5, 6.5]
+    assert ra.quarter_means(np.array([np.nan, 1, 2, 3, 4, 5, 6, 7])) == [1.0, 2.5, 4.5, 6.5]
+
+
+def test_decisions_only_selects_one_sources_rows_in_every_field():
+    # Every per-source statistic goes through only(): all row-indexed fields must stay aligned.
+    decisions = ra.Decisions(
+        sources=("a", "b"), source_N=np.array([0, 1, 0, 1, 1]), token_N=np.array([10, 11, 12, 13, 14]),
+        position_N=np.array([0, 1, 2, 3, 4]),
+        expert_NA={1: np.arange(10).reshape(5, 2), 3: np.arange(10, 20).reshape(5, 2)},
+        kept_NA={1: np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], bool),
+                 3: np.array([[0, 0], [1, 1], [0, 1], [1, 0], [0, 1]], bool)},
+        num_experts=20, seq_len=5)
+    b = decisions.only("b")
+    rows = [1, 3, 4]
+    assert b.source_N.tolist() == [1, 1, 1] and b.token_N.tolist() == [11, 13, 14]
+    assert b.position_N.tolist() == [1, 3, 4]
+    for layer in (1, 3):
+        assert b.expert_NA[layer].tolist() == decisions.expert_NA[layer][rows].tolist()
+        assert b.kept_NA[layer].tolist() == decisions.kept_NA[layer][rows].tolist()
+    assert (b.sources, b.num_experts, b.seq_len) == (("a", "b"), 20, 5)
+    assert decisions.only("a").token_N.tolist() == [10, 12]
+
+
+# ---------------------------------------------------------------------------------------------
+# B. Text helpers
+# ---------------------------------------------------------------------------------------------
+
+def test_chat_formatted_alternates_user_and_assistant_over_paragraphs():
+    # OOD text for finding 3: same words, chat shape. Paragraphs alternate roles, in order.
+    paragraphs = ["First paragraph here.", "Second one.", "And the third."]
+    (chat,) = ra.chat_formatted(["\n\n".join(paragraphs[:2]) + "\n\n\n" + paragraphs[2] + "\n"])
+    markers = re.findall(r"### (User|Assistant):", chat)
+    assert markers[:3] == ["User", "Assistant", "User"]
+    assert all(a != b for a, b in zip(markers, markers[1:]))  # strictly alternating
+    places = [chat.index(f"### {role}:\n{p}") for role, p in zip(markers, paragraphs)]
+    assert places == sorted(places)
+    assert len(ra.chat_formatted(["a", "b\n\nc"])) == 2  # one chat per document
+
+
+def test_other_language_texts_has_one_document_per_header_and_no_comments(tmp_path):
+    text = ra.OTHER_LANGUAGES.read_text(encoding="utf-8")
+    headers = [line for line in text.splitlines() if re.fullmatch(r"== .+ ==", line)]
+    documents = ra.other_language_texts()
+    assert len(headers) > 0 and len(documents) == len(headers)
+    for document in documents:
+        assert document.strip()
+        assert not any(line.startswith("#") or line.startswith("== ") for line in document.splitlines())
+    # A small file with a comment before and inside a document.
+    path = tmp_path / "langs.txt"
+    path.write_text("# about this file\n== A ==\nhello\n# a note\nworld\n== B ==\nbye\n", encoding="utf-8")
+    assert ra.other_language_texts(path) == ["hello\nworld", "bye"]
+
+
+# ---------------------------------------------------------------------------------------------
+# C. One tiny trained run: loading, recording, analysing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The run (10 steps, checkpoints at 5 and 10), plus 09's own trainer and its initial
+    parameters, captured as 09 builds them (copied before the first step donates them)."""
+    cfg = dataclasses.replace(
+        ra.quick_run_config(), run_dir=str(tmp_path_factory.mktemp("routing") / "run"), steps=10,
+        checkpoint_every=5, keep_period=5, seq_len=32, batch_size=8, warmup_steps=2)
+    captured = {}
+    build_trainer = train_lib.build_trainer
+
+    def recording_build_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        captured["trainer"] = trainer
+        captured["initial"] = jax.tree.map(np.array, trainer.params)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_lib, "build_trainer", recording_build_trainer)
+        train_lib.train(cfg, overwrite=True, progress=False)
+    return types.SimpleNamespace(cfg=cfg, run=ra.open_run(cfg.run_dir), **captured)
+
+
+@pytest.fixture(scope="module")
+def initial_params(trained):
+    """10's step 0, built once: it runs 06's initialization eagerly, seconds on a CPU."""
+    return ra.load_params(trained.run, 0)
+
+
+@pytest.fixture(scope="module")
+def rows_by_source(trained):
+    """Packed rows of two sources: 17 text rows take two batches of 16, the second padded."""
+    tokenizer = train_lib.load_tokenizer(trained.cfg)
+    texts = ra.analysis_texts()
+    return {"text": ra.pack_rows(texts["text"], tokenizer, trained.cfg.seq_len, 17),
+            "other languages": ra.pack_rows(texts["other languages"], tokenizer, trained.cfg.seq_len, 3)}
+
+
+def test_open_run_reads_the_config_and_every_kept_checkpoint(trained):
+    # The analysis must see the run's own config and every checkpoint 09 kept.
+    run = trained.run
+    assert run.cfg == trained.cfg  # config.json round-trips to the same TrainConfig
+    # keep_period=5 keeps every multiple of 5, so both checkpoints of the 10 steps remain.
+    assert run.steps == (5, 10)
+
+
+def test_open_run_rejects_directories_that_are_not_runs(tmp_path, trained):
+    # A wrong --run-dir must fail with a message naming the directory, not an orbax traceback.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{re.escape(str(empty))}.*no config.json"):
+        ra.open_run(empty)
+    # A config but no checkpoints/ yet, then an empty checkpoints/.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(trained.run.path / "config.json", fresh / "config.json")
+    with pytest.raises(ValueError, match=f"{re.escape(str(fresh))}.*no checkpoints"):
+        ra.open_run(fresh)
+    (fresh / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match=f"{re.escape(str(fresh))}.*no checkpoints"):
+        ra.open_run(fresh)
+
+
+def _paths_and_leaves(state):
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return [jax.tree_util.keystr(path) for path, _ in flat], [np.asarray(x) for _, x in flat]
+
+
+def test_load_params_matches_09s_initialization_and_restore(trained, initial_params):
+    # 10 reads checkpoints its own way (params only, onto one device); it must get exactly what
+    # 09's own restore gets, and step 0 must be 09's initialization (same seed).
+    run, trainer = trained.run, trained.trainer
+    manager = train_lib.checkpoint_manager(trained.cfg)
+    restored = types.SimpleNamespace(params=trainer.params, opt_state=trainer.opt_state)
+    step, _ = train_lib.restore_checkpoint(manager, restored)  # 09's restore of the latest step
+    manager.close()
+    assert step == run.steps[-1]
+    final_paths, final_leaves = _paths_and_leaves(restored.params)
+    # 09 saved what it trained: the restore equals the trainer's final in-memory parameters.
+    for ours, theirs in zip(final_leaves, _paths_and_leaves(trainer.params)[1]):
+        assert np.array_equal(ours, theirs)
+
+    paths, leaves = _paths_and_leaves(ra.load_params(run, step))
+    assert paths == final_paths
+    for path, ours, theirs in zip(paths, leaves, final_leaves):
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), path
+
+    init_paths, init_leaves = _paths_and_leaves(trained.initial)
+    paths, leaves = _paths_and_leaves(initial_params)
+    assert paths == init_paths
+    for path, ours, theirs in zip(paths, leaves, init_leaves):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6, err_msg=path)  # jit vs eager
+    # Training moved the parameters, so the two comparisons above are not the same one.
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(init_leaves, final_leaves))
+
+    with pytest.raises(ValueError, match="step=12345"):
+        ra.load_params(run, 12345)
+
+
+def test_record_decisions_equals_the_models_own_routing(trained, rows_by_source):
+    # The recorded decisions must be the model's: same experts and kept flags, each at the token
+    # and position it belongs to, whatever the batching (17 rows: a full batch, then a padded
+    # one). Groups are single rows, so running every row in one batch routes them identically.
+    run = trained.run
+    model_cfg = ra.analysis_config(run)
+    params = ra.load_params(run, run.steps[-1])
+    decisions = ra.record_decisions(params, model_cfg, rows_by_source)  # batch_rows=16
+    assert decisions.sources == tuple(rows_by_source)
+    assert (decisions.num_experts, decisions.seq_len) == (model_cfg.num_experts, run.cfg.seq_len)
+
+    model = nnx.eval_shape(lambda: model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, params)
+    routings_of = nnx.jit(lambda m, inputs, positions, segment_ids: m(
+        inputs, positions_BL=positions, segment_ids_BL=segment_ids, train=False)[1])
+    every = {k: np.concatenate([rows[k] for rows in rows_by_source.values()]) for k in
+             ("inputs", "positions", "segment_ids")}
+    routings = routings_of(model, every["inputs"], every["positions"], every["segment_ids"])
+    assert len(routings) == len(model_cfg.moe_layers)
+
+    start = 0
+    for index, (source, rows) in enumerate(rows_by_source.items()):
+        part = decisions.only(source)
+        count = len(rows["inputs"])
+        assert part.source_N.tolist() == [index] * rows["inputs"].size
+        np.testing.assert_array_equal(part.token_N, rows["inputs"].ravel())
+        np.testing.assert_array_equal(part.position_N, rows["positions"].ravel())
+        for layer, routing in zip(model_cfg.moe_layers, routings):
+            for ours, name in ((part.expert_NA, "expert_BLA"), (part.kept_NA, "kept_BLA")):
+                theirs = np.asarray(routing[name])[start:start + count].reshape(-1, model_cfg.top_k)
+                np.testing.assert_array_equal(ours[layer], theirs, err_msg=f"{source} {name} {layer}")
+        start += count
+
+
+def queue_kept(expert_RLA, capacity: int, num_experts: int):
+    """Oracle for one-row routing groups: an expert's queue holds all first choices in position
+    order, then all second choices; the first `capacity` of its queue are kept."""
+    rows, length, top_k = expert_RLA.shape
+    kept = np.zeros(expert_RLA.shape, bool)
+    for r in range(rows):
+        used = np.zeros(num_experts, int)
+        for a in range(top_k):
+            for t in range(length):
+                e = expert_RLA[r, t, a]
+                kept[r, t, a] = used[e] < capacity
+                used[e] += 1
+    return kept
+
+
+def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
+    # Finding 3 compares capacity settings: each must be the capacity it claims, and more room
+    # may only keep more, never drop what a smaller capacity kept.
+    run = trained.run
+    params = ra.load_params(run, run.steps[-1])
+    seq_len, experts, top_k = run.cfg.seq_len, 8, 2  # the tiny preset: 8 experts, top-2
+    settings = {  # name: (capacity factor, rule, C by hand for groups of one 32-token row)
+        "t5x 1.25": (1.25, "t5x", max(4, round(1.25 * seq_len / experts))),                     # 5
+        "colossalai 1.25": (1.25, "colossalai", max(4, int(top_k * 1.25 * seq_len / experts))),  # 10
+        "t5x 2.0": (2.0, "t5x", max(4, round(2.0 * seq_len / experts))),                        # 8
+    }
+    recorded = {}
+    for name, (capacity_factor, rule, capacity) in settings.items():
+        model_cfg = ra.analysis_config(run, capacity_factor=capacity_factor, capacity_rule=rule)
+        assert model_cfg.num_experts == experts and model_cfg.top_k == top_k
+        recorded[name] = decisions = ra.record_decisions(params, model_cfg, rows_by_source)
+        # In every layer the kept flags follow the priority queue of each row (the analysis'
+        # routing groups) with the hand-computed capacity: flags line up with their tokens.
+        for source in decisions.sources:
+            part = decisions.only(source)
+            for layer in model_cfg.moe_layers:
+                expert_RLA = part.expert_NA[layer].reshape(-1, seq_len, top_k)
+                np.testing.assert_array_equal(part.kept_NA[layer].reshape(expert_RLA.shape),
+                                              queue_kept(expert_RLA, capacity, experts),
+                                              err_msg=f"{name}, {source}, layer {layer}")
+
+    # Monotonicity. Only the first MoE layer sees identical inputs under every setting: drops
+    # there change its output, so later MoE layers route different hidden states. In the first
+    # MoE layer the choices are the same and only the room differs, so more room keeps a
+    # superset (an assignment's queue place does not depend on the capacity).
+    first = min(recorded["t5x 1.25"].expert_NA)
+    t5x, colossal, eval_cf = (recorded[n] for n in ("t5x 1.25", "colossalai 1.25", "t5x 2.0"))
+    np.testing.assert_array_equal(t5x.expert_NA[first], colossal.expert_NA[first])
+    np.testing.assert_array_equal(t5x.expert_NA[first], eval_cf.expert_NA[first])
+    assert np.all(colossal.kept_NA[first] >= t5x.kept_NA[first])  # ColossalAI (k in C) ⊇ T5X
+    assert np.all(eval_cf.kept_NA[first] >= t5x.kept_NA[first])   # cf 2.0 ⊇ cf 1.25
+    assert colossal.kept_NA[first].sum() >= t5x.kept_NA[first].sum()
+    assert not t5x.kept_NA[first].all()  # C = 5 < 64 assignments per row: something is dropped
+
+
+def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initial_params, tmp_path,
+                                                                   monkeypatch):
+    # The end-to-end analysis on a real run. To keep it fast: two sweep values instead of six
+    # (each capacity is one more compiled forward pass; both are settings the curves also use),
+    # and step 0 comes from the fixture (load_params(run, 0) is tested above); every other
+    # load goes to the real load_params, and the calls are logged.
+    run = trained.run
+    monkeypatch.setattr(ra, "SWEEP", (run.cfg.train_capacity_factor, run.cfg.eval_capacity_factor))
+    load_params, loaded = ra.load_params, []
+
+    def logged_load_params(run_, step):
+        loaded.append(step)
+        return initial_params if step == 0 else load_params(run_, step)
+
+    monkeypatch.setattr(ra, "load_params", logged_load_params)
+    out_dir = tmp_path / "analysis"
+    results = ra.analyse(run, max_rows=4, min_count=2, out_dir=out_dir, figures=False)
+    assert set(loaded) == {0, *run.steps}  # the initialization and every kept checkpoint
+    assert (out_dir / "report.txt").read_text().strip()
+    saved = json.loads((out_dir / "analysis.json").read_text())
+    assert {"specialization", "early_routing", "drops"} <= set(saved)
+
+    # Early routing: one point per checkpoint plus initialization; the final one vs itself is 1.
+    early = results["early_routing"]
+    assert early["steps"] == [0, *run.steps] and saved["early_routing"]["steps"] == [0, *run.steps]
+    assert set(early["agreement"]) == set(ra.analysis_config(run).moe_layers)
+    for curve in early["agreement"].values():
+        assert len(curve) == len(run.steps) + 1 and curve[-1] == 1.0
+        assert all(0.0 <= value <= 1.0 for value in curve)
+
+    # Rows routed per source are capped at max_rows; each source's expert shares sum to 1.
+    assert set(results["rows"]) == set(ra.analysis_texts())
+    assert all(1 <= n <= 4 for n in results["rows"].values())
+    for shares in results["specialization"]["by_source"].values():
+        assert sum(shares) == pytest.approx(1.0)
+    # Drop curves: one share in [0, 1] per position, for every setting and source; the sweep's
+    # last-quarter numbers are those of the T5X curves at the same capacity factor.
+    curves = results["drops"]["curves"]
+    for by_source in curves.values():
+        assert set(by_source) == set(results["rows"])
+        for curve_L in by_source.values():
+            assert len(curve_L) == run.cfg.seq_len and np.all((curve_L >= 0) & (curve_L <= 1))
+    sweep = results["drops"]["sweep"]
+    assert list(sweep) == list(ra.SWEEP)
+    for name, (capacity_factor, rule) in ra.capacity_settings(run.cfg).items():
+        if rule == "t5x":
+            for source, curve_L in curves[name].items():
+                assert sweep[capacity_factor][source] == pytest.approx(ra.quarter_means(curve_L)[-1])
+
+    # Bad arguments fail before anything is written.
+    bad_dir = tmp_path / "bad"
+    model_cfg = ra.analysis_config(run)
+    dense_layer = next(l for l in range(model_cfg.num_layers) if l not in model_cfg.moe_layers)
+    with pytest.raises(ValueError, match=f"layer={dense_layer}"):
+        ra.analyse(run, layer=dense_layer, out_dir=bad_dir, figures=False)
+    with pytest.raises(ValueError, match="max_rows=0"):
+        ra.analyse(run, max_rows=0, out_dir=bad_dir, figures=False)
+    with pytest.raises(ValueError, match="min_count=0"):
+        ra.analyse(run, min_count=0, out_dir=bad_dir, figures=False)
+    assert not bad_dir.exists()
