@@ -389,23 +389,25 @@ def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
 SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
+def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
+    """Per source, the drop rate by position [L] in one MoE layer."""
+    parts = {source: decisions.only(source) for source in decisions.sources}
+    return {source: drop_rate_by_position(part.position_N, part.kept_NA[layer], part.seq_len)
+            for source, part in parts.items()}
+
+
 def drop_towards_the_end(run: Run, params, rows_by_source: dict, layer: int) -> dict:
     """Finding 3: drop rate by position per source under each capacity setting, and the last
     quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes."""
-    curves = {}
+    curves, sweep = {}, {}
     for name, (capacity_factor, rule) in capacity_settings(run.cfg).items():
-        decisions = record_decisions(params, analysis_config(
-            run, capacity_factor=capacity_factor, capacity_rule=rule), rows_by_source)
-        curves[name] = {source: drop_rate_by_position(part.position_N, part.kept_NA[layer],
-                                                      part.seq_len)
-                        for source in decisions.sources for part in [decisions.only(source)]}
-    sweep = {}
+        model_cfg = analysis_config(run, capacity_factor=capacity_factor, capacity_rule=rule)
+        curves[name] = drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
     for capacity_factor in SWEEP:
-        decisions = record_decisions(params, analysis_config(run, capacity_factor=capacity_factor),
-                                     rows_by_source)
-        sweep[capacity_factor] = {source: quarter_means(drop_rate_by_position(
-            part.position_N, part.kept_NA[layer], part.seq_len))[-1]
-            for source in decisions.sources for part in [decisions.only(source)]}
+        model_cfg = analysis_config(run, capacity_factor=capacity_factor)
+        by_source = drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
+        sweep[capacity_factor] = {source: quarter_means(curve_L)[-1]
+                                  for source, curve_L in by_source.items()}
     return {"layer": layer, "curves": curves, "sweep": sweep}
 
 
