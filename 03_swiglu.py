@@ -127,13 +127,25 @@ def init_kernels(rngs: nnx.Rngs, d_model: int, d_ff: int, variant: str = "double
     return kernels
 
 
-def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32):
+def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32, *,
+           one_gate_matmul: bool = False):
     """The FFN as a pure function: x [..., D] → y [..., D], all math in `dtype`.
 
     For "double_gated", wi_0 is [D, 2, F]: x·wi_0 gives the pair (a, b) for every hidden unit,
     and hidden = a · silu(b) · (x·wi_1). For "swiglu", wi_0 is [D, F] and
     hidden = silu(x·wi_0) · (x·wi_1). Then y = hidden·wo. Plain matmuls, so `jax.vmap` over a
     stacked expert axis turns them into batched matmuls.
+
+    `one_gate_matmul` picks how the double-gated pair is computed; the numbers are the same.
+    False (default, the dense FFN): two matmuls on the slices wi_0[:, 0] and wi_0[:, 1]. The
+    slices are copies (small for one FFN), but they keep F's split over devices intact when
+    GSPMD shards F (07's test_dense_ffn_split_over_model_moves_only_activations).
+    True (05's experts): one matmul on wi_0 viewed as the [D, 2F] matrix it is in memory, then
+    a and b are split off the output. No kernel copy forward, and backward one matmul writes the
+    gradient in place, where the slices cost a copy of both halves and a merge of their
+    gradients: E times larger for E experts, ~0.1–0.2× one dense FFN's forward+backward at E=32
+    on CPU. Only for kernels whose F is whole on the device (05 unsharded, 07 in `shard_map`):
+    under GSPMD the [D, 2F] view interleaves the shards of a split F, and XLA moves the kernel.
     """
     _check_variant(variant)
     d_ff = wi_1_DF.shape[-1]
@@ -149,10 +161,14 @@ def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.
     up_TF = x_TD @ wi_1_DF.astype(dtype)
     if variant == "double_gated":
         # Released OpenMoE: a second gate; SiLU on b (the pair's second member), a stays linear.
-        # Two plain [T, D] @ [D, F] matmuls: XLA:CPU runs them far faster than one einsum into a
-        # [T, 2, F] output, and slicing the unsplit pair axis leaves F's device split intact.
+        # Plain 2-D matmuls either way: XLA:CPU runs them far faster than one einsum into a
+        # [T, 2, F] output, whose backward transposes the kernel.
         wi_0 = wi_0.astype(dtype)
-        a_TF, b_TF = x_TD @ wi_0[:, 0], x_TD @ wi_0[:, 1]
+        if one_gate_matmul:
+            gate_TG = x_TD @ wi_0.reshape(wi_0.shape[0], 2 * d_ff)  # G = 2F: a's, then b's
+            a_TF, b_TF = gate_TG[:, :d_ff], gate_TG[:, d_ff:]
+        else:
+            a_TF, b_TF = x_TD @ wi_0[:, 0], x_TD @ wi_0[:, 1]
         hidden_TF = a_TF * jax.nn.silu(b_TF) * up_TF
     else:
         hidden_TF = jax.nn.silu(x_TD @ wi_0.astype(dtype)) * up_TF

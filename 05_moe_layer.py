@@ -56,11 +56,13 @@ def apply_experts(buffers_GECD, experts, variant: str, dtype):
 
     [E, G·C, D] is the layout flaxformer reaches after its all-to-all. Batched matmuls keep E an
     array axis that 07 can shard, and on XLA:CPU beat a `lax.map` over experts (E=32, the
-    experts alone: 1.7× vs 2.0× one dense FFN's forward+backward on the same tokens).
+    experts alone: 1.7× vs 2.0× one dense FFN's forward+backward on the same tokens). The gate
+    pair runs as one matmul per expert (03's `one_gate_matmul`), which never copies the
+    [E, D, 2, F] kernel: the kernels here are whole or, in 07, local to `shard_map`.
     """
     num_groups, num_experts, capacity, dim = buffers_GECD.shape
     rows_EMD = jnp.swapaxes(buffers_GECD, 0, 1).reshape(num_experts, num_groups * capacity, dim)
-    run = functools.partial(ffn.swiglu, variant=variant, dtype=dtype)
+    run = functools.partial(ffn.swiglu, variant=variant, dtype=dtype, one_gate_matmul=True)
     out_EMD = jax.vmap(run)(rows_EMD, *experts)
     return jnp.swapaxes(out_EMD.reshape(num_experts, num_groups, capacity, dim), 0, 1)
 

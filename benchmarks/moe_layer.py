@@ -8,7 +8,7 @@ the token matrix [T, D]; the row "dense BLD" is the same FFN called on [B, L, D]
 token-slots, so cf (1.25) is the compute floor. On top of it the experts' weights and their
 gradients are E times the dense FFN's: every step reads the weights twice and writes fresh
 gradients (E=32: 268 MB, ~0.25× a dense FFN's time here on a 2-core CPU), a cost per step that
-more tokens per step amortize (`--tokens 16384`: gather at E=32 drops to ~1.45×).
+more tokens per step amortize (`--tokens 16384`: gather at E=32 drops to ~1.5×).
 Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients included).
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25

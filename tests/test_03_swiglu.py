@@ -62,22 +62,26 @@ def _inputs(variant, seed=0):
     return x_BLD, kernels
 
 
-@pytest.mark.parametrize("variant", ["double_gated", "swiglu"])
-def test_forward_matches_numpy(variant):
+@pytest.mark.parametrize("variant, one_gate_matmul",
+                         [("double_gated", False), ("double_gated", True), ("swiglu", False)])
+def test_forward_matches_numpy(variant, one_gate_matmul):
     x_BLD, kernels = _inputs(variant)
-    y_BLD = ffn.swiglu(x_BLD, *kernels, variant=variant)
+    y_BLD = ffn.swiglu(x_BLD, *kernels, variant=variant, one_gate_matmul=one_gate_matmul)
     want, _ = forward_and_grads_reference(x_BLD, *kernels, np.zeros((2, 3, D)), variant)
     assert y_BLD.shape == (2, 3, D) and y_BLD.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y_BLD), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["double_gated", "swiglu"])
-def test_gradients_match_hand_derived_backward(variant):
+@pytest.mark.parametrize("variant, one_gate_matmul",
+                         [("double_gated", False), ("double_gated", True), ("swiglu", False)])
+def test_gradients_match_hand_derived_backward(variant, one_gate_matmul):
+    # Both ways of computing the double-gated pair (two sliced matmuls, or one on [D, 2F]).
     x_BLD, kernels = _inputs(variant, seed=10)
     dy_BLD = _random((2, 3, D), 20)
 
     def loss(x, wi_0, wi_1, wo):
-        return jnp.sum(ffn.swiglu(x, wi_0, wi_1, wo, variant=variant) * dy_BLD)
+        y = ffn.swiglu(x, wi_0, wi_1, wo, variant=variant, one_gate_matmul=one_gate_matmul)
+        return jnp.sum(y * dy_BLD)
 
     got = jax.grad(loss, argnums=(0, 1, 2, 3))(x_BLD, *kernels)
     _, want = forward_and_grads_reference(x_BLD, *kernels, dy_BLD, variant)

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO_ROOT, load
 
+m03 = load("03_swiglu")
 m06 = load("06_model")
 m07 = load("07_sharding")
 
@@ -133,6 +134,27 @@ def test_tokens_travel_by_all_to_all_and_weights_are_never_gathered(sharded_run)
                      for _, v in nnx.to_flat_state(nnx.state(sharded_run["model"], nnx.Param))
                      if v.logical_axes[0] == "expert"]
     assert max(m07.all_gather_sizes(compiled_text), default=0) < min(expert_shards)
+
+
+def test_dense_ffn_split_over_model_moves_only_activations():
+    # 03's dense FFN slices the (a, b) pair out of wi_0 [D, 2, F], so GSPMD keeps F split over
+    # 'model': each device multiplies its own hidden units and all-reduces its partial sums;
+    # no kernel moves. (05's experts view wi_0 as [D, 2F] instead, which would interleave F's
+    # shards here; they do so only where F is local, inside 07's shard_map.)
+    mesh = m07.make_mesh(model=2)
+    d_model, d_ff = 16, 32
+    shapes = m03.ffn_kernel_shapes(d_model, d_ff)
+    specs = {"wi_0": P(None, None, "model"), "wi_1": P(None, "model"), "wo": P("model", None)}
+    kernels = [jax.device_put(jnp.ones(shapes[name]), NamedSharding(mesh, specs[name]))
+               for name in ("wi_0", "wi_1", "wo")]
+    x_TD = jax.device_put(jnp.ones((64, d_model)), NamedSharding(mesh, P(m07.BATCH_AXES)))
+
+    def loss(x_TD, *kernels):
+        return jnp.sum(m03.swiglu(x_TD, *kernels) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x_TD, *kernels).compile()
+    counts = m07.count_collectives(compiled.as_text())
+    assert counts["collective-permute"] == counts["all-to-all"] == counts["all-gather"] == 0, counts
 
 
 def test_all_gather_sizes_reads_hlo_shapes():
