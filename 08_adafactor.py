@@ -434,7 +434,10 @@ if __name__ == "__main__":
               + "".join(f"{sizes[k] / 2**20:>13.1f} ({share[k]:6.3%})"
                         for k in ("ours_t5x", "optax_adafactor"))
               + f"{sizes['adamw'] / 2**30:>9.2f} ({share['adamw']:.2f}×)")
-        assert sizes["ours_t5x"] <= sizes["optax_adafactor"] < 0.01 * sizes["params"]
+        assert sizes["ours_t5x"] <= sizes["optax_adafactor"]
+        # Matrices narrower than min_dim_size_to_factor keep whole statistics (the tiny preset).
+        if cfg.d_model >= AdafactorConfig().min_dim_size_to_factor:
+            assert sizes["optax_adafactor"] < 0.01 * sizes["params"], name
         assert math.isclose(share["adamw"], 2.0, rel_tol=1e-6)
     print("  (state bytes and their share of the f32 parameters; AdamW keeps m and v, 2× params)")
     print("\nOK: equal to optax, per-expert scaling in T5X mode, schedule and state sizes hold.")
