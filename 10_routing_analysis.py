@@ -503,60 +503,8 @@ def report_lines(run: Run, results: dict, rows: dict[str, int]) -> list[str]:
             *drop_lines(results["drops"], list(rows)), ""]
 
 
-def save_figures(results: dict, out_dir: pathlib.Path) -> list[str]:
-    """Heat maps of routing by token and by position, the agreement curve, and drop rate vs
-    position; returns the files written, or [] when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for axis, (title, labels, matrix) in zip(axes, results["heat_maps"]):
-        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
-        axis.set_title(title)
-        axis.set_xlabel("expert")
-        axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (share of assignments)")
-    figure.tight_layout()
-    written.append(out_dir / "specialization.png")
-    figure.savefig(written[-1], dpi=120)
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for layer, curve in early["agreement"].items():
-        axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
-    axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
-    axis.set(xlabel="training step", ylabel="favourite expert = final one", ylim=(0, 1.05),
-             title="Early routing learning")
-    axis.legend()
-    figure.tight_layout()
-    written.append(out_dir / "early_routing.png")
-    figure.savefig(written[-1], dpi=120)
-
-    settings = len(drops["curves"])
-    figure, axes = plt.subplots(1, settings, figsize=(5 * settings, 4), sharey=True)
-    for axis, (setting, curves) in zip(np.atleast_1d(axes), drops["curves"].items()):
-        for source, curve_L in curves.items():
-            bins = np.array_split(np.asarray(curve_L), 16)
-            centers = np.cumsum([len(b) for b in bins]) - np.array([len(b) for b in bins]) / 2
-            axis.plot(centers, [np.nanmean(b) for b in bins], label=source)
-        axis.set(title=setting, xlabel="position in the sequence")
-    np.atleast_1d(axes)[0].set_ylabel("share of assignments dropped")
-    np.atleast_1d(axes)[0].legend()
-    figure.suptitle(f"Drop-towards-the-end, MoE layer {drops['layer']}")
-    figure.tight_layout()
-    written.append(out_dir / "drop_towards_the_end.png")
-    figure.savefig(written[-1], dpi=120)
-    plt.close("all")
-    return [str(p) for p in written]
-
-
-def heat_maps(decisions: Decisions, tokenizer, layer: int, tokens: int = 24, position_bins: int = 16):
+def heat_maps(decisions: Decisions, tokenizer, layer: int, tokens: int = 24,
+              position_bins: int = 16) -> list[tuple]:
     """(title, row labels, [rows, E] shares): the most frequent token ids, and position bins."""
     seen = decisions.only(*IN_DISTRIBUTION)
     keys_K, counts_K, distribution_KE = routing_distribution(seen.token_N, seen.expert_NA[layer],
@@ -569,6 +517,62 @@ def heat_maps(decisions: Decisions, tokenizer, layer: int, tokens: int = 24, pos
              distribution_KE[frequent]),
             ("by position", [f"{b * width}-{(b + 1) * width - 1}" for b in range(position_bins)],
              by_position_PE)]
+
+
+def save_figures(results: dict, out_dir: pathlib.Path) -> list[str]:
+    """Heat maps of routing by token and by position, the agreement curve, and drop rate vs
+    position; returns the files written, or [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
+
+    # Finding 1: routing by token id is nearly one-hot per row; by position it is nearly flat.
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for axis, (title, labels, matrix) in zip(axes, results["heat_maps"]):
+        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
+        axis.set_title(title)
+        axis.set_xlabel("expert")
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (share of assignments)")
+    figure.tight_layout()
+    written.append(out_dir / "specialization.png")
+    figure.savefig(written[-1], dpi=120)
+
+    # Finding 2: how much of the final token → expert map each checkpoint already has.
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for layer, curve in early["agreement"].items():
+        axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
+    axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
+    axis.set(xlabel="training step", ylabel="favourite expert = final one", ylim=(0, 1.05),
+             title="Early routing learning")
+    axis.legend()
+    figure.tight_layout()
+    written.append(out_dir / "early_routing.png")
+    figure.savefig(written[-1], dpi=120)
+
+    # Finding 3: drop rate along the sequence, one panel per capacity, in 16 bins of positions.
+    settings = len(drops["curves"])
+    figure, axes = plt.subplots(1, settings, figsize=(5 * settings, 4), sharey=True)
+    for axis, (setting, curves) in zip(np.atleast_1d(axes), drops["curves"].items()):
+        for source, curve_L in curves.items():
+            bins = np.array_split(np.arange(len(curve_L)), 16)
+            axis.plot([b.mean() for b in bins], [np.nanmean(np.asarray(curve_L)[b]) for b in bins],
+                      label=source)
+        axis.set(title=setting, xlabel="position in the sequence")
+    np.atleast_1d(axes)[0].set_ylabel("share of assignments dropped")
+    np.atleast_1d(axes)[0].legend()
+    figure.suptitle(f"Drop-towards-the-end, MoE layer {drops['layer']}")
+    figure.tight_layout()
+    written.append(out_dir / "drop_towards_the_end.png")
+    figure.savefig(written[-1], dpi=120)
+    plt.close("all")
+    return [str(p) for p in written]
 
 
 # ------------------------------------------------------------------------------------------------
