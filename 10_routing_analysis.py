@@ -342,7 +342,7 @@ def piece(tokenizer, token: int) -> str:
 
 def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) -> dict:
     """Finding 1, on in-distribution tokens: token id vs position, top tokens, and by source."""
-    experts, top_k = decisions.num_experts, decisions.expert_NA[layer].shape[1]
+    experts = decisions.num_experts
     seen = decisions.only(*IN_DISTRIBUTION)
     by_layer = {moe_layer: {name: specialization_score(keys_N, expert_NA, experts, min_count)
                             for name, keys_N in (("token_id", seen.token_N),
@@ -356,7 +356,7 @@ def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) 
         "top_tokens": [[(piece(tokenizer, t), n, share) for t, n, share in row] for row in tops],
         "by_source": {s: by_source_SE[i].tolist() for i, s in enumerate(decisions.sources)},
         "text_code_distance": float(0.5 * np.abs(text - code).sum()),
-        "uniform_share": 1.0 / experts, "top_k": top_k}
+        "uniform_share": 1.0 / experts}
 
 
 def early_routing(run: Run, rows_by_source: dict, min_count: int) -> dict:
@@ -399,15 +399,15 @@ def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
 def drop_towards_the_end(run: Run, params, rows_by_source: dict, layer: int) -> dict:
     """Finding 3: drop rate by position per source under each capacity setting, and the last
     quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes."""
-    curves, sweep = {}, {}
-    for name, (capacity_factor, rule) in capacity_settings(run.cfg).items():
+    @functools.cache  # the sweep repeats two of the named settings: route each capacity once
+    def curves_at(capacity_factor: float, rule: str = "t5x") -> dict[str, np.ndarray]:
         model_cfg = analysis_config(run, capacity_factor=capacity_factor, capacity_rule=rule)
-        curves[name] = drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
-    for capacity_factor in SWEEP:
-        model_cfg = analysis_config(run, capacity_factor=capacity_factor)
-        by_source = drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
-        sweep[capacity_factor] = {source: quarter_means(curve_L)[-1]
-                                  for source, curve_L in by_source.items()}
+        return drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
+
+    curves = {name: curves_at(*setting) for name, setting in capacity_settings(run.cfg).items()}
+    sweep = {capacity_factor: {source: quarter_means(curve_L)[-1]
+                               for source, curve_L in curves_at(capacity_factor).items()}
+             for capacity_factor in SWEEP}
     return {"layer": layer, "curves": curves, "sweep": sweep}
 
 
