@@ -130,7 +130,7 @@ PRESETS: dict[str, ModelConfig] = _with_dense({
     # (8,000 pieces + 300 sentinels, padded to 128), MoE in every second block.
     "small": ModelConfig(vocab_size=8_320, num_layers=4, d_model=256, num_heads=4, head_dim=64,
                          d_ff=512, num_experts=8, moe_interval=2, max_seq_len=512),
-    # Trains in seconds: for self-tests that need a trained model (10_routing_analysis --quick).
+    # Trains in seconds: for self-tests that need a trained model (11_routing_analysis --quick).
     "tiny": ModelConfig(vocab_size=8_320, num_layers=4, d_model=64, num_heads=2, head_dim=32,
                         d_ff=128, num_experts=8, moe_interval=2, max_seq_len=512),
     "openmoe-base": ModelConfig(num_layers=12, d_model=768, num_heads=12, head_dim=64,

@@ -128,7 +128,7 @@ class TrainConfig:
 # then 1/√step) with warmup a tenth of the run; peak 0.03 (3× OpenMoE's) because a 4-layer
 # model seeing only ~1M tokens needs bigger steps: measured at step 80, train loss 5.97 with 0.03
 # against 7.18 with 0.01. Every 80th step's checkpoint is kept (7 of 57 MB) for the early-routing
-# curve of 10_routing_analysis.py. "quick" is the test suite's self-test: UL2, then LM, microbatches.
+# curve of 11_routing_analysis.py. "quick" is the test suite's self-test: UL2, then LM, microbatches.
 OPENMOE = TrainConfig()
 CONFIGS: dict[str, TrainConfig] = {
     "laptop": dataclasses.replace(

@@ -1,4 +1,4 @@
-"""Tests for 10_routing_analysis.py: the routing statistics on constructed decisions with known
+"""Tests for 11_routing_analysis.py: the routing statistics on constructed decisions with known
 answers, the text helpers, and loading, recording and analysing one tiny 09 run.
 
 The statistics are pure numpy functions, so they are checked on hand-built router decisions
@@ -20,7 +20,7 @@ from flax import nnx
 
 from conftest import load
 
-ra = load("10_routing_analysis")
+ra = load("11_routing_analysis")
 train_lib = load("09_train")
 model_lib = load("06_model")
 

@@ -1,4 +1,4 @@
-"""Chapter 10: what the routers learned. OpenMoE's three routing findings, on your own run.
+"""Chapter 11: what the routers learned. OpenMoE's three routing findings, on your own run.
 
 The paper's analysis (arXiv 2402.01739 §4, App. E; reference/openmoe-facts.md §4) asks which
 experts each token is sent to, and finds three things:
@@ -17,8 +17,8 @@ expert_BLA and kept_BLA), measures each finding and its mitigations (evaluation 
 capacity sweep), and writes a text report, analysis.json and, with matplotlib, PNG figures.
 Left out: the paper's radar plots over RedPajama subsets and programming languages (our corpus
 has two domains), and its training-time mitigation (instruction data during warmup).
-Self-test: `python 10_routing_analysis.py --quick` trains a tiny run and analyses it (about
-1.5 minutes); `python 10_routing_analysis.py` analyses the default run (`python 09_train.py` first).
+Self-test: `python 11_routing_analysis.py --quick` trains a tiny run and analyses it (about
+1.5 minutes); `python 11_routing_analysis.py` analyses the default run (`python 09_train.py` first).
 """
 
 from __future__ import annotations
