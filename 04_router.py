@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 CAPACITY_RULES = ("t5x", "colossalai")
+GROUP_RULES = ("divisor", "flaxformer")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class RouterConfig:
     max_group_size: int = 4096  # routing and capacity are per group of ≤ this many tokens (34B: 8192)
     group_multiple: int = 1  # G is a multiple of this: 07 sets the number of batch shards, so each
     #                          device routes whole groups of its own (T5X: num_groups % shards == 0)
+    group_rule: str = "divisor"  # how G is chosen: "divisor" (fewest groups that fit) or
+    #                              "flaxformer" (at least E · expert_replicas groups, as OpenMoE ran)
+    expert_replicas: int = 1  # copies of each expert over the mesh (flaxformer: devices ÷ (expert ×
+    #                           model partitions); 07 sets it): "flaxformer" groups multiply by it
     train_capacity_factor: float = 1.25  # cf while training (T5X gins)
     eval_capacity_factor: float = 2.0  # cf while evaluating (EVAL_EXPERT_CAPACITY_FACTOR)
     min_capacity: int = 4  # floor on C per expert and group (flaxformer min_expert_capacity)
@@ -47,7 +52,8 @@ class RouterConfig:
     init_std: float = 0.02  # router kernel ~ N(0, init_std²), no bias (flaxformer RouterWeights)
 
     def __post_init__(self):
-        for name in ("d_model", "num_experts", "max_group_size", "group_multiple", "min_capacity"):
+        for name in ("d_model", "num_experts", "max_group_size", "group_multiple", "expert_replicas",
+                     "min_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)}: must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
@@ -58,28 +64,60 @@ class RouterConfig:
         if self.capacity_rule not in CAPACITY_RULES:
             raise ValueError(f"{type(self).__name__}.capacity_rule={self.capacity_rule!r}: "
                              f"must be one of {CAPACITY_RULES}")
+        if self.group_rule not in GROUP_RULES:
+            raise ValueError(f"{type(self).__name__}.group_rule={self.group_rule!r}: "
+                             f"must be one of {GROUP_RULES}")
         if not 0 <= self.jitter_noise < 1 or not self.init_std > 0:
             raise ValueError(f"{type(self).__name__}: jitter_noise={self.jitter_noise} must be in "
                              f"[0, 1) and init_std={self.init_std} must be > 0")
 
     def group_shape(self, num_tokens: int) -> tuple[int, int]:
-        """(G, T): split the batch's tokens into G equal groups of T ≤ max_group_size tokens.
+        """(G, T): split the batch's tokens into G equal groups of T tokens.
 
-        G is the smallest count that keeps groups within max_group_size, is a multiple of
+        "divisor": the smallest G that keeps groups within max_group_size, is a multiple of
         group_multiple and divides the tokens. E.g. 4 sequences of 2048 with groups of 4096 →
         (2, 4096). Unequal groups would change capacities, and padding tokens would take queue
-        places, so we refuse rather than pad.
+        places, so this rule refuses rather than pads.
+        "flaxformer" (`_num_groups` in flaxformer's moe_layers.py): the smallest G ≥
+        max(tokens // max_group_size, E · expert_replicas) that divides the tokens and is a
+        multiple of E · expert_replicas. E.g. one 2048-token sequence with E=32 → (32, 64).
+        The tokens must be a multiple of E · expert_replicas (see `padding`).
         """
-        least = max(1, -(-num_tokens // self.max_group_size))
-        least = -(-least // self.group_multiple) * self.group_multiple
-        num_groups = next((g for g in range(least, num_tokens + 1, self.group_multiple)
+        if self.group_rule == "flaxformer":
+            multiple = self.num_experts * self.expert_replicas
+            least = max(num_tokens // self.max_group_size, multiple)
+        else:
+            multiple = self.group_multiple
+            least = max(1, -(-num_tokens // self.max_group_size))
+        least = -(-least // multiple) * multiple
+        num_groups = next((g for g in range(least, num_tokens + 1, multiple)
                            if num_tokens % g == 0), None)
-        if num_groups is None or num_tokens / num_groups > self.max_group_size:
+        if num_groups is None or (self.group_rule == "divisor"
+                                  and num_tokens / num_groups > self.max_group_size):
             raise ValueError(
                 f"cannot split {num_tokens} tokens into equal groups of at most max_group_size="
-                f"{self.max_group_size} with a group count that is a multiple of group_multiple="
-                f"{self.group_multiple}: use batch × length divisible by {least}")
+                f"{self.max_group_size} with a group count that is a multiple of {multiple} "
+                f"(group_rule={self.group_rule!r}, group_multiple={self.group_multiple}): use "
+                f"batch × length divisible by {least}")
         return num_groups, num_tokens // num_groups
+
+    def padding(self, batch: int, length: int) -> tuple[int, int]:
+        """(extra rows, extra positions) of zero tokens that make the tokens groupable.
+
+        Only the "flaxformer" rule pads, as Fuzhao Xue's flaxformer fork (`_maybe_pad`, the
+        code OpenMoE ran) does: when batch × length is not a multiple of E · expert_replicas, it
+        appends whichever of whole rows or whole positions costs fewer zero tokens (positions on
+        a tie). Zero tokens are routed like any other and take queue places after the real ones.
+        """
+        multiple = self.num_experts * self.expert_replicas
+        if self.group_rule != "flaxformer" or (batch * length) % multiple == 0:
+            return 0, 0
+        extra_rows = next(r for r in range(1, multiple + 1) if (batch + r) * length % multiple == 0)
+        extra_positions = next(p for p in range(1, multiple + 1)
+                               if batch * (length + p) % multiple == 0)
+        if extra_positions * batch > extra_rows * length:
+            return extra_rows, 0
+        return 0, extra_positions
 
     def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
         """C, how many of a group's assignments each expert can take.

@@ -186,8 +186,13 @@ class MoELayer(nnx.Module):
         if capacity_factor is None:
             capacity_factor = cfg.train_capacity_factor if train else cfg.eval_capacity_factor
 
+        # flaxformer's group rule may first append zero tokens (rows or positions) to the batch.
+        extra_rows, extra_positions = cfg.padding(batch, length)
+        x_BLD = jnp.pad(x_BLD, ((0, extra_rows), (0, extra_positions), (0, 0)))
+        padded_batch, padded_length = batch + extra_rows, length + extra_positions
+
         # Routing and capacity are per group: G groups of T tokens, batch rows kept in order.
-        num_groups, tokens = cfg.group_shape(batch * length)
+        num_groups, tokens = cfg.group_shape(padded_batch * padded_length)
         capacity = cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
         routing, losses = self.router(x_GTD, capacity=capacity, key=key if train else None)
@@ -195,12 +200,15 @@ class MoELayer(nnx.Module):
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
         y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, capacity, cfg.ffn_variant,
                                        cfg.dtype, self.run_experts)
-        # Per-layer numbers for 06's logs, and each assignment's decision for 10's analysis.
-        stats = {**losses, **router_lib.routing_metrics(
-                     routing, num_experts=cfg.num_experts, capacity=capacity, seq_len=length),
-                 "expert_BLA": routing.expert_GTA.reshape(batch, length, -1),
-                 "kept_BLA": routing.kept_GTA.reshape(batch, length, -1)}
-        return y_GTD.reshape(batch, length, dim), stats
+        # Per-layer numbers for 06's logs, and each assignment's decision for 11's analysis.
+        metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
+                                             capacity=capacity, seq_len=padded_length)
+        metrics["drop_rate_by_position"] = metrics["drop_rate_by_position"][:length]
+        stats = {**losses, **metrics,
+                 "expert_BLA": routing.expert_GTA.reshape(padded_batch, padded_length, -1)[:batch, :length],
+                 "kept_BLA": routing.kept_GTA.reshape(padded_batch, padded_length, -1)[:batch, :length]}
+        y_BLD = y_GTD.reshape(padded_batch, padded_length, dim)[:batch, :length]
+        return y_BLD, stats
 
 
 def layers_per_dispatch(cfg: MoEConfig, seed: int = 0) -> dict:

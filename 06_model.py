@@ -61,6 +61,8 @@ class ModelConfig:
     moe_wiring: str = "sequential"       # released: MoE then extra FFN; "parallel": paper Eq. 4
     max_group_size: int = 4096           # routing group (34B: 8192)
     group_multiple: int = 1              # routing groups per step are a multiple of this (07 sets it)
+    group_rule: str = "divisor"          # 04's group count; "flaxformer": ≥ E groups, as OpenMoE ran
+    expert_replicas: int = 1             # copies of each expert over the mesh (07 sets it)
     train_capacity_factor: float = 1.25  # expert capacity factor while training
     eval_capacity_factor: float = 2.0    # ... while evaluating and generating
     min_capacity: int = 4                # capacity floor per expert and group
@@ -71,6 +73,7 @@ class ModelConfig:
     init_scale: float = 0.1              # variance-scaling scale of every kernel (OpenMoE SCALE)
     dtype: Any = jnp.float32             # activations (bf16 on TPU); params, router, logits f32
     remat: bool = False                  # recompute each block in the backward pass (saves memory)
+    t5x_padding: bool = False            # T5X's pad-token masks (flaxformer), for released weights
     z_loss_weight: float = 0.001         # output-logit z-loss (paper Table 12; released gin 1e-4)
     aux_loss_weight: float = 0.01        # load-balance loss
     router_z_loss_weight: float = 0.0001  # router z-loss (34B's final gin: 1e-3)
@@ -109,14 +112,11 @@ class ModelConfig:
         return ffn.FFNConfig(self.d_model, self.d_ff, self.ffn_variant, self.init_scale, self.dtype)
 
     def moe_config(self) -> Any:
-        return moe.MoEConfig(
-            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
-            ffn_variant=self.ffn_variant, max_group_size=self.max_group_size,
-            group_multiple=self.group_multiple,
-            train_capacity_factor=self.train_capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
-            capacity_rule=self.capacity_rule, init_scale=self.init_scale,
-            dispatch=self.moe_dispatch, dtype=self.dtype)
+        """05's MoEConfig from every field of the same name here (the dispatch path is called
+        `moe_dispatch` here), so no routing setting can be silently left behind."""
+        shared = {field.name: getattr(self, field.name) for field in dataclasses.fields(moe.MoEConfig)
+                  if hasattr(self, field.name)}
+        return moe.MoEConfig(**shared, dispatch=self.moe_dispatch)
 
 
 def _with_dense(presets: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
@@ -210,10 +210,10 @@ class Attention(nnx.Module):
         else:
             k_BSHK, v_BSHK = k_BLHK, v_BLHK
 
-        # Scores and softmax in f32, masked positions get a large negative score (not -inf, so a
-        # fully masked row, e.g. left padding, stays finite).
+        # Scores and softmax in f32. Masked positions get T5X's additive bias of -1e10, not -inf:
+        # a fully masked row (a padding query) stays finite and attends uniformly, as in T5X.
         scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK).astype(jnp.float32)
-        scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, -1e30)
+        scores_BHLS = scores_BHLS + jnp.where(mask_BLS[:, None], 0.0, -1e10)
         probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1).astype(cfg.dtype)
         out_BLHK = jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS, v_BSHK)
         return out_BLHK.reshape(b, l, -1) @ self.out[...].astype(cfg.dtype), cache
@@ -238,18 +238,23 @@ class Block(nnx.Module):
             self.mlp = ffn.FeedForward(cfg.ffn_config(), rngs=rngs)
 
     def __call__(self, x_BLD, positions_BL, mask_BLS, *, train: bool,
-                 cache: LayerCache | None = None, cache_index=None):
+                 cache: LayerCache | None = None, cache_index=None, logit_mask_BL1=None):
+        # T5X zeroes padding tokens' normalized activations before every sublayer.
+        def norm(layer_norm, x_BLD):
+            h_BLD = layer_norm(x_BLD)
+            return h_BLD if logit_mask_BL1 is None else h_BLD * logit_mask_BL1
+
         attention_BLD, cache = self.self_attention(
-            self.pre_self_attention_norm(x_BLD), positions_BL, mask_BLS, cache, cache_index)
+            norm(self.pre_self_attention_norm, x_BLD), positions_BL, mask_BLS, cache, cache_index)
         x_BLD = x_BLD + attention_BLD
         if not self.is_moe:
-            return x_BLD + self.mlp(self.pre_mlp_norm(x_BLD)), cache, None
-        h_BLD = self.pre_mlp_norm(x_BLD)
-        experts_BLD, routing = self.mlp(h_BLD, train=train)
+            return x_BLD + self.mlp(norm(self.pre_mlp_norm, x_BLD)), cache, None
+        h_BLD = norm(self.pre_mlp_norm, x_BLD)
+        experts_BLD, moe_stats = self.mlp(h_BLD, train=train)
         if self.cfg.moe_wiring == "parallel":
-            return x_BLD + experts_BLD + self.extra_mlp(h_BLD), cache, routing
+            return x_BLD + experts_BLD + self.extra_mlp(h_BLD), cache, moe_stats
         x_BLD = x_BLD + experts_BLD
-        return x_BLD + self.extra_mlp(self.pre_extra_mlp_norm(x_BLD)), cache, routing
+        return x_BLD + self.extra_mlp(norm(self.pre_extra_mlp_norm, x_BLD)), cache, moe_stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +286,25 @@ def check_tokens(tokens_BL, cfg: ModelConfig) -> None:
                              f"min {low}, max {high} (does the tokenizer match the model?)")
 
 
+def t5x_padding_masks(tokens_BL, targets_BL=None):
+    """T5X's two padding masks for a decoder whose inputs are targets shifted right by id 0.
+
+    Id 0 is both padding and the start token, so flaxformer (`get_decoder_logit_mask`) keeps a
+    token when it is not 0, or the next one is not 0 (a start token), or it is first in its row:
+        tokens      [0, 3, 9, 0, 4, 8, 0, 0]
+        logit mask  [1, 1, 1, 1, 1, 1, 0, 0]
+    That mask [B, L, 1] multiplies the normalized activations before every sublayer and the
+    output projection. Attention (`make_decoder_mask`) lets a query and a key meet only where
+    both *targets* are real (> 0); without targets, the logit mask stands in for them (the
+    last real position's target is the token being predicted). Returns (logit mask, valid_BL).
+    """
+    next_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
+    first_BL = jnp.arange(tokens_BL.shape[1])[None, :] == 0
+    keep_BL = (tokens_BL > 0) | (next_BL > 0) | first_BL
+    valid_BL = keep_BL if targets_BL is None else targets_BL > 0
+    return keep_BL[..., None], valid_BL
+
+
 class OpenMoE(nnx.Module):
     """Token ids [B, L] → next-token logits [B, L, V] (f32), plus each MoE layer's routing."""
 
@@ -295,13 +319,14 @@ class OpenMoE(nnx.Module):
         self.logits_dense = nnx.Param(logits_init(rngs.params(), (cfg.d_model, cfg.vocab_size)),
                                       logical_axes=("embed", "vocab"))
 
-    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, train: bool = True,
-                 cache: "DecodeCache | None" = None):
+    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, targets_BL=None,
+                 train: bool = True, cache: "DecodeCache | None" = None):
         """Logits for every position, the routing of each MoE layer, and the updated cache.
 
         Packed rows pass `segment_ids_BL` so tokens attend only within their own document.
         With a `cache`, the tokens are written at `cache.index` and attend to every valid slot
-        up to their own (see `generate`).
+        up to their own (see `generate`). `targets_BL` matters only with `cfg.t5x_padding`,
+        where attention skips positions whose target is padding (see `t5x_padding_masks`).
         """
         cfg = self.cfg
         check_tokens(tokens_BL, cfg)
@@ -310,11 +335,17 @@ class OpenMoE(nnx.Module):
             positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((b, l), jnp.int32)
+        logit_mask_BL1 = valid_BL = None
+        if cfg.t5x_padding:
+            logit_mask_BL1, valid_BL = t5x_padding_masks(tokens_BL, targets_BL)
+            logit_mask_BL1 = logit_mask_BL1.astype(cfg.dtype)
 
         # Who may attend to whom: earlier-or-same slots of the same document (or valid cache).
         if cache is None:
             causal_LS = jnp.tril(jnp.ones((l, l), bool))
             mask_BLS = causal_LS & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+            if valid_BL is not None:
+                mask_BLS = mask_BLS & valid_BL[:, :, None] & valid_BL[:, None, :]
         else:
             valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, segment_ids_BL > 0, (0, cache.index))
             slot_S = jnp.arange(valid_BS.shape[1])
@@ -328,7 +359,8 @@ class OpenMoE(nnx.Module):
 
             def run(block, x_BLD):
                 return block(x_BLD, positions_BL, mask_BLS, train=train, cache=layer_cache,
-                             cache_index=None if cache is None else cache.index)
+                             cache_index=None if cache is None else cache.index,
+                             logit_mask_BL1=logit_mask_BL1)
 
             # Rematerialization keeps only each block's input for the backward pass.
             x_BLD, layer_cache, routing = (jax.checkpoint(run) if cfg.remat else run)(block, x_BLD)
@@ -337,6 +369,8 @@ class OpenMoE(nnx.Module):
                 routings.append(routing)
 
         x_BLD = self.decoder_norm(x_BLD)
+        if logit_mask_BL1 is not None:
+            x_BLD = x_BLD * logit_mask_BL1
         logits_BLV = x_BLD.astype(jnp.float32) @ self.logits_dense[...]
         if cache is not None:
             cache = DecodeCache(tuple(layer_caches), valid_BS, cache.index + l)
@@ -358,7 +392,8 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
     """
     cfg = model.cfg
     logits_BLV, routings, _ = model(batch["inputs"], positions_BL=batch.get("positions"),
-                                    segment_ids_BL=batch.get("segment_ids"), train=train)
+                                    segment_ids_BL=batch.get("segment_ids"),
+                                    targets_BL=batch["targets"], train=train)
     mask_BL = batch["loss_mask"].astype(jnp.float32)
     num_tokens = jnp.maximum(mask_BL.sum(), 1.0)
 

@@ -166,7 +166,8 @@ def config_for_mesh(cfg, mesh: jax.sharding.Mesh):
     """The model config adjusted to a mesh: routing groups split evenly over the batch shards.
 
     Checks, before anything is compiled, that experts, hidden units, heads and vocabulary
-    divide the axes they are split over; returns cfg with `group_multiple` = batch shards.
+    divide the axes they are split over; returns cfg with `group_multiple` = batch shards and
+    `expert_replicas` = the 'data' size (flaxformer: devices ÷ (expert × model partitions)).
     """
     needs = {"num_experts": (cfg.num_experts, "expert"), "d_ff": (cfg.d_ff, "model"),
              "num_heads × head_dim": (cfg.num_heads * cfg.head_dim, "model"),
@@ -175,7 +176,8 @@ def config_for_mesh(cfg, mesh: jax.sharding.Mesh):
         if size % mesh.shape[axis]:
             raise ValueError(f"{name}={size} is not divisible by the mesh's {axis} axis "
                              f"({mesh.shape[axis]}); choose a mesh whose {axis} size divides it")
-    return dataclasses.replace(cfg, group_multiple=batch_shards(mesh))
+    return dataclasses.replace(cfg, group_multiple=batch_shards(mesh),
+                               expert_replicas=mesh.shape["data"])
 
 
 def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:

@@ -97,6 +97,31 @@ def test_group_shape():
         router.RouterConfig(group_multiple=8).group_shape(12)
 
 
+def test_flaxformer_group_rule_takes_at_least_e_times_replicas_groups():
+    # flaxformer _num_groups: G >= max(tokens // max_group_size, E · replicas), G | tokens,
+    # and G a multiple of E · replicas. One 2048-token row, E = 32: 32 groups of 64 tokens.
+    cfg = router.RouterConfig(num_experts=32, group_rule="flaxformer")
+    assert cfg.group_shape(2048) == (32, 64)
+    assert cfg.group_shape(1024 * 2048) == (512, 4096)  # the 8B's training batch
+    # 33 · 32 tokens: the least count is max(1056 // 64, 32) = 32, and 32 divides them.
+    assert router.RouterConfig(num_experts=32, max_group_size=64,
+                               group_rule="flaxformer").group_shape(33 * 32) == (32, 33)
+    # Two replicas of each expert: G is a multiple of 64.
+    replicated = router.RouterConfig(num_experts=32, expert_replicas=2, group_rule="flaxformer")
+    assert replicated.group_shape(4096) == (64, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cfg.group_shape(100)  # the layer pads first (see `padding`); unpadded, a clear error
+
+
+def test_flaxformer_padding_appends_the_cheaper_of_rows_or_positions():
+    cfg = router.RouterConfig(num_experts=8, group_rule="flaxformer")
+    assert cfg.padding(2, 16) == (0, 0)  # 32 tokens: already a multiple of 8
+    assert cfg.padding(1, 5) == (0, 3)  # 3 positions (3 tokens) beat 7 rows (35 tokens)
+    assert cfg.padding(7, 2) == (1, 0)  # 1 row (2 tokens) beats 4 positions (28 tokens)
+    assert cfg.padding(3, 6) == (0, 2)  # a tie (1 row or 2 positions, 6 tokens): positions
+    assert router.RouterConfig(num_experts=8).padding(1, 5) == (0, 0)  # "divisor" never pads
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_load_balance_loss_is_k_for_uniform_routing(top_k):
     logits_GTE = jnp.zeros((2, 32, 8))

@@ -157,3 +157,19 @@ def test_bad_input_is_a_clear_error(layers):
         uneven(jnp.ones((1, 17, 8)))
     with pytest.raises(ValueError, match="capacity_factor"):
         layer(X_BLD, capacity_factor=0.0)
+
+
+def test_flaxformer_padding_routes_zero_tokens_after_the_real_ones():
+    # 1 row of 6 tokens, E = 4: flaxformer's rule appends 2 zero positions (8 tokens, 4 groups
+    # of 2). The layer must equal routing the explicitly zero-padded input and cutting it back.
+    cfg = dataclasses.replace(CFG, num_experts=4, group_rule="flaxformer")
+    layer = moe.MoELayer(cfg, rngs=nnx.Rngs(0))
+    x_BLD = jax.random.normal(jax.random.key(5), (1, 6, cfg.d_model))
+    y_BLD, stats = layer(x_BLD, train=False)
+    padded_BLD = jnp.pad(x_BLD, ((0, 0), (0, 2), (0, 0)))
+    y_padded_BLD, padded_stats = layer(padded_BLD, train=False)
+    assert y_BLD.shape == x_BLD.shape and stats["expert_BLA"].shape == (1, 6, 2)
+    np.testing.assert_allclose(y_BLD, y_padded_BLD[:, :6], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(stats["kept_BLA"], padded_stats["kept_BLA"][:, :6])
+    # Zero tokens have all-zero router logits: a uniform softmax, so experts 0 and 1.
+    np.testing.assert_array_equal(padded_stats["expert_BLA"][0, 6:], [[0, 1], [0, 1]])

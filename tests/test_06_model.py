@@ -167,6 +167,45 @@ def test_moe_block_passes_fully_dropped_tokens_through_attention_and_extra_ffn()
     assert not np.allclose(np.asarray(y_BLD)[~dropped_BL], np.asarray(expected_BLD)[~dropped_BL])
 
 
+# --- T5X's padding semantics (released models) ---------------------------------------------
+
+def test_t5x_logit_mask_keeps_start_tokens_and_drops_padding():
+    # flaxformer's own example: id 0 is padding and the start token of each packed sequence.
+    logit_mask_BL1, valid_BL = m06.t5x_padding_masks(jnp.array([[0, 3, 9, 0, 4, 8, 0, 0]]))
+    np.testing.assert_array_equal(logit_mask_BL1[0, :, 0], [1, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(valid_BL, logit_mask_BL1[..., 0])
+    targets_BL = jnp.array([[3, 9, 1, 4, 8, 1, 0, 0]])
+    np.testing.assert_array_equal(m06.t5x_padding_masks(targets_BL * 0, targets_BL)[1][0],
+                                  [1, 1, 1, 1, 1, 1, 0, 0])
+
+
+def test_fully_masked_query_attends_uniformly_like_t5x():
+    # With T5X's additive -1e10, a query that may see no key gets equal scores everywhere, so
+    # its output is the mean of all values (future ones included), not NaN and not zero.
+    attention = m06.Attention(TINY, rngs=nnx.Rngs(0))
+    x_BLD = jax.random.normal(jax.random.key(1), (1, 4, TINY.d_model))
+    positions_BL = jnp.arange(4)[None]
+    mask_BLS = jnp.tril(jnp.ones((1, 4, 4), bool)).at[0, 1].set(False)  # query 1 sees nothing
+    out_BLD, _ = attention(x_BLD, positions_BL, mask_BLS)
+    values_LD = (x_BLD[0] @ attention.value[...]).reshape(4, -1)
+    np.testing.assert_allclose(out_BLD[0, 1], values_LD.mean(0) @ attention.out[...], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_t5x_padding_leaves_real_positions_unchanged_and_zeroes_padded_logits():
+    # A right-padded row, under T5X semantics: real positions see exactly what the unpadded row
+    # sees (capacity for every token, so the zero tokens cannot crowd anyone out), and the
+    # logit mask zeroes the padded positions' final activations, hence their logits.
+    cfg = dataclasses.replace(NO_DROPS, t5x_padding=True)
+    model = m06.OpenMoE(cfg, rngs=nnx.Rngs(0))
+    real_BL = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), _tokens((1, 9))], axis=1)
+    padded_BL = jnp.pad(real_BL, ((0, 0), (0, 6)))
+    logits_real_BLV = forward(model, real_BL)[0]
+    logits_padded_BLV = forward(model, padded_BL)[0]
+    np.testing.assert_allclose(logits_padded_BLV[:, :10], logits_real_BLV, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits_padded_BLV[:, 10:], 0.0)
+
+
 def test_parallel_wiring_shares_one_norm_and_differs_from_sequential():
     sequential = m06.Block(TINY, layer=1, rngs=nnx.Rngs(2))
     parallel = m06.Block(dataclasses.replace(TINY, moe_wiring="parallel"), layer=1, rngs=nnx.Rngs(2))
