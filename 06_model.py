@@ -474,10 +474,26 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
 
 @jax.jit
 def _decode_step(model, tokens_BL, positions_BL, valid_BL, cache):
-    """Run new tokens through the model against the cache; the last position's logits."""
-    logits_BLV, _, cache = model(tokens_BL, positions_BL=positions_BL,
-                                 segment_ids_BL=valid_BL.astype(jnp.int32), train=False, cache=cache)
-    return logits_BLV[:, -1], cache
+    """Run new tokens through the model against the cache: the last position's logits, the
+    cache, and each MoE layer's routing of the new tokens (experts and kept, [B, L, k] each)."""
+    logits_BLV, moe_stats, cache = model(tokens_BL, positions_BL=positions_BL,
+                                         segment_ids_BL=valid_BL.astype(jnp.int32), train=False,
+                                         cache=cache)
+    routing = [(stats["expert_BLA"], stats["kept_BLA"]) for stats in moe_stats]
+    return logits_BLV[:, -1], cache, routing
+
+
+class RoutedStep(NamedTuple):
+    """What one decoding step fed the model, and where each MoE layer sent it."""
+
+    tokens_BL: np.ndarray
+    expert_BLA: list[np.ndarray]  # per MoE layer: each token's k experts, best first
+    kept_BLA: list[np.ndarray]    # per MoE layer: whether that expert had room (False: dropped)
+
+    @classmethod
+    def of(cls, tokens_BL, routing) -> "RoutedStep":
+        return cls(np.asarray(tokens_BL), [np.asarray(e) for e, _ in routing],
+                   [np.asarray(k) for _, k in routing])
 
 
 def sample_token(logits_BV, key, *, temperature: float = 0.0, top_p: float = 1.0):
@@ -496,17 +512,20 @@ def sample_token(logits_BV, key, *, temperature: float = 0.0, top_p: float = 1.0
 
 def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int = 1, pad_id: int = 0) -> list[list[int]]:
+             eos_id: int = 1, pad_id: int = 0, return_routing: bool = False):
     """Continue each prompt token by token, reusing every earlier key and value (a KV cache).
 
     Prompts are left-padded to one length, so all rows write the same cache slot each step;
     each row's positions start at 0 at its first real token. Routing uses the evaluation
-    capacity factor. Each continuation stops at (and excludes) eos.
+    capacity factor. Each continuation stops at (and excludes) eos. With `return_routing`,
+    also returns a `RoutedStep` per model call (the prefill, then one per generated token).
     """
     cfg = model.cfg
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs a token "
                          "(start with the pad id 0, the decoder's start token, for none)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not 0.0 < top_p <= 1.0 or temperature < 0.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] and temperature={temperature} >= 0")
     longest = max(map(len, prompts))
@@ -520,7 +539,8 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
     # Prefill: the whole prompt at once; then one token per step at the next position.
     cache = init_cache(cfg, len(prompts), longest + max_new_tokens)
     positions_BL = jnp.maximum(jnp.cumsum(valid_BL, axis=1) - 1, 0)
-    logits_BV, cache = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
+    logits_BV, cache, routing = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
+    steps = [RoutedStep.of(tokens_BL, routing)]
     next_position_B1 = positions_BL[:, -1:] + 1
     key = jax.random.key(seed)
     outputs, finished = [[] for _ in prompts], np.zeros(len(prompts), bool)
@@ -533,10 +553,12 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
                 outputs[row].append(int(token))
         if finished.all():
             break
-        logits_BV, cache = _decode_step(model, token_B[:, None].astype(jnp.int32), next_position_B1,
-                                        jnp.ones_like(next_position_B1), cache)
+        logits_BV, cache, routing = _decode_step(model, token_B[:, None].astype(jnp.int32),
+                                                 next_position_B1, jnp.ones_like(next_position_B1),
+                                                 cache)
+        steps.append(RoutedStep.of(token_B[:, None], routing))
         next_position_B1 = next_position_B1 + 1
-    return outputs
+    return (outputs, steps) if return_routing else outputs
 
 
 # ------------------------------------------------------------------------------------------------

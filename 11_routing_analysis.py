@@ -41,6 +41,10 @@ from flax import nnx
 
 model_lib = importlib.import_module("06_model")
 train_lib = importlib.import_module("09_train")
+released = importlib.import_module("10_released_models")
+# A 09 run, its checkpoints and its tokens' pieces are read by chapter 10's loaders.
+Run, open_run, load_params, piece = (released.Run, released.open_run, released.load_params,
+                                     released.piece)
 
 OTHER_LANGUAGES = pathlib.Path(__file__).resolve().parent / "data" / "other_languages.txt"
 IN_DISTRIBUTION = ("text", "code")  # the embedded corpus' two domains, validation split
@@ -49,41 +53,6 @@ IN_DISTRIBUTION = ("text", "code")  # the embedded corpus' two domains, validati
 # ------------------------------------------------------------------------------------------------
 # Part 1: a run directory of 09, and its checkpoints as models
 # ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A 09_train.py run: its saved config and the steps that have a checkpoint, oldest first."""
-
-    path: pathlib.Path
-    cfg: Any  # 09's TrainConfig, as written to config.json
-    steps: tuple[int, ...]
-
-
-def checkpoint_manager(run_dir: pathlib.Path):
-    """Orbax's view of run_dir/checkpoints, read-only: analysing a run never changes it."""
-    import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    return ocp.CheckpointManager(run_dir.absolute() / "checkpoints", options=options)
-
-
-def open_run(run_dir: str | pathlib.Path) -> Run:
-    """Read config.json and list the checkpoints; say what to do if this is not a 09 run."""
-    path = pathlib.Path(run_dir)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"run_dir={str(path)!r} has no config.json, so it is not a 09_train.py "
-                         "run; train one with `python 09_train.py` (writes runs/laptop) or pass "
-                         "--run-dir of an existing run")
-    cfg = train_lib.TrainConfig(**json.loads(config_path.read_text()))
-    steps = ()
-    if (path / "checkpoints").is_dir():
-        with checkpoint_manager(path) as manager:
-            steps = tuple(sorted(manager.all_steps()))
-    if not steps:
-        raise ValueError(f"run_dir={str(path)!r} has no checkpoints yet; let 09_train.py reach "
-                         f"its first checkpoint (step {cfg.checkpoint_every})")
-    return Run(path, cfg, steps)
-
 
 def analysis_config(run: Run, *, capacity_factor: float | None = None, capacity_rule: str = "t5x"):
     """The run's model, with the capacity under study and each row its own routing group.
@@ -99,29 +68,6 @@ def analysis_config(run: Run, *, capacity_factor: float | None = None, capacity_
         train_lib.model_config(cfg), dtype=jnp.float32, remat=False,
         eval_capacity_factor=capacity_factor, capacity_rule=capacity_rule,
         max_group_size=cfg.seq_len)
-
-
-def load_params(run: Run, step: int):
-    """The parameters saved at `step`, on one device; step 0 is 09's initialization (same seed).
-
-    Only the parameters are read (orbax partial restore): the optimizer state stays on disk.
-    """
-    model_cfg = analysis_config(run)
-    if step == 0:
-        return nnx.state(model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(run.cfg.seed)), nnx.Param)
-    if step not in run.steps:
-        raise ValueError(f"step={step}: {run.path} has checkpoints at steps {list(run.steps)} "
-                         "(and 0, the initialization)")
-    import orbax.checkpoint as ocp
-    abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(0)))
-    leaves, treedef = jax.tree.flatten(nnx.state(abstract, nnx.Param))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for x in leaves]}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    with checkpoint_manager(run.path) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)))
-    return jax.tree.unflatten(treedef, restored["state"]["params"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,13 +278,6 @@ def quarter_means(values_L: np.ndarray) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 # Part 5: the three findings, measured on a run
 # ------------------------------------------------------------------------------------------------
-
-def piece(tokenizer, token: int) -> str:
-    """A token as its SentencePiece piece, e.g. '▁the', '<0x0A>' (newline), '<extra_id_0>'."""
-    if token < tokenizer.piece_count:
-        return tokenizer.processor.id_to_piece(int(token))
-    return tokenizer.decode([token])
-
 
 def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) -> dict:
     """Finding 1, on in-distribution tokens: token id vs position, top tokens, and by source."""

@@ -1,0 +1,774 @@
+"""Chapter 10: the released OpenMoE models, loaded into this code, run and watched while they route.
+
+OpenMoE's weights are public (arXiv 2402.01739 §1, OpenMoE README): OpenMoE-Base, the 8B with its
+intermediate checkpoints at 200B … 1T tokens, the 8B-Chat and the 34B at 200B tokens, on the
+Hugging Face hub as `OrionZheng/openmoe-*` in ColossalAI's PyTorch layout, and as T5X checkpoints.
+Both hold the same tensors under two naming schemes, so this chapter is mostly a *name table*:
+which of our parameters (06) each checkpoint tensor becomes, and how (PyTorch stores linear
+weights [out, in]: transpose; T5X stores the double-gated wi_0 as [D, 2F]: we view it [D, 2, F]).
+Readers need no torch: a `.bin` is a zip of raw storages plus a pickle that names them, read
+with an unpickler that only accepts the three globals a state dict needs; T5X arrays are zarr
+files read with tensorstore. Tensors are memory-mapped and placed one at a time, each straight
+into its shards when a mesh (07) is given, so a 34B loads across a pod.
+The weights were trained in T5X, so a loaded model uses T5X's evaluation semantics (06, 04):
+padding masks, flaxformer's routing groups, and id 0 (T5's start token) before every prompt.
+Public API: `config_from_hf`, `hf_config`, `read_checkpoint`, `model_from_t5x`, `model_from_hf`,
+`load_model`, `t5x_params`, `export_hf`, and `open_run` / `run_model` for 09's runs.
+Left out: training the loaded models (09 does that), and the port's broken loss (ColossalAI).
+Run: `python 10_released_models.py` (self-test), `... generate --model OrionZheng/openmoe-base
+--prompt "..." --show-experts`, `... perplexity --model DIR`, `... export --run runs/laptop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib
+import json
+import math
+import os
+import pathlib
+import pickle
+import struct
+import tempfile
+import zipfile
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+tok = importlib.import_module("01_tokenizer")
+model_lib = importlib.import_module("06_model")
+shard = importlib.import_module("07_sharding")
+train_lib = importlib.import_module("09_train")
+
+# What is released, with its format (OpenMoE README; ColossalAI examples/language/openmoe).
+HUB_MODELS = {
+    "OrionZheng/openmoe-base": "OpenMoE-Base/16E, 128B tokens: one f32 pytorch_model.bin, 3.2 GB",
+    "OrionZheng/openmoe-8b": "OpenMoE-8B/32E, 1.1T tokens: 6 f32 shards, ~47 GB "
+                             "(also -200B, -400B, -600B, -800B, -1T)",
+    "OrionZheng/openmoe-8b-chat": "OpenMoE-8B fine-tuned on WildChat's GPT-4 turns, ~47 GB",
+    "OrionZheng/openmoe-34b-200B": "OpenMoE-34B/32E, 200B tokens: 12 fp16 shards, ~92 GB",
+}
+# The chat model's prompt, as the OpenMoE README writes it.
+CHAT_TEMPLATE = ("<<SYS>>\nYou are a helpful, respectful and honest assistant.\n<</SYS>>\n\n"
+                 "<s>[INST] {query} [/INST]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 1: config.json ↔ ModelConfig
+# ------------------------------------------------------------------------------------------------
+
+# HF config key → ModelConfig field, for everything that maps one to one.
+HF_FIELDS = {"vocab_size": "vocab_size", "num_hidden_layers": "num_layers",
+             "hidden_size": "d_model", "num_attention_heads": "num_heads", "head_dim": "head_dim",
+             "intermediate_size": "d_ff", "num_experts": "num_experts", "router_topk": "top_k",
+             "moe_layer_interval": "moe_interval",
+             "router_capacity_factor_train": "train_capacity_factor",
+             "router_capacity_factor_eval": "eval_capacity_factor",
+             "router_min_capacity": "min_capacity", "max_position_embeddings": "max_seq_len",
+             "rope_theta": "rope_max_timescale", "router_aux_loss_factor": "aux_loss_weight",
+             "router_z_loss_factor": "router_z_loss_weight"}
+# Keys whose value this code cannot honour unless it is exactly the released one.
+HF_FIXED = {"hidden_act": "swiglu", "mlp_gated": True, "tie_word_embeddings": False,
+            "attention_bias": False, "rope_scaling": None, "rms_norm_eps": 1e-6,
+            "router_noisy_policy": None, "pretraining_tp": 1}
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> Any:
+    """06's ModelConfig for a released config.json, with T5X's evaluation semantics on.
+
+    The 34B routed groups of 8192 tokens (T5X gin), which config.json does not record, so a
+    preset whose shapes match supplies what the file leaves out. `overrides` are ModelConfig
+    fields (dtype, eval_capacity_factor, ...). Unknown values are a clear error, not a guess.
+    """
+    if hf.get("num_key_value_heads", hf.get("num_attention_heads")) != hf.get("num_attention_heads"):
+        raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']} differs "
+                         f"from num_attention_heads={hf['num_attention_heads']}: OpenMoE uses "
+                         "multi-head attention, and so does this code")
+    for key, released in HF_FIXED.items():
+        if key in hf and hf[key] != released:
+            raise ValueError(f"config.json {key}={hf[key]!r}: this code implements only the "
+                             f"released OpenMoE value {released!r}")
+    fields = {field: hf[key] for key, field in HF_FIELDS.items() if key in hf}
+    shapes = ("num_layers", "d_model", "num_heads", "head_dim", "d_ff", "num_experts")
+    base = next((cfg for cfg in model_lib.PRESETS.values()
+                 if all(getattr(cfg, name) == fields.get(name) for name in shapes)),
+                model_lib.ModelConfig())
+    return dataclasses.replace(base, **fields, t5x_padding=True, group_rule="flaxformer",
+                               **overrides)
+
+
+def hf_config(cfg) -> dict:
+    """The config.json ColossalAI's `modeling_openmoe.py` reads, for a model of this code."""
+    if cfg.ffn_variant != "double_gated" or cfg.moe_wiring != "sequential":
+        raise ValueError(f"only the released architecture exports to the HF layout (double-gated "
+                         f"FFN, sequential MoE); got ffn_variant={cfg.ffn_variant!r}, "
+                         f"moe_wiring={cfg.moe_wiring!r}")
+    if not cfg.moe_interval:
+        raise ValueError("a dense model (moe_interval=0) has no OpenMoE HF layout")
+    hf = {key: getattr(cfg, field) for key, field in HF_FIELDS.items()}
+    return {"architectures": ["OpenMoeForCausalLM"], "model_type": "llama",
+            "auto_map": {"AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"},
+            **HF_FIXED, **hf, "num_key_value_heads": cfg.num_heads, "bos_token_id": 0,
+            "eos_token_id": 1, "pad_token_id": 0, "router_drop_tks": True, "dropout_rate": 0.0,
+            "torch_dtype": "float32", "use_cache": True}
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 2: the name table
+# ------------------------------------------------------------------------------------------------
+
+class TensorName(NamedTuple):
+    """One parameter under its three names. `transposed`: HF stores it [out, in]."""
+
+    ours: tuple            # path in the model's nnx state, e.g. ("layers", 3, "mlp", "wi_0")
+    t5x: str               # flaxformer's path, e.g. "decoder/layers_3/mlp/expert/wi_0/kernel"
+    hf: str                # ColossalAI's name, e.g. "model.layers.3.mlp.experts.wi_gate"
+    transposed: bool
+
+
+# (ours, T5X, HF, transposed) relative to a layer: every block, then dense or MoE blocks only.
+EVERY_BLOCK = [
+    ("pre_self_attention_norm/scale", "pre_self_attention_layer_norm/scale", "input_layernorm.weight", False),
+    ("self_attention/query", "self_attention/query/kernel", "self_attn.q_proj.weight", True),
+    ("self_attention/key", "self_attention/key/kernel", "self_attn.k_proj.weight", True),
+    ("self_attention/value", "self_attention/value/kernel", "self_attn.v_proj.weight", True),
+    ("self_attention/out", "self_attention/out/kernel", "self_attn.o_proj.weight", True),
+    ("pre_mlp_norm/scale", "pre_mlp_layer_norm/scale", "post_attention_layernorm.weight", False),
+]
+DENSE_BLOCK = [
+    ("mlp/wi_0", "mlp/wi_0/kernel", "mlp.gate_proj.weight", True),
+    ("mlp/wi_1", "mlp/wi_1/kernel", "mlp.up_proj.weight", True),
+    ("mlp/wo", "mlp/wo/kernel", "mlp.down_proj.weight", True),
+]
+MOE_BLOCK = [
+    ("mlp/router/kernel", "mlp/router/router_weights/w/kernel", "mlp.gate_weight", True),
+    ("mlp/wi_0", "mlp/expert/wi_0/kernel", "mlp.experts.wi_gate", False),  # [E, D, 2F] in both
+    ("mlp/wi_1", "mlp/expert/wi_1/kernel", "mlp.experts.wi_up", False),
+    ("mlp/wo", "mlp/expert/wo/kernel", "mlp.experts.wo", False),
+    ("pre_extra_mlp_norm/scale", "pre_extra_mlp_layer_norm/scale", "pre_extra_mlp_layernorm.weight", False),
+    ("extra_mlp/wi_0", "extra_mlp/wi_0/kernel", "extra_mlp.gate_proj.weight", True),
+    ("extra_mlp/wi_1", "extra_mlp/wi_1/kernel", "extra_mlp.up_proj.weight", True),
+    ("extra_mlp/wo", "extra_mlp/wo/kernel", "extra_mlp.down_proj.weight", True),
+]
+OUTSIDE_BLOCKS = [
+    ("token_embedder", "token_embedder/embedding", "model.embed_tokens.weight", False),
+    ("decoder_norm/scale", "decoder/decoder_norm/scale", "model.norm.weight", False),
+    ("logits_dense", "decoder/logits_dense/kernel", "lm_head.weight", True),
+]
+
+
+def name_table(cfg) -> list[TensorName]:
+    """Every parameter of a model with this config, under our, T5X's and HF's names."""
+    def parse(ours: str) -> tuple:
+        return tuple(int(part) if part.isdigit() else part for part in ours.split("/"))
+
+    names = [TensorName(parse(o), t, h, tr) for o, t, h, tr in OUTSIDE_BLOCKS]
+    for layer in range(cfg.num_layers):
+        rows = EVERY_BLOCK + (MOE_BLOCK if cfg.is_moe_layer(layer) else DENSE_BLOCK)
+        names += [TensorName(parse(f"layers/{layer}/{o}"), f"decoder/layers_{layer}/{t}",
+                             f"model.layers.{layer}.{h}", tr) for o, t, h, tr in rows]
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 3: reading checkpoints without torch, one tensor at a time
+# ------------------------------------------------------------------------------------------------
+
+class Tensor:
+    """A tensor still on disk: shape and dtype now, the values (`read()`) when asked."""
+
+    def __init__(self, shape, dtype, read):
+        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+
+    def read(self) -> np.ndarray:
+        """The values, memory-mapped where the format allows (nothing is read until used)."""
+        return self._read()
+
+    def __array__(self, dtype=None, copy=None):
+        values = np.asarray(self.read())
+        return values if dtype is None else values.astype(dtype)
+
+
+def _stored_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
+    """Where an uncompressed zip member's bytes start: after its local header (30 bytes, the
+    name and an extra field whose length only the local header knows)."""
+    with open(path, "rb") as file:
+        file.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", file.read(4))
+    return info.header_offset + 30 + name_length + extra_length
+
+
+class _Storage(NamedTuple):
+    path: pathlib.Path
+    offset: int
+    dtype: Any
+    numel: int
+
+
+def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
+    """Our stand-in for torch._utils._rebuild_tensor_v2: a strided view of a memory map."""
+    def read():
+        flat = np.memmap(storage.path, storage.dtype, "r", storage.offset, (storage.numel,))
+        itemsize = flat.dtype.itemsize
+        return np.lib.stride_tricks.as_strided(flat[storage_offset:], tuple(size),
+                                               tuple(s * itemsize for s in stride), writeable=False)
+    return Tensor(size, storage.dtype, read)
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a torch state dict and nothing else: any other global is refused unrun."""
+
+    ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
+               ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch", "FloatStorage"): np.float32, ("torch", "HalfStorage"): np.float16,
+               ("torch", "BFloat16Storage"): jnp.bfloat16}
+
+    def __init__(self, file, path: pathlib.Path, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.path, self.archive, self.prefix = path, archive, prefix
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(f"{self.path}: its pickle asks for {module}.{name}, which a state "
+                             f"dict never needs; refusing to load it (allowed: "
+                             f"{sorted(f'{m}.{n}' for m, n in self.ALLOWED)})")
+        return self.ALLOWED[(module, name)]
+
+    def persistent_load(self, pid):
+        # torch writes ('storage', storage type, key, device, number of elements).
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise ValueError(f"{self.path}: unexpected persistent id {pid!r} in its pickle")
+        _, dtype, key, _, numel = pid
+        info = self.archive.getinfo(f"{self.prefix}data/{key}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{self.path}: storage {key} is compressed; torch never does that")
+        return _Storage(self.path, _stored_offset(self.path, info), dtype, numel)
+
+
+def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
+    """A `pytorch_model*.bin` (torch's zip format: data.pkl + one raw file per storage)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is in torch's legacy (pre-1.6) format, which cannot be read "
+                         "without running its pickle; re-save it with a current torch")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} is a zip but not a torch checkpoint (no single data.pkl)")
+        prefix = pickles[0][: -len("data.pkl")]
+        with archive.open(pickles[0]) as file:
+            state = _StateDictUnpickler(file, path, archive, prefix).load()
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
+    """A `.safetensors` file: 8 bytes of header length, a JSON header, then raw tensors."""
+    with open(path, "rb") as file:
+        (header_length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_length))
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        offset, shape = 8 + header_length + start, tuple(entry["shape"])
+        tensors[name] = Tensor(shape, dtype, lambda o=offset, s=shape, d=dtype, n=end - start:
+                               np.memmap(path, d, "r", o, s) if n else np.zeros(s, d))
+    return tensors
+
+
+def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
+    """A T5X `checkpoint_N/` directory: `checkpoint` is a msgpack of the train state, whose
+    parameters ("target") are tensorstore specs of zarr arrays beside it (small ones inline)."""
+    import tensorstore as ts
+    from flax import serialization, traverse_util
+
+    state = serialization.msgpack_restore((directory / "checkpoint").read_bytes())
+    tensors = {}
+    for path, leaf in traverse_util.flatten_dict(state["target"], sep="/",
+                                                 is_leaf=lambda _, v: isinstance(v, dict) and "kvstore" in v).items():
+        if not isinstance(leaf, dict):  # stored inline in the msgpack
+            tensors[path] = Tensor(np.shape(leaf), np.asarray(leaf).dtype, lambda v=leaf: np.asarray(v))
+            continue
+        # Written on GCS or locally, the kvstore path is relative to the checkpoint directory.
+        spec = {**leaf, "kvstore": {"driver": "file", "path": str(directory / leaf["kvstore"]["path"])}}
+        tensors[path] = Tensor(leaf["metadata"]["shape"], jnp.dtype(leaf["dtype"]),
+                               lambda s=spec: ts.open(s).result().read().result())
+    return tensors
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint under its own names: a directory holding pytorch_model.bin,
+    its sharded `.bin.index.json`, model.safetensors (or its index), or a T5X `checkpoint`."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_bin(path)
+    if (path / "checkpoint").is_file():
+        return read_t5x(path)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            return read_checkpoint(path / single)
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            shards = {name: read_checkpoint(path / name) for name in sorted(set(weight_map.values()))}
+            return {name: shards[file][name] for name, file in weight_map.items()}
+    raise ValueError(f"{str(path)!r} holds no checkpoint: expected pytorch_model.bin, "
+                     "pytorch_model.bin.index.json, model.safetensors or a T5X `checkpoint` file")
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 4: tensors into a model, each straight to its device (or its shards of a mesh)
+# ------------------------------------------------------------------------------------------------
+
+def _flat(params: Mapping) -> dict:
+    """flax's nested parameter dict, or an already flat one, as {"a/b/c": value}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}/{inner}": v for inner, v in _flat(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_names(given: set, expected: set, what: str) -> None:
+    """Every expected name present and nothing else: both lists named, a few examples each."""
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    problems = ([f"missing {len(missing)} tensors the config needs, e.g. {missing[:3]}"] if missing else []) + \
+               ([f"{len(unexpected)} tensors the config has no place for, e.g. {unexpected[:3]}"]
+                if unexpected else [])
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems) + " (does config.json match the "
+                         "checkpoint? moe_layer_interval and num_hidden_layers decide the names)")
+
+
+def stored_shape(shape: tuple, logical_axes: tuple) -> tuple:
+    """A parameter's shape in both checkpoint formats: the double-gated pair axis folded into
+    the hidden one ([.., D, 2, F] → [.., D, 2F], a's columns then b's, as 03 explains)."""
+    if "pair" not in logical_axes:
+        return tuple(shape)
+    pair = logical_axes.index("pair")
+    return tuple(shape[:pair]) + (shape[pair] * shape[pair + 1],) + tuple(shape[pair + 2:])
+
+
+def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
+    """An OpenMoE whose parameter at each path comes from `sources[path] = (name, tensor,
+    transposed)`. All shapes are checked before any value is read; then each tensor is read
+    (memory-mapped), turned into our layout and cast, and goes straight to its device, or with
+    a mesh, each device receives only its slice. Peak host memory: about one tensor."""
+    if mesh is not None:
+        cfg = shard.config_for_mesh(cfg, mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))))
+    variables = list(nnx.to_flat_state(state))
+    for path, variable in variables:
+        name, tensor, transposed = sources[path]
+        expected = stored_shape(variable.get_value().shape, variable.get_metadata()["logical_axes"])
+        expected = expected[::-1] if transposed else expected
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; a model with this "
+                             f"config needs {expected}")
+    shardings = dict(nnx.to_flat_state(shard.state_shardings(state, mesh))) if mesh else {}
+    leaves = []
+    for path, variable in variables:
+        name, tensor, transposed = sources[path]
+        stored = tensor.read() if isinstance(tensor, Tensor) else np.asarray(tensor)
+        host = (stored.T if transposed else stored).reshape(variable.get_value().shape)
+
+        def values(index=(), host=host):
+            return np.ascontiguousarray(host[index]).astype(param_dtype)
+
+        value = (jnp.asarray(values()) if mesh is None else
+                 jax.make_array_from_callback(host.shape, shardings[path].get_value(), values))
+        leaves.append((path, variable.replace(value)))
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return model if mesh is None else shard.use_expert_parallelism(model, mesh)
+
+
+def model_from_t5x(params: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
+    """An OpenMoE from a T5X parameter tree: flax's nested dict (the checkpoint's "target") or a
+    flat dict of "/"-joined paths, values numpy arrays or `Tensor`s. Every name is checked."""
+    flat = _flat(params)
+    table = name_table(cfg)
+    _check_names(set(flat), {n.t5x for n in table}, "T5X parameters")
+    return _build(cfg, {n.ours: (n.t5x, flat[n.t5x], False) for n in table},
+                  param_dtype=param_dtype, mesh=mesh)
+
+
+def model_from_hf(state_dict: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
+    """An OpenMoE from a state dict in ColossalAI's names (torch layout: linear weights [out, in])."""
+    table = name_table(cfg)
+    _check_names(set(state_dict), {n.hf for n in table}, "HF state dict")
+    return _build(cfg, {n.ours: (n.hf, state_dict[n.hf], n.transposed) for n in table},
+                  param_dtype=param_dtype, mesh=mesh)
+
+
+def t5x_params(model) -> dict[str, np.ndarray]:
+    """The model's parameters as a flat T5X dict (the inverse of `model_from_t5x`)."""
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    return {n.t5x: np.asarray(state[n.ours].get_value()).reshape(
+                stored_shape(state[n.ours].get_value().shape,
+                             state[n.ours].get_metadata()["logical_axes"]))
+            for n in name_table(model.cfg)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 5: whole models: a directory, a hub name or a 09 run in; the HF layout out
+# ------------------------------------------------------------------------------------------------
+
+def _local(path_or_name: str | os.PathLike) -> pathlib.Path:
+    """A local path as it is; a hub name ("owner/model") downloaded once, weights and configs
+    only (never the repository's Python code). The network is used only here, when asked."""
+    path = pathlib.Path(path_or_name)
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise ValueError(f"model {name!r} is neither an existing path nor a hub name like "
+                         f"'OrionZheng/openmoe-base' (released: {', '.join(HUB_MODELS)})")
+    from huggingface_hub import snapshot_download
+    return pathlib.Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.safetensors",
+                                                                "*.model"]))
+
+
+def _beside(directory: pathlib.Path, filename: str) -> pathlib.Path | None:
+    """`filename` in the checkpoint's directory or its parent (T5X keeps checkpoint_N/ inside)."""
+    return next((d / filename for d in (directory, directory.parent) if (d / filename).is_file()),
+                None)
+
+
+def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
+               preset: str | None = None, **overrides) -> tuple[Any, Any]:
+    """(model, tokenizer or None) from a checkpoint directory or a hub name.
+
+    The config comes from config.json beside the weights, or from `preset` (T5X directories
+    carry no config.json). `overrides` are ModelConfig fields; pass dtype=jnp.bfloat16 with
+    param_dtype=jnp.bfloat16 to halve the memory (8B: 24 GB instead of 47).
+    """
+    directory = _local(path)
+    config_file = _beside(directory, "config.json")
+    if preset is not None:
+        if preset not in model_lib.PRESETS:
+            raise ValueError(f"preset={preset!r}; choose one of {sorted(model_lib.PRESETS)}")
+        cfg = dataclasses.replace(model_lib.PRESETS[preset], t5x_padding=True,
+                                  group_rule="flaxformer", **overrides)
+    elif config_file is not None:
+        cfg = config_from_hf(json.loads(config_file.read_text()), **overrides)
+    else:
+        raise ValueError(f"{directory} has no config.json (nor has its parent): pass preset= "
+                         f"(one of {sorted(model_lib.PRESETS)}) to say which model it holds")
+    spiece = _beside(directory, "spiece.model")
+    tokenizer = tok.Tokenizer.load(spiece) if spiece else None
+    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{spiece} gives {tokenizer.vocab_size} ids but the model has "
+                         f"vocab_size={cfg.vocab_size}: the tokenizer does not belong to it")
+    tensors = read_checkpoint(directory)
+    build = model_from_t5x if any("/" in name for name in tensors) else model_from_hf
+    return build(tensors, cfg, param_dtype=param_dtype, mesh=mesh), tokenizer
+
+
+def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """The safetensors layout `read_safetensors` reads, tagged "pt" as transformers expects."""
+    names = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            file.write(np.ascontiguousarray(array).tobytes())
+
+
+def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib.Path:
+    """Write `model` in the released HF layout: config.json, model.safetensors (ColossalAI's
+    names, torch's [out, in]) and spiece.model, so ColossalAI's `modeling_openmoe.py` opens it.
+    Refuses to replace an existing export."""
+    directory = pathlib.Path(directory)
+    existing = [name for name in ("config.json", "model.safetensors", "spiece.model")
+                if (directory / name).exists()]
+    if existing:
+        raise ValueError(f"{directory} already holds {existing}; choose an empty directory")
+    config = hf_config(model.cfg)
+    params = t5x_params(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / "model.safetensors",
+                      {n.hf: params[n.t5x].T if n.transposed else params[n.t5x]
+                       for n in name_table(model.cfg)})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None and tokenizer.path:
+        (directory / "spiece.model").write_bytes(pathlib.Path(tokenizer.path).read_bytes())
+    return directory
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A 09_train.py run: its saved config and the steps that have a checkpoint, oldest first."""
+
+    path: pathlib.Path
+    cfg: Any  # 09's TrainConfig, as written to config.json
+    steps: tuple[int, ...]
+
+
+def _run_checkpoints(run_dir: pathlib.Path):
+    """Orbax's view of run_dir/checkpoints, read-only: loading a run never changes it."""
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    return ocp.CheckpointManager(run_dir.absolute() / "checkpoints", options=options)
+
+
+def open_run(run_dir: str | os.PathLike) -> Run:
+    """Read config.json and list the checkpoints; say what to do if this is not a 09 run."""
+    path = pathlib.Path(run_dir)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"run_dir={str(path)!r} has no config.json, so it is not a 09_train.py "
+                         "run; train one with `python 09_train.py` (writes runs/laptop) or pass "
+                         "--run-dir of an existing run")
+    cfg = train_lib.TrainConfig(**json.loads(config_path.read_text()))
+    steps = ()
+    if (path / "checkpoints").is_dir():
+        with _run_checkpoints(path) as manager:
+            steps = tuple(sorted(manager.all_steps()))
+    if not steps:
+        raise ValueError(f"run_dir={str(path)!r} has no checkpoints yet; let 09_train.py reach "
+                         f"its first checkpoint (step {cfg.checkpoint_every})")
+    return Run(path, cfg, steps)
+
+
+def load_params(run: Run, step: int):
+    """The parameters saved at `step`, on one device; step 0 is 09's initialization (same seed).
+
+    Only the parameters are read (orbax partial restore): the optimizer state stays on disk.
+    """
+    model_cfg = train_lib.model_config(run.cfg)
+    if step == 0:
+        return nnx.state(model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(run.cfg.seed)), nnx.Param)
+    if step not in run.steps:
+        raise ValueError(f"step={step}: {run.path} has checkpoints at steps {list(run.steps)} "
+                         "(and 0, the initialization)")
+    import orbax.checkpoint as ocp
+    abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(0)))
+    leaves, treedef = jax.tree.flatten(nnx.state(abstract, nnx.Param))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for x in leaves]}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+    with _run_checkpoints(run.path) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+    return jax.tree.unflatten(treedef, restored["state"]["params"])
+
+
+def run_model(run: Run, step: int | None = None):
+    """A 09 run's model at `step` (default: its latest checkpoint), with the run's config."""
+    step = run.steps[-1] if step is None else step
+    graphdef, _ = nnx.split(nnx.eval_shape(
+        lambda: model_lib.OpenMoE(train_lib.model_config(run.cfg), rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, load_params(run, step))
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 6: talk to it, watch it route, measure it
+# ------------------------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, text: str, *, chat: bool = False) -> list[int]:
+    """T5X's decoder starts from id 0, so every prompt gets it first (OpenMoE issue #3)."""
+    return [0] + tokenizer.encode(CHAT_TEMPLATE.format(query=text) if chat else text)
+
+
+def piece(tokenizer, token: int) -> str:
+    """A token as its SentencePiece piece, e.g. '▁the', '<0x0A>' (newline), '<extra_id_0>';
+    id 0 shows as '<pad>', which is also T5X's start token."""
+    if token < tokenizer.piece_count:
+        return tokenizer.processor.id_to_piece(int(token))
+    return tokenizer.decode([token])
+
+
+def expert_table(tokenizer, steps: list, moe_layers: list[int]) -> list[str]:
+    """One line per token fed to the model (prompt, then each generated token): the experts
+    each MoE layer sent it to, best first, with ✗ where that expert was already full."""
+    lines = [f"{'token':>18} │ " + " │ ".join(f"layer {layer:<6}" for layer in moe_layers)]
+    for step in steps:
+        for position, token in enumerate(step.tokens_BL[0]):
+            cells = [" ".join(f"e{e}{'' if kept else '✗'}".ljust(4)
+                              for e, kept in zip(expert_BLA[0, position], kept_BLA[0, position]))
+                     for expert_BLA, kept_BLA in zip(step.expert_BLA, step.kept_BLA)]
+            lines.append(f"{piece(tokenizer, token)[:18]:>18} │ "
+                         + " │ ".join(cell.ljust(12) for cell in cells))
+    return lines
+
+
+def validation_rows(tokenizer, texts: list[str], rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """One document per row, as T5X scores it: inputs [0, t1 … t_{L-1}], targets [t1 … t_L],
+    right-padded with 0 (masked by T5X's padding semantics and left out of the loss)."""
+    batch = np.zeros((rows, seq_len + 1), np.int32)
+    for row, ids in enumerate(tokenizer.encode_batch(texts[:rows])):
+        ids = ids[:seq_len]
+        batch[row, 1:len(ids) + 1] = ids
+    return {"inputs": batch[:, :-1], "targets": batch[:, 1:],
+            "loss_mask": (batch[:, 1:] > 0).astype(np.float32)}
+
+
+def perplexity(model, tokenizer, *, rows: int = 16, seq_len: int = 512) -> dict[str, dict]:
+    """Next-token loss and accuracy per domain on 01's validation text and code: a sanity
+    number for a loaded model (a trained model should sit far below ln V)."""
+    if not 1 <= seq_len <= model.cfg.max_seq_len or rows < 1:
+        raise ValueError(f"rows={rows} must be >= 1 and seq_len={seq_len} in "
+                         f"[1, max_seq_len={model.cfg.max_seq_len}]")
+    evaluate = jax.jit(lambda model, batch: model_lib.loss_fn(model, batch, train=False)[1])
+    results = {}
+    for domain, dataset in tok.embedded_corpus("validation").items():
+        metrics = evaluate(model, validation_rows(tokenizer, dataset["text"], rows, seq_len))
+        results[domain] = {"loss": float(metrics["cross_entropy"]),
+                           "accuracy": float(metrics["accuracy"]),
+                           "tokens": int(metrics["num_tokens"])}
+    return results
+
+
+def _load_for_cli(args) -> tuple[Any, Any]:
+    """The model and tokenizer a command names: --model (directory or hub) or --run (09)."""
+    dtype = jnp.dtype(args.dtype)
+    mesh = shard.make_mesh(**train_lib.parse_mesh(args.mesh)) if args.mesh else None
+    if getattr(args, "run", None):
+        run = open_run(args.run)
+        return run_model(run, args.step), train_lib.load_tokenizer(run.cfg)
+    model, tokenizer = load_model(args.model, param_dtype=dtype, mesh=mesh, preset=args.preset,
+                                  dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no spiece.model; put umT5's spiece.model beside it")
+    return model, tokenizer
+
+
+def command_generate(args) -> None:
+    model, tokenizer = _load_for_cli(args)
+    chat = args.chat or "chat" in str(args.model).lower()
+    prompt = prompt_ids(tokenizer, args.prompt, chat=chat)
+    (continuation,), steps = model_lib.generate(
+        model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, return_routing=True)
+    print(tokenizer.decode(prompt[1:]) + tokenizer.decode(continuation))
+    if args.show_experts:
+        print(f"\nWhere each token went (✗: the expert was full, so it gave this token nothing; "
+              f"groups: {model.cfg.group_rule}, capacity factor {model.cfg.eval_capacity_factor}):")
+        print("\n".join(expert_table(tokenizer, steps, model.cfg.moe_layers)))
+
+
+def command_perplexity(args) -> None:
+    model, tokenizer = _load_for_cli(args)
+    results = perplexity(model, tokenizer, rows=args.rows, seq_len=args.seq_len)
+    print(f"{'domain':8}{'loss':>8}{'accuracy':>10}{'tokens':>9}   (uniform guess: ln V = "
+          f"{math.log(model.cfg.vocab_size):.2f})")
+    for domain, result in results.items():
+        print(f"{domain:8}{result['loss']:8.3f}{result['accuracy']:10.1%}{result['tokens']:9d}")
+
+
+def command_export(args) -> None:
+    run = open_run(args.run)
+    out = pathlib.Path(args.out or run.path / "hf")
+    export_hf(run_model(run, args.step), out, tokenizer=train_lib.load_tokenizer(run.cfg))
+    print(f"wrote {out}/config.json, model.safetensors and spiece.model "
+          f"(step {args.step or run.steps[-1]} of {run.path})")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(
+        "Load the released OpenMoE models (HF .bin / safetensors / T5X checkpoints, no torch) into "
+        "this code. Without a command: the self-test (a tiny model exported, reloaded and decoded, "
+        "with the name table). Commands: generate, perplexity, export."))
+    commands = parser.add_subparsers(dest="command")
+    for name, help_text in (("generate", "continue a prompt; --show-experts prints the routing"),
+                            ("perplexity", "loss and accuracy on 01's validation text and code")):
+        command = commands.add_parser(name, help=help_text)
+        source = command.add_mutually_exclusive_group(required=True)
+        source.add_argument("--model", help="checkpoint directory or hub name, e.g. "
+                                            "OrionZheng/openmoe-base")
+        source.add_argument("--run", help="a 09_train.py run directory instead")
+        command.add_argument("--step", type=int, help="with --run: the checkpoint (default latest)")
+        command.add_argument("--preset", choices=sorted(model_lib.PRESETS),
+                             help="the model's shape, for T5X directories without config.json")
+        command.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                             help="parameters and activations (router and logits stay f32)")
+        command.add_argument("--mesh", default="", help="e.g. 'data=1,expert=2,model=4' "
+                                                        "(default: one device)")
+    generate = commands.choices["generate"]
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat "
+                          "template (automatic for models named *chat*)")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--show-experts", action="store_true",
+                          help="print each token's experts per MoE layer, and drops")
+    commands.choices["perplexity"].add_argument("--rows", type=int, default=16)
+    commands.choices["perplexity"].add_argument("--seq-len", type=int, default=512)
+    export = commands.add_parser("export", help="write a 09 run in the released HF layout")
+    export.add_argument("--run", default="runs/laptop", help="the 09_train.py run directory")
+    export.add_argument("--step", type=int, help="the checkpoint (default: latest)")
+    export.add_argument("--out", help="output directory (default: RUN/hf)")
+    return parser.parse_args(argv)
+
+
+def self_test() -> None:
+    """A tiny model: the name table, exported and reloaded exactly, then decoded with its routing."""
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            raise SystemExit(f"self-test FAILED: {message}")
+
+    tokenizer = tok.embedded_tokenizer()
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size,
+                              max_seq_len=64)
+    model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))
+    print(f"Tiny OpenMoE: {cfg.num_layers} layers, MoE in {cfg.moe_layers}, E={cfg.num_experts}. "
+          f"Names of layer {cfg.moe_layers[0]}'s tensors and the model's own:")
+    rows = [n for n in name_table(cfg) if len(n.ours) == 1 or n.ours[1] == cfg.moe_layers[0]]
+    width = max(len("/".join(map(str, n.ours))) for n in rows), max(len(n.t5x) for n in rows)
+    for n in rows:
+        print(f"  {'/'.join(map(str, n.ours)):{width[0]}}  {n.t5x:{width[1]}}  {n.hf}"
+              f"{'  (ᵀ)' if n.transposed else ''}")
+    print("  (ᵀ: torch stores [out, in], transposed; T5X's and HF's expert wi_0 is [E, D, 2F], "
+          "ours [E, D, 2, F])")
+
+    with tempfile.TemporaryDirectory() as directory:
+        export_hf(model, directory, tokenizer=tokenizer)
+        loaded, loaded_tokenizer = load_model(directory)
+    ours = jax.tree.leaves(nnx.state(model, nnx.Param))
+    check(all(np.array_equal(a, b) for a, b in zip(ours, jax.tree.leaves(nnx.state(loaded, nnx.Param)))),
+          "exported and reloaded parameters differ")
+    check(loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",
+          "a loaded model must use T5X's evaluation semantics")
+    in_memory = model_from_t5x(t5x_params(model), loaded.cfg)
+    ids = jnp.array([prompt_ids(tokenizer, "def add(a, b):\n    return a + b")])
+    check(np.array_equal(loaded(ids, train=False)[0], in_memory(ids, train=False)[0]),
+          "the safetensors and in-memory paths give different logits")
+    print(f"\nExported to HF safetensors and loaded back: {len(ours)} tensors identical, logits "
+          "identical to the in-memory T5X path.")
+
+    prompt = prompt_ids(loaded_tokenizer, "The experts of a mixture")
+    (continuation,), steps = model_lib.generate(loaded, [prompt], max_new_tokens=4,
+                                                return_routing=True)
+    print(f"\nGreedy continuation (random weights, so nonsense): "
+          f"{loaded_tokenizer.decode(continuation)!r}. Each token's experts:")
+    print("\n".join(expert_table(loaded_tokenizer, steps, cfg.moe_layers)))
+    check(len(steps) == 1 + len(continuation) and steps[0].tokens_BL.shape == (1, len(prompt)),
+          "the routing record must cover the prompt and every generated token")
+    print("\nOK: names, export, reload and decoding agree.")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    commands = {"generate": command_generate, "perplexity": command_perplexity,
+                "export": command_export}
+    commands.get(arguments.command, lambda _: self_test())(arguments)
