@@ -287,12 +287,17 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
 
 
 def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
-    """A T5X `checkpoint_N/` directory: `checkpoint` is a msgpack of the train state, whose
-    parameters ("target") are tensorstore specs of zarr arrays beside it (small ones inline)."""
+    """A T5X `checkpoint_N/` directory: `checkpoint` is a msgpack of the train state
+    {"version", "optimizer": {"state", "target"}}, whose parameters ("target") are tensorstore
+    specs of zarr arrays beside it, `target.<dotted path>/` (small ones may be inline)."""
     import tensorstore as ts
     from flax import serialization, traverse_util
 
     state = serialization.msgpack_restore((directory / "checkpoint").read_bytes())
+    state = state.get("optimizer", state)
+    if "target" not in state:
+        raise ValueError(f"{directory / 'checkpoint'} has no parameters ('target'): not a T5X "
+                         "train-state checkpoint")
     tensors = {}
     for path, leaf in traverse_util.flatten_dict(state["target"], sep="/",
                                                  is_leaf=lambda _, v: isinstance(v, dict) and "kvstore" in v).items():
