@@ -98,8 +98,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> Any:
     base = next((cfg for cfg in model_lib.PRESETS.values()
                  if all(getattr(cfg, name) == fields.get(name) for name in shapes)),
                 model_lib.ModelConfig())
-    return dataclasses.replace(base, **fields, t5x_padding=True, group_rule="flaxformer",
-                               **overrides)
+    released = {**fields, "t5x_padding": True, "group_rule": "flaxformer"}
+    return dataclasses.replace(base, **{**released, **overrides})
 
 
 def hf_config(cfg) -> dict:
@@ -464,8 +464,8 @@ def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
     if preset is not None:
         if preset not in model_lib.PRESETS:
             raise ValueError(f"preset={preset!r}; choose one of {sorted(model_lib.PRESETS)}")
-        cfg = dataclasses.replace(model_lib.PRESETS[preset], t5x_padding=True,
-                                  group_rule="flaxformer", **overrides)
+        cfg = dataclasses.replace(model_lib.PRESETS[preset],
+                                  **{"t5x_padding": True, "group_rule": "flaxformer", **overrides})
     elif config_file is not None:
         cfg = config_from_hf(json.loads(config_file.read_text()), **overrides)
     else:
@@ -576,11 +576,12 @@ def load_params(run: Run, step: int):
     return jax.tree.unflatten(treedef, restored["state"]["params"])
 
 
-def run_model(run: Run, step: int | None = None):
-    """A 09 run's model at `step` (default: its latest checkpoint), with the run's config."""
+def run_model(run: Run, step: int | None = None, **overrides):
+    """A 09 run's model at `step` (default: its latest checkpoint), with the run's config and
+    `overrides` of ModelConfig fields that leave the parameters as they are (routing, dtype)."""
     step = run.steps[-1] if step is None else step
-    graphdef, _ = nnx.split(nnx.eval_shape(
-        lambda: model_lib.OpenMoE(train_lib.model_config(run.cfg), rngs=nnx.Rngs(0))))
+    cfg = dataclasses.replace(train_lib.model_config(run.cfg), **overrides)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, load_params(run, step))
 
 
@@ -642,15 +643,24 @@ def perplexity(model, tokenizer, *, rows: int = 16, seq_len: int = 512) -> dict[
     return results
 
 
+# How a loaded model routes: as T5X ran the weights, or as ColossalAI's port ran them for the
+# paper's drop analysis (§4.4): the whole batch one group, capacity floor(k · cf · T / E), even.
+ROUTING = {"t5x": {}, "colossalai": {"group_rule": "divisor", "max_group_size": 2**30,
+                                     "capacity_rule": "colossalai"}}
+
+
 def _load_for_cli(args) -> tuple[Any, Any]:
     """The model and tokenizer a command names: --model (directory or hub) or --run (09)."""
     dtype = jnp.dtype(args.dtype)
-    mesh = shard.make_mesh(**train_lib.parse_mesh(args.mesh)) if args.mesh else None
-    if getattr(args, "run", None):
+    overrides = dict(ROUTING[args.routing], dtype=dtype)
+    if args.capacity_factor is not None:
+        overrides["eval_capacity_factor"] = args.capacity_factor
+    if args.run:
         run = open_run(args.run)
-        return run_model(run, args.step), train_lib.load_tokenizer(run.cfg)
+        return run_model(run, args.step, **overrides), train_lib.load_tokenizer(run.cfg)
+    mesh = shard.make_mesh(**train_lib.parse_mesh(args.mesh)) if args.mesh else None
     model, tokenizer = load_model(args.model, param_dtype=dtype, mesh=mesh, preset=args.preset,
-                                  dtype=dtype)
+                                  **overrides)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no spiece.model; put umT5's spiece.model beside it")
     return model, tokenizer
@@ -663,10 +673,10 @@ def command_generate(args) -> None:
     (continuation,), steps = model_lib.generate(
         model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, return_routing=True)
-    print(tokenizer.decode(prompt[1:]) + tokenizer.decode(continuation))
+    print(tokenizer.decode(prompt[1:] + continuation))
     if args.show_experts:
         print(f"\nWhere each token went (✗: the expert was full, so it gave this token nothing; "
-              f"groups: {model.cfg.group_rule}, capacity factor {model.cfg.eval_capacity_factor}):")
+              f"routing {args.routing}, capacity factor {model.cfg.eval_capacity_factor}):")
         print("\n".join(expert_table(tokenizer, steps, model.cfg.moe_layers)))
 
 
@@ -707,6 +717,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              help="parameters and activations (router and logits stay f32)")
         command.add_argument("--mesh", default="", help="e.g. 'data=1,expert=2,model=4' "
                                                         "(default: one device)")
+        command.add_argument("--routing", default="t5x", choices=sorted(ROUTING),
+                             help="t5x: as the weights were trained (flaxformer's groups); "
+                                  "colossalai: the PyTorch port the paper's drop analysis used")
+        command.add_argument("--capacity-factor", type=float,
+                             help="evaluation capacity factor (default: the model's, 2.0)")
     generate = commands.choices["generate"]
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat "
