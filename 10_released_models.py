@@ -72,6 +72,9 @@ HF_FIELDS = {"vocab_size": "vocab_size", "num_hidden_layers": "num_layers",
              "router_min_capacity": "min_capacity", "max_position_embeddings": "max_seq_len",
              "rope_theta": "rope_max_timescale", "router_aux_loss_factor": "aux_loss_weight",
              "router_z_loss_factor": "router_z_loss_weight"}
+# The keys that fix the tensors' shapes: a config.json without them describes another model.
+HF_SHAPES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim",
+             "intermediate_size", "num_experts", "moe_layer_interval")
 # Keys whose value this code cannot honour unless it is exactly the released one.
 HF_FIXED = {"hidden_act": "swiglu", "mlp_gated": True, "tie_word_embeddings": False,
             "attention_bias": False, "rope_scaling": None, "rms_norm_eps": 1e-6,
@@ -85,7 +88,10 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> Any:
     preset whose shapes match supplies what the file leaves out. `overrides` are ModelConfig
     fields (dtype, eval_capacity_factor, ...). Unknown values are a clear error, not a guess.
     """
-    if hf.get("num_key_value_heads", hf.get("num_attention_heads")) != hf.get("num_attention_heads"):
+    missing = [key for key in HF_SHAPES if key not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}: it does not describe an OpenMoE model")
+    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
         raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']} differs "
                          f"from num_attention_heads={hf['num_attention_heads']}: OpenMoE uses "
                          "multi-head attention, and so does this code")
@@ -94,9 +100,9 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> Any:
             raise ValueError(f"config.json {key}={hf[key]!r}: this code implements only the "
                              f"released OpenMoE value {released!r}")
     fields = {field: hf[key] for key, field in HF_FIELDS.items() if key in hf}
-    shapes = ("num_layers", "d_model", "num_heads", "head_dim", "d_ff", "num_experts")
+    shapes = [HF_FIELDS[key] for key in HF_SHAPES]
     base = next((cfg for cfg in model_lib.PRESETS.values()
-                 if all(getattr(cfg, name) == fields.get(name) for name in shapes)),
+                 if all(getattr(cfg, name) == fields[name] for name in shapes)),
                 model_lib.ModelConfig())
     released = {**fields, "t5x_padding": True, "group_rule": "flaxformer"}
     return dataclasses.replace(base, **{**released, **overrides})
@@ -133,7 +139,8 @@ class TensorName(NamedTuple):
 
 # (ours, T5X, HF, transposed) relative to a layer: every block, then dense or MoE blocks only.
 EVERY_BLOCK = [
-    ("pre_self_attention_norm/scale", "pre_self_attention_layer_norm/scale", "input_layernorm.weight", False),
+    ("pre_self_attention_norm/scale", "pre_self_attention_layer_norm/scale",
+     "input_layernorm.weight", False),
     ("self_attention/query", "self_attention/query/kernel", "self_attn.q_proj.weight", True),
     ("self_attention/key", "self_attention/key/kernel", "self_attn.k_proj.weight", True),
     ("self_attention/value", "self_attention/value/kernel", "self_attn.v_proj.weight", True),
@@ -150,7 +157,8 @@ MOE_BLOCK = [
     ("mlp/wi_0", "mlp/expert/wi_0/kernel", "mlp.experts.wi_gate", False),  # [E, D, 2F] in both
     ("mlp/wi_1", "mlp/expert/wi_1/kernel", "mlp.experts.wi_up", False),
     ("mlp/wo", "mlp/expert/wo/kernel", "mlp.experts.wo", False),
-    ("pre_extra_mlp_norm/scale", "pre_extra_mlp_layer_norm/scale", "pre_extra_mlp_layernorm.weight", False),
+    ("pre_extra_mlp_norm/scale", "pre_extra_mlp_layer_norm/scale",
+     "pre_extra_mlp_layernorm.weight", False),
     ("extra_mlp/wi_0", "extra_mlp/wi_0/kernel", "extra_mlp.gate_proj.weight", True),
     ("extra_mlp/wi_1", "extra_mlp/wi_1/kernel", "extra_mlp.up_proj.weight", True),
     ("extra_mlp/wo", "extra_mlp/wo/kernel", "extra_mlp.down_proj.weight", True),
@@ -298,14 +306,18 @@ def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
     if "target" not in state:
         raise ValueError(f"{directory / 'checkpoint'} has no parameters ('target'): not a T5X "
                          "train-state checkpoint")
+    def is_spec(_, value) -> bool:
+        return isinstance(value, dict) and "kvstore" in value
+
     tensors = {}
-    for path, leaf in traverse_util.flatten_dict(state["target"], sep="/",
-                                                 is_leaf=lambda _, v: isinstance(v, dict) and "kvstore" in v).items():
+    for path, leaf in traverse_util.flatten_dict(state["target"], sep="/", is_leaf=is_spec).items():
         if not isinstance(leaf, dict):  # stored inline in the msgpack
-            tensors[path] = Tensor(np.shape(leaf), np.asarray(leaf).dtype, lambda v=leaf: np.asarray(v))
+            leaf = np.asarray(leaf)
+            tensors[path] = Tensor(leaf.shape, leaf.dtype, lambda v=leaf: v)
             continue
         # Written on GCS or locally, the kvstore path is relative to the checkpoint directory.
-        spec = {**leaf, "kvstore": {"driver": "file", "path": str(directory / leaf["kvstore"]["path"])}}
+        file = str(directory / leaf["kvstore"]["path"])
+        spec = {**leaf, "kvstore": {"driver": "file", "path": file}}
         tensors[path] = Tensor(leaf["metadata"]["shape"], jnp.dtype(leaf["dtype"]),
                                lambda s=spec: ts.open(s).result().read().result())
     return tensors
@@ -325,7 +337,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
             return read_checkpoint(path / single)
         if (path / index).is_file():
             weight_map = json.loads((path / index).read_text())["weight_map"]
-            shards = {name: read_checkpoint(path / name) for name in sorted(set(weight_map.values()))}
+            shards = {file: read_checkpoint(path / file) for file in set(weight_map.values())}
+            absent = [name for name, file in weight_map.items() if name not in shards[file]]
+            if absent:
+                raise ValueError(f"{path / index} maps {absent[:3]} to shards that lack them")
             return {name: shards[file][name] for name, file in weight_map.items()}
     raise ValueError(f"{str(path)!r} holds no checkpoint: expected pytorch_model.bin, "
                      "pytorch_model.bin.index.json, model.safetensors or a T5X `checkpoint` file")
@@ -349,9 +364,12 @@ def _flat(params: Mapping) -> dict:
 def _check_names(given: set, expected: set, what: str) -> None:
     """Every expected name present and nothing else: both lists named, a few examples each."""
     missing, unexpected = sorted(expected - given), sorted(given - expected)
-    problems = ([f"missing {len(missing)} tensors the config needs, e.g. {missing[:3]}"] if missing else []) + \
-               ([f"{len(unexpected)} tensors the config has no place for, e.g. {unexpected[:3]}"]
-                if unexpected else [])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors the config needs, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the config has no place for, e.g. "
+                        f"{unexpected[:3]}")
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems) + " (does config.json match the "
                          "checkpoint? moe_layer_interval and num_hidden_layers decide the names)")
@@ -410,7 +428,8 @@ def model_from_t5x(params: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) 
 
 
 def model_from_hf(state_dict: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
-    """An OpenMoE from a state dict in ColossalAI's names (torch layout: linear weights [out, in])."""
+    """An OpenMoE from a state dict in ColossalAI's names (torch's layout: linear weights are
+    [out, in]); values numpy arrays or `Tensor`s."""
     table = name_table(cfg)
     _check_names(set(state_dict), {n.hf for n in table}, "HF state dict")
     return _build(cfg, {n.ours: (n.hf, state_dict[n.hf], n.transposed) for n in table},
@@ -419,11 +438,13 @@ def model_from_hf(state_dict: Mapping, cfg, *, param_dtype=jnp.float32, mesh=Non
 
 def t5x_params(model) -> dict[str, np.ndarray]:
     """The model's parameters as a flat T5X dict (the inverse of `model_from_t5x`)."""
-    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    return {n.t5x: np.asarray(state[n.ours].get_value()).reshape(
-                stored_shape(state[n.ours].get_value().shape,
-                             state[n.ours].get_metadata()["logical_axes"]))
-            for n in name_table(model.cfg)}
+    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = {}
+    for n in name_table(model.cfg):
+        value = np.asarray(variables[n.ours].get_value())
+        axes = variables[n.ours].get_metadata()["logical_axes"]
+        params[n.t5x] = value.reshape(stored_shape(value.shape, axes))
+    return params
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,6 +529,8 @@ def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib
         raise ValueError(f"{directory} already holds {existing}; choose an empty directory")
     config = hf_config(model.cfg)
     params = t5x_params(model)
+    config["torch_dtype"] = {"float16": "float16", "bfloat16": "bfloat16"}.get(
+        str(params["token_embedder/embedding"].dtype), "float32")
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors",
                       {n.hf: params[n.t5x].T if n.transposed else params[n.t5x]
@@ -742,7 +765,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def self_test() -> None:
-    """A tiny model: the name table, exported and reloaded exactly, then decoded with its routing."""
+    """A tiny model: its name table; exported and reloaded exactly; decoded, with its routing."""
     def check(condition: bool, message: str) -> None:
         if not condition:
             raise SystemExit(f"self-test FAILED: {message}")
@@ -765,7 +788,8 @@ def self_test() -> None:
         export_hf(model, directory, tokenizer=tokenizer)
         loaded, loaded_tokenizer = load_model(directory)
     ours = jax.tree.leaves(nnx.state(model, nnx.Param))
-    check(all(np.array_equal(a, b) for a, b in zip(ours, jax.tree.leaves(nnx.state(loaded, nnx.Param)))),
+    theirs = jax.tree.leaves(nnx.state(loaded, nnx.Param))
+    check(all(np.array_equal(a, b) for a, b in zip(ours, theirs)),
           "exported and reloaded parameters differ")
     check(loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",
           "a loaded model must use T5X's evaluation semantics")
