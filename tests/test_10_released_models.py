@@ -6,12 +6,14 @@ whose T5X parameters are kept in reference_t5x.npz. Each test compares what the 
 with that reference through a name table written here, independently of the chapter's own.
 """
 
+import importlib.util
 import json
 import mmap
 import pathlib
 import pickletools
 import re
 import shutil
+import struct
 import zipfile
 
 import jax
@@ -444,3 +446,44 @@ def test_export_hf_never_overwrites(tmp_path, reference_model):
     with pytest.raises(ValueError, match="already"):
         rel.export_hf(reference_model, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+# --- benchmarks/load.py writes torch's format without torch: check it against torch's own file ------
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("load_benchmark", REPO_ROOT / "benchmarks" / "load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record_offsets(path: pathlib.Path) -> dict[str, int]:
+    """Where each zip record's bytes start (after its local header, whose extra field pads)."""
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: info.header_offset + 30 + sum(struct.unpack(
+                    "<HH", raw[info.header_offset + 26:info.header_offset + 30]))
+                for info in archive.infolist()}
+
+
+@pytest.mark.parametrize("torch_file, ordered", [
+    ("hf_single/pytorch_model.bin", True),                    # an OrderedDict, f32
+    ("hf_sharded/pytorch_model-00002-of-00003.bin", False),   # save_pretrained's plain dict
+    ("hf_fp16/pytorch_model-00001-of-00002.bin", False),      # HalfStorage
+])
+def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
+    """Same records in the same order, the same pickle byte for byte, the same storage bytes,
+    every record 64-byte aligned: only torch's random serialization id differs."""
+    bench = _benchmark_module()
+    original = FIXTURES / torch_file
+    tensors = rel.read_checkpoint(original)
+    entries = [(name, np.dtype(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()]
+    written = tmp_path / original.name
+    bench.write_torch_bin(written, entries, lambda name: np.asarray(tensors[name]), ordered=ordered)
+    with zipfile.ZipFile(original) as theirs, zipfile.ZipFile(written) as ours:
+        assert ours.namelist() == theirs.namelist()
+        for name in theirs.namelist():
+            if not name.endswith("serialization_id"):
+                assert ours.read(name) == theirs.read(name), name
+    assert all(offset % 64 == 0 for offset in _record_offsets(written).values())
+    assert all(offset % 64 == 0 for offset in _record_offsets(original).values())
