@@ -9,11 +9,14 @@ with that reference through a name table written here, independently of the chap
 import importlib.util
 import json
 import mmap
+import os
 import pathlib
 import pickletools
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -378,6 +381,77 @@ def test_forbidden_global_is_refused_without_running_it(tmp_path, monkeypatch):
         rel.read_checkpoint(FIXTURES / "bad" / "evil.bin")
     assert not (tmp_path / MARKER).exists()
     assert not (REPO_ROOT / MARKER).exists()
+
+
+def test_a_truncated_download_is_not_called_a_legacy_file(tmp_path):
+    """Half a `.bin` (an interrupted 47 GB download) has lost the zip's central directory; the
+    error must name the file and not send the user off to re-save it with a newer torch."""
+    data = (FIXTURES / "hf_single" / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="pytorch_model.bin") as error:
+        rel.read_checkpoint(tmp_path)
+    assert "legacy" not in str(error.value)
+
+
+def _one_tensor_bin(path: pathlib.Path, *, numel: int, offset: int, size: tuple, stride: tuple,
+                    record_floats: int = 4) -> None:
+    """A torch zip whose one tensor, "model.norm.weight", is a view (offset, size, stride) of a
+    storage said to hold `numel` floats, while its record data/0 holds `record_floats`."""
+    def text(value: str) -> bytes:
+        return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+
+    def integer(value: int) -> bytes:
+        return b"J" + struct.pack("<i", value)
+
+    def int_tuple(values: tuple) -> bytes:
+        return b"(" + b"".join(integer(v) for v in values) + b"t"
+
+    data_pkl = b"".join([
+        b"\x80\x02ccollections\nOrderedDict\n)R(", text("model.norm.weight"),
+        b"ctorch._utils\n_rebuild_tensor_v2\n((", text("storage"), b"ctorch\nFloatStorage\n",
+        text("0"), text("cpu"), integer(numel), b"tQ", integer(offset), int_tuple(size),
+        int_tuple(stride), b"\x89ccollections\nOrderedDict\n)RtR", b"u."])
+    root = path.name.split(".")[0]
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{root}/data.pkl", data_pkl)
+        archive.writestr(f"{root}/data/0", np.arange(record_floats, dtype="<f4").tobytes())
+        archive.writestr(f"{root}/data/1", np.arange(1024, dtype="<f4").tobytes())  # a neighbour
+        archive.writestr(f"{root}/version", "3\n")
+
+
+def test_views_outside_their_storage_are_refused(tmp_path):
+    """A pickle may only call the three allowed globals, but their *arguments* are the file's
+    too: a size, stride or offset that reaches past the storage, or a storage said to be longer
+    than its record, must be a ValueError, never a read of other memory or other records. Read
+    in a child process, because the failure this guards against is a crash (SIGBUS)."""
+    cases = {"size": dict(numel=4, offset=0, size=(1 << 20,), stride=(1,)),
+             "stride": dict(numel=4, offset=0, size=(4,), stride=(1 << 20,)),
+             "offset": dict(numel=4, offset=3, size=(4,), stride=(1,)),
+             "numel": dict(numel=8, offset=0, size=(8,), stride=(1,))}   # data/1 follows data/0
+    for name, case in cases.items():
+        _one_tensor_bin(tmp_path / f"{name}.bin", **case)
+    script = f"""
+import json, sys, numpy as np
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import importlib
+rel = importlib.import_module("10_released_models")
+results = {{}}
+for name in {sorted(cases)!r}:
+    try:
+        tensors = rel.read_checkpoint({str(tmp_path)!r} + "/" + name + ".bin")
+        np.asarray(tensors["model.norm.weight"]).sum()
+        results[name] = "accepted"
+    except ValueError as error:
+        results[name] = "ValueError: " + str(error)
+print(json.dumps(results))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, f"the reader crashed (exit {result.returncode}): {result.stderr[-2000:]}"
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, outcome in outcomes.items():
+        assert outcome.startswith("ValueError") and re.search(r"model\.norm\.weight|data/0", outcome), \
+            f"{name}: {outcome}"
 
 
 # --- Sharded loading ---------------------------------------------------------------------------------
