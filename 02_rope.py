@@ -6,7 +6,8 @@ pair i is rotated by the angle position · θ_i. Rotations compose, so q·k ends
 on how far apart the two tokens are (derivation in `apply_rope`). The OpenMoE paper inherits
 this from its ST-MoE/LLaMA-style decoder (paper §2.2); the released code is flaxformer's
 `components/embedding.py` (`generate_fixed_pos_embedding`, `apply_rotary_embedding`).
-OpenMoE's variant (reference/openmoe-facts.md §1.2, "RoPE"): it rotates the *full* head_dim,
+OpenMoE's variant (Fuzhao Xue's flaxformer fork, `use_rotary_embedding=True` in
+`t5x/configs/moe/architectures/moe_decoder_only.gin`): it rotates the *full* head_dim,
 θ_i = 10000^(−2i/K), in the rotate-half (GPT-NeoX) layout where pair i is (x[i], x[i + K/2]);
 sin/cos are computed in float32 and cast to the activation dtype (bf16 on TPU).
 Positions are an explicit argument, so one function serves training (0…L−1), packed rows and

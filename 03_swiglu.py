@@ -3,16 +3,17 @@
 An FFN widens each token's vector from d_model (D) to d_ff (F), applies a gated nonlinearity, and
 projects back. LLaMA's SwiGLU gates one "up" projection with a SiLU of another:
     y = wo( silu(x·W_gate) · x·W_up ),                 3·D·F parameters.
-OpenMoE's released code (reference/openmoe-facts.md §1.2, "FFN = double-gated SwiGLU"; Fuzhao's
-flaxformer `components/dense.py`, `activations=('swiglu', 'linear')`) makes wi_0 twice as wide,
+OpenMoE's released code (Fuzhao Xue's flaxformer fork, `components/dense.py`: `MlpBlock` with
+`activations=('swiglu', 'linear')`, and its `SwiGLU`) makes wi_0 twice as wide,
 splits its output into halves (a, b) and multiplies three projections together:
     y = wo( a · silu(b) · x·wi_1 ),  (a, b) = split(x·wi_0),   4·D·F parameters, no biases,
 with wi_0: D→2F (stored [D, 2, F]: the pair (a, b) as an axis of its own, so splitting F
 over devices keeps each a beside its b), wi_1: D→F, wo: F→D. Plainly: the paper's parameter counts (8.7B / 2.1B active
 for OpenMoE-8B, Table 11) assume the ordinary 3·D·F form, while the released weights use the
-double-gated one (facts §6.2); both are here as `FFNConfig.variant` so you can compare them.
+double-gated one; both are here as `FFNConfig.variant` so you can compare them.
 Kernels are f32 parameters named by logical axes ("embed", "mlp") and initialized as OpenMoE
-does: variance scaling 0.1, fan-in (facts §1.2, "Initialization"); the math runs in the
+does: variance scaling 0.1, fan-in (`SCALE = 0.1` in the fork's
+`tokens_choose_decoder_only_*.gin`); the math runs in the
 activation dtype. `ffn_param_count` and `ffn_flops_per_token` feed active-parameter counts and MFU.
 Left out: dropout (0 in pretraining), other activations, and anything MoE (05 vmaps `swiglu`).
 Run the self-test: `python 03_swiglu.py` (`--help` for options).
@@ -96,7 +97,7 @@ def ffn_init(key, shape, dtype=jnp.float32, *, scale: float = 0.1,
 
     Axes before the last two are independent copies: a stacked expert kernel [E, D, F] gets
     fan-in D (not E·D), each expert its own draw. OpenMoE uses "truncated_normal" for the dense
-    MLP and "normal" for experts (facts §1.2); jax rescales the truncated normal to keep the std.
+    MLP and "normal" for experts (the same gins); jax rescales the truncated normal to keep the std.
     """
     if len(shape) < 2:
         raise ValueError(f"ffn_init shape={shape}: needs at least 2 axes (..., fan_in, fan_out)")

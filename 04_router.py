@@ -4,7 +4,8 @@ A router is a learned D → E projection; a softmax over its logits says how muc
 each expert, and the token goes to its top k. Experts run on fixed-size buffers (static shapes for
 the compiler), so each holds at most C tokens per group and the rest are *dropped*. OpenMoE
 (arXiv 2402.01739 §2.2 Eq. 5–7, after ST-MoE and GShard) uses flaxformer's
-TokensChooseMaskedRouter (reference/openmoe-facts.md §1.3): router in f32, k = 2, combine weights
+TokensChooseMaskedRouter (flaxformer `architectures/moe/routing.py`; capacity and groups in
+`moe_layers.py`): router in f32, k = 2, combine weights
 = the raw softmax probabilities (not renormalized), groups of ≤ 4096 tokens, capacity
 C = max(4, round(cf·T/E)) with cf 1.25 in training and 2.0 in evaluation (8B: C = 160), and a
 queue in which every token's first choice comes before any second choice, earlier tokens first.

@@ -5,8 +5,8 @@ every (token, choice) assignment an expert, a slot in that expert's fixed-size b
 and a combine weight; the layer *dispatches* tokens into buffers [G, E, C, D], runs each expert
 on its buffer, and *combines*: y_t = Σ_a weight_ta · expert_out[e_ta, slot_ta]. A dropped
 assignment contributes 0, so a token dropped by all its experts gets exactly 0 and only the
-residual carries it (paper arXiv 2402.01739 §2.2; GShard §2.2; reference/openmoe-facts.md §1.3).
-OpenMoE (flaxformer MoeLayer, facts §1.3/§3): 32 experts of the double-gated SwiGLU, each
+residual carries it (paper arXiv 2402.01739 §2.2; GShard §2.2; flaxformer `moe_layers.py`).
+OpenMoE (flaxformer `MoeLayer`, `_call_experts`): 32 experts of the double-gated SwiGLU, each
 initialized independently (variance scaling 0.1, fan-in, *normal*), bf16 expert math with an f32
 router, and dense one-hot einsums `gtec` for dispatch and combine, whose [G, E, C, D] shardings
 let GSPMD insert the all-to-all. Three dispatch paths compute the same function:
@@ -204,11 +204,12 @@ class MoELayer(nnx.Module):
         metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
                                              capacity=capacity, seq_len=padded_length)
         metrics["drop_rate_by_position"] = metrics["drop_rate_by_position"][:length]
-        stats = {**losses, **metrics,
-                 "expert_BLA": routing.expert_GTA.reshape(padded_batch, padded_length, -1)[:batch, :length],
-                 "kept_BLA": routing.kept_GTA.reshape(padded_batch, padded_length, -1)[:batch, :length]}
-        y_BLD = y_GTD.reshape(padded_batch, padded_length, dim)[:batch, :length]
-        return y_BLD, stats
+        def unpadded(x_GT_):  # [G, T, ...] back to [B, L, ...] without the zero tokens
+            return x_GT_.reshape(padded_batch, padded_length, -1)[:batch, :length]
+
+        stats = {**losses, **metrics, "expert_BLA": unpadded(routing.expert_GTA),
+                 "kept_BLA": unpadded(routing.kept_GTA)}
+        return unpadded(y_GTD), stats
 
 
 def layers_per_dispatch(cfg: MoEConfig, seed: int = 0) -> dict:

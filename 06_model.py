@@ -3,13 +3,17 @@
 OpenMoE is a decoder-only transformer (arXiv 2402.01739 §2.2, Table 11) built like ST-MoE:
 pre-norm blocks of RMSNorm → attention with RoPE → feed-forward, where every k-th block swaps
 its FFN for a top-2 mixture of experts followed by one extra dense FFN ("residual MoE"). As the
-released T5X/flaxformer code computes it (reference/openmoe-facts.md §1.2): RMSNorm eps 1e-6 in
+released T5X/flaxformer code computes it (the fork's `architectures/moe/moe_architecture.py`
+and `t5x/configs/moe/architectures/moe_decoder_only.gin`): RMSNorm eps 1e-6 in
 f32; multi-head attention without biases and without a runtime 1/√head_dim (it is folded into
 the query kernel's initialization); an MoE block is attention → MoE → extra FFN in sequence,
 each with its own norm and residual (the paper's Eq. 4 parallel form is an option); untied
 embeddings (input N(0, 1), output projection computed in f32); init scale 0.1 everywhere.
 The loss is cross-entropy over real target tokens + output z-loss + load-balance and router
 z-losses averaged over MoE layers (§2.3 Eq. 8; weights 0.001, 0.01, 0.0001 from Table 12).
+`t5x_padding` adds T5X's treatment of padding for the released weights (chapter 10): a logit
+mask zeroes pad tokens before every sublayer, and attention skips queries and keys whose target
+is padding, with T5X's additive −1e10 (flaxformer `get_decoder_logit_mask`, `make_decoder_mask`).
 
 Shape legend, used in every chapter: B batch, L sequence length, S key/cache length,
 D d_model, H heads, K head_dim, F d_ff, E experts, C expert capacity, G groups,

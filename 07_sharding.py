@@ -1,8 +1,9 @@
 """Chapter 7: spreading OpenMoE over a TPU pod: meshes, partitioning rules, expert parallelism.
 
 OpenMoE trained on 64–512 TPU v3 chips (arXiv 2402.01739 §2.5) with T5X's MoE partitioner
-(reference/openmoe-facts.md §3): the devices form a 3-D mesh ('data', 'expert', 'model'), and
-logical axis names on every parameter are mapped to mesh axes by rules. The batch is split over
+(T5X `contrib/moe/partitioning.py`, `standard_logical_axis_rules`): the devices form a 3-D mesh
+('data', 'expert', 'model'), and logical axis names on every parameter are mapped to mesh axes
+by rules. The batch is split over
 ('expert', 'data'), so outside MoE layers the expert axis is simply more data parallelism; experts
 are split over 'expert'; hidden units, heads and vocab over 'model' (8B: 8 model partitions,
 32 expert partitions). Inside an MoE layer each device routes its own groups, then one

@@ -4,7 +4,8 @@ Adafactor (Shazeer & Stern 2018, arXiv 1804.04235) is Adam without momentum whos
 of a matrix is kept as one row vector and one column vector: n + m numbers instead of n·m.
 OpenMoE trained with it (paper App. A.4 and B, Table 12) because AdamW "frequently" gave NaN
 losses, and because the memory it frees on 16 GiB TPU v3 cores buys data parallelism instead of
-model parallelism. The released run (reference/openmoe-facts.md §2.1) used T5X's Adafactor:
+model parallelism. The released run (T5X `adafactor.py` with the rules of
+`contrib/moe/adafactor_utils.py`, set in the fork's gins) used T5X's Adafactor:
 β₂ₜ = 1 − t^−0.8, no momentum, factored when a matrix's smaller side is ≥ 128, updates clipped
 at RMS 1, scaled by the parameter's RMS (floor ε₂ = 1e-3), no weight decay, MoE factor rules in
 which the expert axis is a batch axis; learning rate 1/√max(step, 10⁴) (`openmoe_schedule`).

@@ -80,7 +80,7 @@ def test_parameter_counts_equal_an_independent_count_from_shapes(name):
 def test_base_active_parameters_are_the_papers_142m():
     counts = m06.parameter_counts(m06.PRESETS["openmoe-base"])
     assert round(counts["active_non_embedding"] / 1e6) == 142
-    # The real 8B shapes: 11.86B total, 2.75B active non-embedding (facts §1.1).
+    # The real 8B shapes: 11.86B total, 2.75B active non-embedding (counted from the released weights' shapes).
     counts_8b = m06.parameter_counts(m06.PRESETS["openmoe-8b"])
     assert round(counts_8b["total"] / 1e7) == 1186 and round(counts_8b["active_non_embedding"] / 1e7) == 275
 

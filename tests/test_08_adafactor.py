@@ -298,7 +298,7 @@ def test_state_sizes_by_hand():
     params = _openmoe_8b_by_hand()
     sizes = ada.state_sizes(params)
     n = sizes["params"] // 4
-    assert n == 11_855_046_656  # facts §1.1: 11.86B
+    assert n == 11_855_046_656  # 11.86B, counted from the released shapes
     assert sizes["adamw"] == 8 * n + 4  # m and v in f32, plus the step count
     # Factored matrices keep a row and a column vector (per expert for [E, ·, ·]) plus a [1]
     # placeholder for v; the rest keep a full v plus two [1] placeholders. All f32, + count.
