@@ -213,13 +213,26 @@ def _stored_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
 
 class _Storage(NamedTuple):
     path: pathlib.Path
-    offset: int
+    record: str     # its zip member, e.g. "archive/data/0"
+    offset: int     # where its bytes start in the file
     dtype: Any
     numel: int
 
 
 def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
-    """Our stand-in for torch._utils._rebuild_tensor_v2: a strided view of a memory map."""
+    """Our stand-in for torch._utils._rebuild_tensor_v2: a strided view of a memory map.
+
+    The view's numbers come from the file, so they are checked: every element it can reach,
+    offset + Σ (size_i − 1)·stride_i, must lie inside its storage (else a read of other data,
+    or a crash past the end of the file)."""
+    size, stride = tuple(map(int, size)), tuple(map(int, stride))
+    reach = storage_offset + sum((n - 1) * step for n, step in zip(size, stride))
+    if (len(size) != len(stride) or storage_offset < 0 or min(stride, default=0) < 0
+            or (0 not in size and reach >= storage.numel)):
+        raise ValueError(f"{storage.path}: a tensor viewing {storage.record} (offset "
+                         f"{storage_offset}, size {size}, stride {stride}) reaches past its "
+                         f"{storage.numel} elements: the file is damaged")
+
     def read():
         flat = np.memmap(storage.path, storage.dtype, "r", storage.offset, (storage.numel,))
         itemsize = flat.dtype.itemsize
@@ -252,17 +265,28 @@ class _StateDictUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise ValueError(f"{self.path}: unexpected persistent id {pid!r} in its pickle")
         _, dtype, key, _, numel = pid
-        info = self.archive.getinfo(f"{self.prefix}data/{key}")
+        record = f"{self.prefix}data/{key}"
+        info = self.archive.getinfo(record)
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"{self.path}: storage {key} is compressed; torch never does that")
-        return _Storage(self.path, _stored_offset(self.path, info), dtype, numel)
+            raise ValueError(f"{self.path}: storage {record} is compressed; torch never does that")
+        if numel * np.dtype(dtype).itemsize > info.file_size:
+            raise ValueError(f"{self.path}: storage {record} claims {numel} elements but holds "
+                             f"{info.file_size} bytes: the file is damaged")
+        return _Storage(self.path, record, _stored_offset(self.path, info), dtype, numel)
 
 
 def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
     """A `pytorch_model*.bin` (torch's zip format: data.pkl + one raw file per storage)."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is in torch's legacy (pre-1.6) format, which cannot be read "
-                         "without running its pickle; re-save it with a current torch")
+        with open(path, "rb") as file:
+            start = file.read(4)
+        if start.startswith(b"PK"):
+            raise ValueError(f"{path} is a damaged zip (an interrupted download?): its directory "
+                             "of contents is missing; download it again")
+        if start.startswith(b"\x80"):
+            raise ValueError(f"{path} is in torch's legacy (pre-1.6) format, which cannot be read "
+                             "without running its pickle; re-save it with a current torch")
+        raise ValueError(f"{path} is not a torch checkpoint (neither a zip nor a pickle)")
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
         if len(pickles) != 1:
