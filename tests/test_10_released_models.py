@@ -393,10 +393,9 @@ def test_a_truncated_download_is_not_called_a_legacy_file(tmp_path):
     assert "legacy" not in str(error.value)
 
 
-def _one_tensor_bin(path: pathlib.Path, *, numel: int, offset: int, size: tuple, stride: tuple,
-                    record_floats: int = 4) -> None:
+def _one_tensor_bin(path: pathlib.Path, *, numel: int, offset: int, size: tuple, stride: tuple) -> None:
     """A torch zip whose one tensor, "model.norm.weight", is a view (offset, size, stride) of a
-    storage said to hold `numel` floats, while its record data/0 holds `record_floats`."""
+    storage said to hold `numel` floats, while its record data/0 holds 4."""
     def text(value: str) -> bytes:
         return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
 
@@ -414,7 +413,7 @@ def _one_tensor_bin(path: pathlib.Path, *, numel: int, offset: int, size: tuple,
     root = path.name.split(".")[0]
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(f"{root}/data.pkl", data_pkl)
-        archive.writestr(f"{root}/data/0", np.arange(record_floats, dtype="<f4").tobytes())
+        archive.writestr(f"{root}/data/0", np.arange(4, dtype="<f4").tobytes())
         archive.writestr(f"{root}/data/1", np.arange(1024, dtype="<f4").tobytes())  # a neighbour
         archive.writestr(f"{root}/version", "3\n")
 
