@@ -308,11 +308,18 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
         (header_length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_length))
     header.pop("__metadata__", None)
+    data_bytes = path.stat().st_size - 8 - header_length
     tensors = {}
     for name, entry in header.items():
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; parameters "
+                             f"are one of {sorted(SAFETENSORS_DTYPES)}")
         dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
         offset, shape = 8 + header_length + start, tuple(entry["shape"])
+        if not 0 <= start <= end <= data_bytes or end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {start}..{end}) does "
+                             f"not fit its {data_bytes} bytes of data: the file is damaged")
         tensors[name] = Tensor(shape, dtype, lambda o=offset, s=shape, d=dtype, n=end - start:
                                np.memmap(path, d, "r", o, s) if n else np.zeros(s, d))
     return tensors
