@@ -129,7 +129,7 @@ def init_kernels(rngs: nnx.Rngs, d_model: int, d_ff: int, variant: str = "double
 
 
 def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32, *,
-           one_gate_matmul: bool = False):
+           one_gate_matmul: bool = False, matmul=jnp.matmul):
     """The FFN as a pure function: x [..., D] → y [..., D], all math in `dtype`.
 
     For "double_gated", wi_0 is [D, 2, F]: x·wi_0 gives the pair (a, b) for every hidden unit,
@@ -147,11 +147,13 @@ def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.
     gradients: E times larger for E experts, ~0.1–0.2× one dense FFN's forward+backward at E=32
     on CPU. Only for kernels whose F is whole on the device (05 unsharded, 07 in `shard_map`):
     under GSPMD the [D, 2F] view interleaves the shards of a split F, and XLA moves the kernel.
+    `matmul(x, kernel)` is every product; 05's ragged experts pass a grouped matmul, whose
+    kernels carry a leading expert axis ([E, D, F]) and whose rows come in expert order.
     """
     _check_variant(variant)
     d_ff = wi_1_DF.shape[-1]
     expected = (2, d_ff) if variant == "double_gated" else (d_ff,)
-    if wi_0.shape[1:] != expected:
+    if wi_0.shape[-len(expected):] != expected:
         raise ValueError(f"swiglu: wi_0 has shape {wi_0.shape} but variant={variant!r} with "
                          f"d_ff={d_ff} needs [D, {', '.join(map(str, expected))}]")
     # All leading axes ([B, L] or none) become one token axis T: on XLA:CPU a [T, D] @ [D, F]
@@ -159,21 +161,21 @@ def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.
     leading_shape = x_TD.shape[:-1]
     # Parameters are stored in f32; the matmuls run in the activation dtype (bf16 on TPU).
     x_TD = x_TD.reshape(-1, x_TD.shape[-1]).astype(dtype)
-    up_TF = x_TD @ wi_1_DF.astype(dtype)
+    up_TF = matmul(x_TD, wi_1_DF.astype(dtype))
     if variant == "double_gated":
         # Released OpenMoE: a second gate; SiLU on b (the pair's second member), a stays linear.
         # Plain 2-D matmuls either way: XLA:CPU runs them far faster than one einsum into a
         # [T, 2, F] output, whose backward transposes the kernel.
         wi_0 = wi_0.astype(dtype)
-        if one_gate_matmul:
-            gate_TG = x_TD @ wi_0.reshape(wi_0.shape[0], 2 * d_ff)  # G = 2F: a's, then b's
+        if one_gate_matmul:  # G = 2F: a's, then b's
+            gate_TG = matmul(x_TD, wi_0.reshape(*wi_0.shape[:-2], 2 * d_ff))
             a_TF, b_TF = gate_TG[:, :d_ff], gate_TG[:, d_ff:]
         else:
-            a_TF, b_TF = x_TD @ wi_0[:, 0], x_TD @ wi_0[:, 1]
+            a_TF, b_TF = matmul(x_TD, wi_0[..., 0, :]), matmul(x_TD, wi_0[..., 1, :])
         hidden_TF = a_TF * jax.nn.silu(b_TF) * up_TF
     else:
-        hidden_TF = jax.nn.silu(x_TD @ wi_0.astype(dtype)) * up_TF
-    y_TD = hidden_TF @ wo_FD.astype(dtype)
+        hidden_TF = jax.nn.silu(matmul(x_TD, wi_0.astype(dtype))) * up_TF
+    y_TD = matmul(hidden_TF, wo_FD.astype(dtype))
     return y_TD.reshape(*leading_shape, y_TD.shape[-1])
 
 

@@ -9,12 +9,14 @@ residual carries it (paper arXiv 2402.01739 §2.2; GShard §2.2; flaxformer `moe
 OpenMoE (flaxformer `MoeLayer`, `_call_experts`): 32 experts of the double-gated SwiGLU, each
 initialized independently (variance scaling 0.1, fan-in, *normal*), bf16 expert math with an f32
 router, and dense one-hot einsums `gtec` for dispatch and combine, whose [G, E, C, D] shardings
-let GSPMD insert the all-to-all. Three dispatch paths compute the same function:
+let GSPMD insert the all-to-all. Four dispatch paths compute the same function:
   loop   - every expert on every token, masked: the readable oracle (maxtext's MoeLoopBlock idea);
   einsum - one-hot dispatch/combine tensors [G, T, E, C], the T5X/flaxformer form;
-  gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default).
+  gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
+  ragged - rows sorted by expert and grouped matmuls, no buffers (MaxText): for accelerators.
+`dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
 Letters as in 06, plus A for one of a token's k choices. Left out: the mesh and all-to-all
-(07_sharding.py), dropless/ragged experts, shared experts, and the extra dense FFN (06).
+(07_sharding.py), shared experts, and the extra dense FFN (06).
 Self-test: `python 05_moe_layer.py` runs the three paths and checks outputs and gradients agree.
 """
 
@@ -32,7 +34,7 @@ from flax import nnx
 ffn = importlib.import_module("03_swiglu")
 router_lib = importlib.import_module("04_router")
 
-DISPATCHES = ("gather", "einsum", "loop")
+DISPATCHES = ("gather", "einsum", "ragged", "loop")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class MoEConfig(router_lib.RouterConfig):
     d_ff: int = 8192  # F of each expert (OpenMoE-8B; Base 2048, 34B 12288)
     ffn_variant: str = "double_gated"  # the released experts; "swiglu" is the paper's 3·D·F form
     init_scale: float = 0.1  # expert kernels: variance scaling 0.1, fan-in, normal (flaxformer gin)
-    dispatch: str = "gather"  # "gather" (fast), "einsum" (T5X/flaxformer one-hot), "loop" (oracle)
+    dispatch: str = "gather"  # "gather" (fast), "einsum" (T5X/flaxformer one-hot), "ragged"
+    #                           (sorted rows, grouped matmuls: for accelerators), "loop" (oracle)
+    dropless: bool = False  # serve every assignment: capacity = the group's tokens, so no drops
+    #                         (not OpenMoE: its experts dropped; best with "ragged", no buffers)
     dtype: Any = jnp.float32  # activation dtype of the expert math (bf16 on TPU); router stays f32
 
     def __post_init__(self):
@@ -156,7 +161,36 @@ def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype,
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
-DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "loop": dispatch_loop}
+def dispatch_ragged(x_GTD, routing, experts, capacity: int, variant: str, dtype,
+                    run_experts=apply_experts):
+    """No buffers: sort the kept assignments by expert, run each expert on its run of rows with
+    grouped matmuls (`jax.lax.ragged_dot`, MaxText's default MoE), unsort, combine.
+
+    Nothing is padded to C, so memory is O(T·k·D) however unbalanced the routing, which is
+    what `dropless` needs. Dropped assignments sort behind every expert, where the grouped
+    matmul leaves zeros. The experts run here, on whole kernels, so 07's all-to-all runner
+    cannot be used with this path.
+    """
+    del capacity  # the router already decided what is kept
+    if run_experts is not apply_experts:
+        raise ValueError("dispatch='ragged' runs the experts itself and cannot use 07's "
+                         "expert-parallel runner; use dispatch='gather' under expert parallelism")
+    num_groups, tokens, dim = x_GTD.shape
+    num_experts, top_k = experts[0].shape[0], routing.expert_GTA.shape[-1]
+    # One row per assignment n = (g, t, a), in expert order; dropped ones carry the key E.
+    expert_N = jnp.where(routing.kept_GTA, routing.expert_GTA, num_experts).reshape(-1)
+    order_N = jnp.argsort(expert_N, stable=True)
+    rows_ND = jnp.repeat(x_GTD.reshape(-1, dim).astype(dtype), top_k, axis=0)[order_N]
+    grouped = functools.partial(jax.lax.ragged_dot,
+                                group_sizes=jnp.bincount(expert_N, length=num_experts))
+    out_ND = ffn.swiglu(rows_ND, *experts, variant, dtype, one_gate_matmul=True, matmul=grouped)
+    # Back to assignment order (row i of out_ND is assignment order_N[i]), then mix over k.
+    out_GTAD = out_ND[jnp.argsort(order_N)].reshape(num_groups, tokens, top_k, dim)
+    return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
+
+
+DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": dispatch_ragged,
+            "loop": dispatch_loop}
 
 
 class MoELayer(nnx.Module):
@@ -193,7 +227,8 @@ class MoELayer(nnx.Module):
 
         # Routing and capacity are per group: G groups of T tokens, batch rows kept in order.
         num_groups, tokens = cfg.group_shape(padded_batch * padded_length)
-        capacity = cfg.capacity(tokens, capacity_factor)
+        # Dropless: a token's k choices are k different experts, so T slots never overflow.
+        capacity = tokens if cfg.dropless else cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
         routing, losses = self.router(x_GTD, capacity=capacity, key=key if train else None)
 
@@ -263,7 +298,7 @@ if __name__ == "__main__":
               f"{float(stats['fraction_tokens_left_behind']):.1%} of tokens got no expert; "
               f"load-balance {float(stats['load_balance_loss']):.3f}, "
               f"z-loss {float(stats['router_z_loss']):.3f}")
-        for name in ("einsum", "gather"):
+        for name in ("einsum", "gather", "ragged"):
             y_BLD, _, grads = results[name]
             output_gap = relative_gap(y_BLD, y_oracle)
             grad_gap = max(relative_gap(a, b) for a, b in zip(grads, grads_oracle))
@@ -280,4 +315,5 @@ if __name__ == "__main__":
                               np.asarray(stats["drop_rate_by_position"]).reshape(4, -1).mean(1)))
         else:
             assert float(stats["fraction_dropped"]) == 0.0
-    print("\nOK: loop, einsum and gather agree on outputs and gradients; dropped tokens get 0.")
+    print("\nOK: loop, einsum, gather and ragged agree on outputs and gradients; dropped tokens "
+          "get 0.")

@@ -71,7 +71,8 @@ class ModelConfig:
     eval_capacity_factor: float = 2.0    # ... while evaluating and generating
     min_capacity: int = 4                # capacity floor per expert and group
     capacity_rule: str = "t5x"           # "colossalai" multiplies capacity by top_k (paper §4 analysis)
-    moe_dispatch: str = "gather"         # 05's dispatch path: "gather", "einsum" (T5X) or "loop"
+    moe_dispatch: str = "gather"         # 05's path: "gather", "einsum" (T5X), "ragged" or "loop"
+    dropless: bool = False               # experts serve every assignment (not OpenMoE: it dropped)
     max_seq_len: int = 2048              # longest sequence the model accepts
     rope_max_timescale: float = 10_000.0  # RoPE base θ
     init_scale: float = 0.1              # variance-scaling scale of every kernel (OpenMoE SCALE)

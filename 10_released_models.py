@@ -706,7 +706,7 @@ ROUTING = {"t5x": {}, "colossalai": {"group_rule": "divisor", "max_group_size": 
 def _load_for_cli(args) -> tuple[Any, Any]:
     """The model and tokenizer a command names: --model (directory or hub) or --run (09)."""
     dtype = jnp.dtype(args.dtype)
-    overrides = dict(ROUTING[args.routing], dtype=dtype)
+    overrides = dict(ROUTING[args.routing], dtype=dtype, dropless=args.dropless)
     if args.capacity_factor is not None:
         overrides["eval_capacity_factor"] = args.capacity_factor
     if args.run:
@@ -776,6 +776,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   "colossalai: the PyTorch port the paper's drop analysis used")
         command.add_argument("--capacity-factor", type=float,
                              help="evaluation capacity factor (default: the model's, 2.0)")
+        command.add_argument("--dropless", action="store_true",
+                             help="experts serve every assignment: no Drop-towards-the-End")
     generate = commands.choices["generate"]
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat "

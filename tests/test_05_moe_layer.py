@@ -40,7 +40,7 @@ def test_paths_agree_on_outputs_and_gradients(results):
     # The three settings cover many drops, OpenMoE's training capacity, and none at all.
     dropped = float(stats["fraction_dropped"])
     assert (dropped == 0.0) == (capacity_factor == 4.0) and dropped < 0.9
-    for name in ("einsum", "gather"):
+    for name in ("einsum", "gather", "ragged"):
         y_BLD, _, grads = by_path[name]
         np.testing.assert_allclose(y_BLD, y_oracle, rtol=1e-5, atol=1e-7)
         assert len(grads) == len(grads_oracle) == 5  # router, wi_0, wi_1, wo, and x
@@ -173,3 +173,26 @@ def test_flaxformer_padding_routes_zero_tokens_after_the_real_ones():
     np.testing.assert_array_equal(stats["kept_BLA"], padded_stats["kept_BLA"][:, :6])
     # Zero tokens have all-zero router logits: a uniform softmax, so experts 0 and 1.
     np.testing.assert_array_equal(padded_stats["expert_BLA"][0, 6:], [[0, 1], [0, 1]])
+
+
+@pytest.mark.parametrize("dispatch", ["ragged", "gather"])
+def test_dropless_serves_every_assignment_and_equals_the_oracle(dispatch):
+    # Dropless at OpenMoE's training capacity factor: nothing is dropped, and the result equals
+    # the loop oracle with a capacity so large that nothing could drop.
+    dropless = moe.MoELayer(dataclasses.replace(CFG, dispatch=dispatch, dropless=True),
+                            rngs=nnx.Rngs(0))
+    oracle = moe.MoELayer(dataclasses.replace(CFG, dispatch="loop"), rngs=nnx.Rngs(0))
+    y_BLD, stats, grads = moe.outputs_and_grads(dropless, X_BLD, 1.25)
+    y_oracle, _, grads_oracle = moe.outputs_and_grads(oracle, X_BLD, float(CFG.num_experts))
+    assert float(stats["fraction_dropped"]) == 0.0
+    np.testing.assert_allclose(y_BLD, y_oracle, rtol=1e-5, atol=1e-7)
+    for grad, grad_oracle in zip(grads, grads_oracle):
+        scale = float(jnp.max(jnp.abs(grad_oracle)))
+        np.testing.assert_allclose(grad, grad_oracle, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_ragged_refuses_an_expert_parallel_runner():
+    layer = moe.MoELayer(dataclasses.replace(CFG, dispatch="ragged"), rngs=nnx.Rngs(0))
+    layer.run_experts = lambda *args: args[0]  # stands in for 07's all-to-all runner
+    with pytest.raises(ValueError, match="ragged"):
+        layer(X_BLD)
