@@ -1,4 +1,4 @@
-"""Chapter 11: what the routers learned. OpenMoE's three routing findings, on your own run.
+"""Chapter 11: what the routers learned. OpenMoE's three routing findings, on your run or theirs.
 
 The paper's analysis (arXiv 2402.01739 §4, App. E; reference/openmoe-facts.md §4) asks which
 experts each token is sent to, and finds three things:
@@ -10,15 +10,19 @@ experts each token is sent to, and finds three things:
   3. Drop-towards-the-end: an expert's buffer is filled in token order, so the late tokens of a
      sequence are dropped more, and far more on text the router was not balanced on (MT-Bench,
      other languages; Fig. 12, measured with ColossalAI's capacity, which includes k).
-This chapter loads a 09_train.py run directory (its config and every kept checkpoint), runs the
-model on validation text and code and on out-of-distribution text (chat-formatted documents, and
-the other languages of data/other_languages.txt), records every MoE layer's decisions (05's
-expert_BLA and kept_BLA), measures each finding and its mitigations (evaluation capacity 2.0, a
-capacity sweep), and writes a text report, analysis.json and, with matplotlib, PNG figures.
-Left out: the paper's radar plots over RedPajama subsets and programming languages (our corpus
-has two domains), and its training-time mitigation (instruction data during warmup).
+It analyses a `Subject`, one model's checkpoints in training order: a 09_train.py run (step 0,
+the initialization, then every kept checkpoint) or released OpenMoE models loaded by chapter 10
+(`--model`, or a `--series` such as the 8B at 200B … 1T tokens; f32 or bf16, one checkpoint in
+memory at a time, T5X's evaluation semantics). The last checkpoint routes validation text and
+code and out-of-distribution text (chat-formatted documents, the other languages of
+data/other_languages.txt); every MoE layer's decisions (05's expert_BLA, kept_BLA) are recorded,
+each finding and its mitigations (evaluation capacity, a capacity sweep) measured, and a report,
+analysis.json and, with matplotlib, PNG figures written. Left out: the paper's radar plots over
+RedPajama subsets and programming languages (our corpus has two domains), and its training-time
+mitigation (instruction data during warmup).
 Self-test: `python 11_routing_analysis.py --quick` trains a tiny run and analyses it (about
-1.5 minutes); `python 11_routing_analysis.py` analyses the default run (`python 09_train.py` first).
+1.5 minutes); `python 11_routing_analysis.py` analyses the default run (`python 09_train.py`
+first), `... --model OrionZheng/openmoe-base` a released model (downloaded once).
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ import importlib
 import itertools
 import json
 import logging
+import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+tok = importlib.import_module("01_tokenizer")
 model_lib = importlib.import_module("06_model")
 train_lib = importlib.import_module("09_train")
 released = importlib.import_module("10_released_models")
@@ -51,23 +57,109 @@ IN_DISTRIBUTION = ("text", "code")  # the embedded corpus' two domains, validati
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 1: a run directory of 09, and its checkpoints as models
+# Part 1: what is analysed: a 09 run's checkpoints, or released models
 # ------------------------------------------------------------------------------------------------
 
-def analysis_config(run: Run, *, capacity_factor: float | None = None, capacity_rule: str = "t5x"):
-    """The run's model, with the capacity under study and each row its own routing group.
+class Checkpoint(NamedTuple):
+    """One point of a model's training: how to name it, where it sits, its parameters on demand."""
 
-    `capacity_factor` is used with train=False (default: the run's training value). OpenMoE's
-    analysis ran one sequence at a time through ColossalAI, so a group is one row: the queue
-    order is then exactly the position in the sequence. Math in f32 on any device.
-    """
+    label: str               # a 09 step ("240") or a released model ("OrionZheng/openmoe-8b-400B")
+    step: int                # 09: the training step; released: its place in the series, 1, 2, …
+    load: Callable[[], Any]  # reads its parameters (an nnx.State of nnx.Param) when called
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """What the analysis reads: one model's config and tokenizer, and its parameters at a series
+    of checkpoints in training order. The last checkpoint is analysed in full; the earlier ones
+    only for finding 2. Each is loaded when it is needed and released after, so a series of 8B
+    checkpoints (24 GB each in bf16) never sits in memory twice."""
+
+    name: str                            # what the report calls it: a run directory, a model
+    about: str                           # one line on it, for the report's header
+    out_dir: pathlib.Path                # where report.txt, analysis.json and figures go
+    model_cfg: Any                       # 06's ModelConfig, shared by every checkpoint
+    tokenizer: Any                       # the tokenizer the model was trained with
+    seq_len: int                         # tokens per routed row
+    checkpoints: tuple[Checkpoint, ...]  # oldest first
+    step_name: str                       # "step" (a 09 run: training steps) or "checkpoint"
+    total_steps: int                     # 09: the run's length; released: the series' length
+
+
+def run_subject(run: Run, *, dtype=jnp.float32) -> Subject:
+    """A 09 run: every kept checkpoint after step 0, 09's initialization rebuilt from the seed."""
     cfg = run.cfg
+    checkpoints = tuple(Checkpoint(str(step), step, functools.partial(load_params, run, step))
+                        for step in (0, *run.steps))
+    return Subject(str(run.path), f"preset {cfg.preset}, {cfg.steps} steps, checkpoints "
+                                  f"{list(run.steps)}", run.path / "routing_analysis",
+                   dataclasses.replace(train_lib.model_config(cfg), dtype=dtype),
+                   train_lib.load_tokenizer(cfg), cfg.seq_len, checkpoints, "step", cfg.steps)
+
+
+def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512,
+                     out_dir: str | os.PathLike | None = None) -> Subject:
+    """Released models (hub names or directories): one model, or checkpoints of one model in
+    training order (the 8B at 200B … 1T tokens), as chapter 10 loads them, with T5X's evaluation
+    semantics. Hub names are downloaded now, so a missing one fails before hours of routing; the
+    configs and tokenizers are read now, the weights (in `dtype`) only when a checkpoint is used.
+    """
+    directories = [released._local(name) for name in names]
+    configs, tokenizers = zip(*(released_config(directory, dtype) for directory in directories))
+    for name, cfg in zip(names[:-1], configs):
+        if cfg != configs[-1]:
+            changed = [f.name for f in dataclasses.fields(cfg)
+                       if getattr(cfg, f.name) != getattr(configs[-1], f.name)]
+            raise ValueError(f"{name} and {names[-1]} differ in {changed}: a series must be "
+                             "checkpoints of one model")
+    model_cfg = configs[-1]
+    if not 1 <= seq_len <= model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in [1, max_seq_len={model_cfg.max_seq_len}] "
+                         f"of {names[-1]}")
+
+    def loader(directory):
+        return lambda: nnx.state(released.load_model(directory, param_dtype=dtype, dtype=dtype)[0],
+                                 nnx.Param)
+
+    checkpoints = tuple(Checkpoint(name, index, loader(directory))
+                        for index, (name, directory) in enumerate(zip(names, directories), 1))
+    about = (f"{model_cfg.num_layers} layers, MoE in {model_cfg.moe_layers}, "
+             f"{model_cfg.num_experts} experts, top-{model_cfg.top_k}, "
+             f"{jnp.dtype(dtype).name}, T5X evaluation semantics"
+             + (f"; series {list(names)}" if len(names) > 1 else ""))
+    out_dir = pathlib.Path(out_dir or pathlib.Path("runs", "routing_analysis",
+                                                   pathlib.Path(names[-1]).name))
+    return Subject(names[-1], about, out_dir, model_cfg, tokenizers[-1], seq_len, checkpoints,
+                   "checkpoint", len(names))
+
+
+def released_config(directory: pathlib.Path, dtype) -> tuple[Any, Any]:
+    """The ModelConfig and tokenizer of a released checkpoint (its config.json and spiece.model),
+    without reading its weights; chapter 10's `load_model` reads the same files."""
+    config_file = released._beside(directory, "config.json")
+    spiece = released._beside(directory, "spiece.model")
+    if config_file is None or spiece is None:
+        raise ValueError(f"{directory} needs config.json and spiece.model beside its weights "
+                         "(the released models ship both)")
+    return (released.config_from_hf(json.loads(config_file.read_text()), dtype=dtype),
+            tok.Tokenizer.load(spiece))
+
+
+def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
+                    capacity_rule: str = "t5x"):
+    """The subject's model, with the capacity under study and each row its own routing group.
+
+    `capacity_factor` is used with train=False (default: the training value). OpenMoE's
+    analysis ran one sequence at a time through ColossalAI, so a group is one row: the queue
+    order is then exactly the position in the sequence. (T5X evaluated released models with
+    flaxformer's groups, at least E per batch, so there the drops depend on the batch.)
+    """
+    cfg = subject.model_cfg
     if capacity_factor is None:
         capacity_factor = cfg.train_capacity_factor
     return dataclasses.replace(
-        train_lib.model_config(cfg), dtype=jnp.float32, remat=False,
-        eval_capacity_factor=capacity_factor, capacity_rule=capacity_rule,
-        max_group_size=cfg.seq_len)
+        cfg, remat=False, eval_capacity_factor=capacity_factor, capacity_rule=capacity_rule,
+        max_group_size=subject.seq_len, group_rule="divisor")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,15 +198,24 @@ def analysis_texts() -> dict[str, list[str]]:
     return {**texts, "chat": chat_formatted(texts["text"]), "other languages": other_language_texts()}
 
 
-def pack_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int) -> dict[str, np.ndarray]:
-    """Documents → [R, L] rows packed exactly as 09 trains (eos between documents)."""
+def pack_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int, *,
+              decoder_start: bool = False) -> dict[str, np.ndarray]:
+    """Documents → [R, L] rows packed exactly as 09 trains (eos between documents).
+
+    With `decoder_start`, rows are what T5X fed the released models: the targets shifted right
+    behind id 0, its start token, e.g. [a b eos c] → [0 a b eos].
+    """
     rows = list(itertools.islice(train_lib.pack_lm_rows(
         train_lib.token_stream(iter(texts), tokenizer), seq_len), max_rows))
     if not rows:
         raise ValueError(f"the texts hold fewer than seq_len + 1 = {seq_len + 1} tokens: nothing "
                          "to route")
-    return {key: np.stack([row[key] for row in rows])
-            for key in ("inputs", "positions", "segment_ids")}
+    packed = {key: np.stack([row[key] for row in rows])
+              for key in ("inputs", "positions", "segment_ids")}
+    if decoder_start:
+        inputs_RL = packed["inputs"]
+        packed["inputs"] = np.concatenate([np.zeros_like(inputs_RL[:, :1]), inputs_RL[:, :-1]], 1)
+    return packed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +294,7 @@ def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
     return Decisions(tuple(rows_by_source), flat["source"], flat["token"], flat["position"],
                      {layer: np.concatenate(v) for layer, v in experts.items()},
                      {layer: np.concatenate(v) for layer, v in kept.items()},
-                     model_cfg.num_experts, model_cfg.max_seq_len)
+                     model_cfg.num_experts, rows["inputs"].shape[1])  # every source's L
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,34 +399,40 @@ def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) 
         "uniform_share": 1.0 / experts}
 
 
-def early_routing(run: Run, rows_by_source: dict, min_count: int) -> dict:
-    """Finding 2: at every checkpoint (and at initialization, step 0), each frequent token id's
-    favourite expert, compared with the final checkpoint's, per MoE layer."""
-    model_cfg = analysis_config(run, capacity_factor=run.cfg.eval_capacity_factor)
-    favourites = {}
-    for step in (0, *run.steps):
-        decisions = record_decisions(load_params(run, step), model_cfg, rows_by_source)
-        favourites[step] = {
-            layer: top1_experts(decisions.token_N, expert_NA, model_cfg.num_experts, min_count)
+def favourite_experts(decisions: Decisions, min_count: int) -> dict[int, tuple]:
+    """Per MoE layer, (frequent token ids, the favourite expert of each): finding 2's measure."""
+    return {layer: top1_experts(decisions.token_N, expert_NA, decisions.num_experts, min_count)
             for layer, expert_NA in decisions.expert_NA.items()}
-    final = favourites[run.steps[-1]]
-    curve = {layer: [agreement(*favourites[step][layer], *final[layer]) for step in favourites]
+
+
+def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count: int) -> dict:
+    """Finding 2: at every earlier checkpoint (a 09 run's start at initialization, step 0), each
+    frequent token id's favourite expert, compared per MoE layer with `final`, the last
+    checkpoint's `favourite_experts`. One checkpoint is in memory at a time."""
+    model_cfg = analysis_config(subject, capacity_factor=subject.model_cfg.eval_capacity_factor)
+    favourites = [favourite_experts(record_decisions(checkpoint.load(), model_cfg, rows_by_source),
+                                    min_count)
+                  for checkpoint in subject.checkpoints[:-1]] + [final]
+    curve = {layer: [agreement(*favourite[layer], *final[layer]) for favourite in favourites]
              for layer in final}
-    return {"steps": list(favourites), "agreement": curve, "chance": 1.0 / model_cfg.num_experts,
-            "tokens": {layer: len(keys) for layer, (keys, _) in final.items()},
-            "total_steps": run.cfg.steps}
+    return {"steps": [checkpoint.step for checkpoint in subject.checkpoints],
+            "labels": [checkpoint.label for checkpoint in subject.checkpoints],
+            "step_name": subject.step_name, "total_steps": subject.total_steps,
+            "agreement": curve, "chance": 1.0 / model_cfg.num_experts,
+            "tokens": {layer: len(keys) for layer, (keys, _) in final.items()}}
 
 
 def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
-    """The capacities the drop study compares: how OpenMoE trained, how the paper measured, and
-    the evaluation capacity that OpenMoE uses as its mitigation."""
+    """The capacities the drop study compares: how OpenMoE trained, how the paper measured (its
+    Fig. 12: ColossalAI's port, k in the capacity, one group per sequence), and the evaluation
+    capacity that OpenMoE uses as its mitigation. `cfg`: 06's ModelConfig."""
     train_cf, eval_cf = cfg.train_capacity_factor, cfg.eval_capacity_factor
     return {f"train cf {train_cf} (T5X)": (train_cf, "t5x"),
             f"train cf {train_cf} x k (ColossalAI)": (train_cf, "colossalai"),
             f"eval cf {eval_cf} (T5X)": (eval_cf, "t5x")}
 
 
-SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # capacity factors of the sweep, by default
 
 
 def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
@@ -335,19 +442,22 @@ def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
             for source, part in parts.items()}
 
 
-def drop_towards_the_end(run: Run, params, rows_by_source: dict, layer: int) -> dict:
+def drop_towards_the_end(subject: Subject, params, rows_by_source: dict, layer: int,
+                         sweep: tuple[float, ...] = SWEEP) -> dict:
     """Finding 3: drop rate by position per source under each capacity setting, and the last
-    quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes."""
+    quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes.
+    Each capacity is one more pass over the rows: a shorter `sweep` saves time on large models."""
     @functools.cache  # the sweep repeats two of the named settings: route each capacity once
     def curves_at(capacity_factor: float, rule: str = "t5x") -> dict[str, np.ndarray]:
-        model_cfg = analysis_config(run, capacity_factor=capacity_factor, capacity_rule=rule)
+        model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
         return drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
 
-    curves = {name: curves_at(*setting) for name, setting in capacity_settings(run.cfg).items()}
-    sweep = {capacity_factor: {source: quarter_means(curve_L)[-1]
-                               for source, curve_L in curves_at(capacity_factor).items()}
-             for capacity_factor in SWEEP}
-    return {"layer": layer, "curves": curves, "sweep": sweep}
+    curves = {name: curves_at(*setting)
+              for name, setting in capacity_settings(subject.model_cfg).items()}
+    last_quarter = {capacity_factor: {source: quarter_means(curve_L)[-1]
+                                      for source, curve_L in curves_at(capacity_factor).items()}
+                    for capacity_factor in sweep}
+    return {"layer": layer, "curves": curves, "sweep": last_quarter}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,26 +497,37 @@ def specialization_lines(spec: dict) -> list[str]:
                     f"{position_score:.2f}); {domains}."]
 
 
-def early_routing_lines(early: dict) -> list[str]:
+def early_routing_lines(early: dict | None) -> list[str]:
     """Finding 2 in words: the agreement table over checkpoints, and where it stands halfway."""
-    curves = early["agreement"]
+    if early is None:
+        return ["2. Early routing learning: needs checkpoints from along training (a 09 run, or "
+                "--series A B ...); one model was given, so it is not measured."]
+    curves, labels, step_name = early["agreement"], early["labels"], early["step_name"]
+    width = max(6, *map(len, labels))
     lines = ["2. Early routing learning: share of frequent token ids whose favourite expert (most "
              f"common first choice) equals the final checkpoint's (chance {early['chance']:.0%})",
-             f"   {'step':>6} " + " ".join(f"{'layer ' + str(layer):>9}" for layer in curves)]
-    for i, step in enumerate(early["steps"]):
-        lines.append(f"   {step:>6} " + " ".join(f"{curve[i]:9.0%}" for curve in curves.values()))
+             f"   {step_name:>{width}} " + " ".join(f"{'layer ' + str(layer):>9}"
+                                                  for layer in curves)]
+    for i, label in enumerate(labels):
+        lines.append(f"   {label:>{width}} "
+                     + " ".join(f"{curve[i]:9.0%}" for curve in curves.values()))
     half = next(i for i, step in enumerate(early["steps"]) if step >= early["total_steps"] / 2)
     at_half = ", ".join(f"{curve[half]:.0%} in layer {layer}" for layer, curve in curves.items())
     at_start = ", ".join(f"{curve[0]:.0%}" for curve in curves.values())
-    return [*lines, f"   Conclusion: by step {early['steps'][half]} (half of training) {at_half} "
-                    "of frequent tokens already have their final favourite expert (at "
-                    f"initialization: {at_start})."]
+    # A 09 run counts training steps from initialization; a released series, its checkpoints.
+    from_init = step_name == "step"
+    return [*lines, f"   Conclusion: by {step_name} {labels[half]} (half of "
+                    f"{'training' if from_init else 'the series'}) {at_half} of frequent tokens "
+                    "already have their final favourite expert (at "
+                    f"{'initialization' if from_init else 'the first, ' + labels[0]}: "
+                    f"{at_start})."]
 
 
 def drop_lines(drops: dict, sources: list[str]) -> list[str]:
     """Finding 3 in words: drop rate by quarter of the sequence per setting, the capacity sweep."""
     lines = [f"3. Drop-towards-the-end, layer {drops['layer']}: share of assignments dropped in "
-             "each quarter of the sequence (one row per routing group, as the paper's analysis)"]
+             "each quarter of the sequence (one row per routing group, as in the paper's "
+             "analysis; its Fig. 12 used ColossalAI's rule, k in the capacity)"]
     end = {}  # setting -> source -> drop rate in the last quarter
     for setting, curves in drops["curves"].items():
         lines.append(f"   {setting}")
@@ -431,11 +552,10 @@ def drop_lines(drops: dict, sources: list[str]) -> list[str]:
                     "training capacity's end-of-sequence drops."]
 
 
-def report_lines(run: Run, results: dict, rows: dict[str, int]) -> list[str]:
+def report_lines(subject: Subject, results: dict, rows: dict[str, int]) -> list[str]:
     """The whole report: what was analysed, then the three findings with a conclusion each."""
-    header = [f"Routing analysis of {run.path} (preset {run.cfg.preset}, {run.cfg.steps} steps, "
-              f"checkpoints {list(run.steps)})",
-              f"rows of {run.cfg.seq_len} tokens per source: "
+    header = [f"Routing analysis of {subject.name} ({subject.about})",
+              f"rows of {subject.seq_len} tokens per source: "
               + ", ".join(f"{source} {count}" for source, count in rows.items())]
     return [*header, "", *specialization_lines(results["specialization"]), "",
             *early_routing_lines(results["early_routing"]), "",
@@ -483,17 +603,22 @@ def save_figures(results: dict, out_dir: pathlib.Path) -> list[str]:
     written.append(out_dir / "specialization.png")
     figure.savefig(written[-1], dpi=120)
 
-    # Finding 2: how much of the final token → expert map each checkpoint already has.
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for layer, curve in early["agreement"].items():
-        axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
-    axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
-    axis.set(xlabel="training step", ylabel="favourite expert = final one", ylim=(0, 1.05),
-             title="Early routing learning")
-    axis.legend()
-    figure.tight_layout()
-    written.append(out_dir / "early_routing.png")
-    figure.savefig(written[-1], dpi=120)
+    # Finding 2 (with a series): how much of the final token → expert map each checkpoint has.
+    if early is not None:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for layer, curve in early["agreement"].items():
+            axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
+        axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
+        axis.set_xticks(early["steps"], [pathlib.Path(label).name for label in early["labels"]],
+                        fontsize=7)
+        axis.set(xlabel={"step": "training step", "checkpoint": "checkpoint, in training order"}[
+                     early["step_name"]],
+                 ylabel="favourite expert = final one", ylim=(0, 1.05),
+                 title="Early routing learning")
+        axis.legend()
+        figure.tight_layout()
+        written.append(out_dir / "early_routing.png")
+        figure.savefig(written[-1], dpi=120)
 
     # Finding 3: drop rate along the sequence, one panel per capacity, in 16 bins of positions.
     settings = len(drops["curves"])
@@ -524,34 +649,48 @@ def default_layer(model_cfg) -> int:
     return layers[min(2, len(layers) - 1)]
 
 
-def analyse(run: Run, *, layer: int | None = None, max_rows: int = 128, min_count: int = 128,
+def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
+            min_count: int = 128, sweep: tuple[float, ...] = SWEEP,
             out_dir: pathlib.Path | None = None, figures: bool = True) -> dict:
-    """All three findings on `run`; writes report.txt, analysis.json and figures to out_dir."""
-    model_cfg = analysis_config(run)
+    """All three findings on `subject`; writes report.txt, analysis.json and figures to out_dir
+    (default: the subject's). Finding 2 needs at least two checkpoints; with one it is None."""
+    model_cfg = subject.model_cfg
     if not model_cfg.moe_layers:
-        raise ValueError(f"preset {run.cfg.preset!r} of {run.path} has no MoE layer to analyse")
+        raise ValueError(f"{subject.name} ({subject.about}) has no MoE layer to analyse")
     layer = default_layer(model_cfg) if layer is None else layer
     if layer not in model_cfg.moe_layers:
-        raise ValueError(f"layer={layer}: the MoE layers of {run.cfg.preset!r} are "
+        raise ValueError(f"layer={layer}: the MoE layers of {subject.name} are "
                          f"{model_cfg.moe_layers}")
     if max_rows < 1 or min_count < 1:
         raise ValueError(f"max_rows={max_rows} and min_count={min_count} must be >= 1")
-    out_dir = pathlib.Path(out_dir or run.path / "routing_analysis")
+    if len(set(sweep)) < 2 or min(sweep) <= 0:
+        raise ValueError(f"sweep={tuple(sweep)}: give two or more different capacity factors, "
+                         "each > 0")
+    out_dir = pathlib.Path(out_dir or subject.out_dir)
 
-    tokenizer = train_lib.load_tokenizer(run.cfg)
-    rows_by_source = {source: pack_rows(texts, tokenizer, run.cfg.seq_len, max_rows)
+    # Released weights read rows as T5X fed them, behind its start token (06's t5x_padding).
+    rows_by_source = {source: pack_rows(texts, subject.tokenizer, subject.seq_len, max_rows,
+                                        decoder_start=model_cfg.t5x_padding)
                       for source, texts in analysis_texts().items()}
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
-    final_params = load_params(run, run.steps[-1])
 
-    # Specialization is what the router wants, so it is measured at the evaluation capacity.
-    decisions = record_decisions(final_params, analysis_config(
-        run, capacity_factor=run.cfg.eval_capacity_factor), rows_by_source)
-    results = {"specialization": specialization(decisions, tokenizer, layer, min_count),
-               "early_routing": early_routing(run, in_distribution, min_count),
-               "drops": drop_towards_the_end(run, final_params, rows_by_source, layer)}
+    # The last checkpoint in full. Specialization is what the router wants, so it is measured at
+    # the evaluation capacity; the drop study compares capacities.
+    params = subject.checkpoints[-1].load()
+    decisions = record_decisions(params, analysis_config(
+        subject, capacity_factor=model_cfg.eval_capacity_factor), rows_by_source)
+    drops = drop_towards_the_end(subject, params, rows_by_source, layer, tuple(sweep))
+    del params  # one checkpoint in memory at a time: the earlier ones are loaded next
+
+    # Finding 2 compares every earlier checkpoint with the last one's favourite experts, which
+    # come from the same decisions: the in-distribution rows at the evaluation capacity.
+    final = favourite_experts(decisions.only(*IN_DISTRIBUTION), min_count)
+    results = {"specialization": specialization(decisions, subject.tokenizer, layer, min_count),
+               "early_routing": (early_routing(subject, in_distribution, final, min_count)
+                                 if len(subject.checkpoints) > 1 else None),
+               "drops": drops}
     rows = {source: len(r["inputs"]) for source, r in rows_by_source.items()}
-    lines = report_lines(run, results, rows)
+    lines = report_lines(subject, results, rows)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
@@ -560,10 +699,34 @@ def analyse(run: Run, *, layer: int | None = None, max_rows: int = 128, min_coun
         for setting, curves in results["drops"]["curves"].items()}})
     (out_dir / "analysis.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
     if figures:
-        results["heat_maps"] = heat_maps(decisions, tokenizer, layer)
+        results["heat_maps"] = heat_maps(decisions, subject.tokenizer, layer)
         results["figures"] = save_figures(results, out_dir)
     results.update(lines=lines, out_dir=str(out_dir), rows=rows)
     return results
+
+
+def open_subject(*, run_dir: str | None = None, model: str | None = None,
+                 series: list[str] | None = None, dtype: str = "float32",
+                 seq_len: int | None = None) -> Subject:
+    """What the command line names: a 09 run (`run_dir`, default runs/laptop), one released model
+    (`model`) or checkpoints of one released model in training order (`series`), in `dtype`."""
+    given = [flag for flag, value in (("--run-dir", run_dir), ("--model", model),
+                                      ("--series", series)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} given together; analyse one thing: a 09 run "
+                         "(--run-dir), one released model (--model) or a series (--series)")
+    if series is not None and len(series) < 2:
+        raise ValueError(f"--series {' '.join(series)}: a series needs two or more checkpoints "
+                         "in training order (for one model, use --model)")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: choose 'float32' or 'bfloat16'")
+    if model or series:
+        return released_subject([model] if model else series, dtype=jnp.dtype(dtype),
+                                seq_len=512 if seq_len is None else seq_len)
+    if seq_len is not None:
+        raise ValueError(f"--seq-len {seq_len} is for released models; a 09 run is analysed on "
+                         "rows of its own training length")
+    return run_subject(open_run(run_dir or "runs/laptop"), dtype=jnp.dtype(dtype))
 
 
 def quick_run_config() -> Any:
@@ -579,10 +742,24 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="Reproduce OpenMoE's three routing findings (context-independent "
                     "specialization, early routing learning, drop-towards-the-end) on a run of "
-                    "09_train.py: prints a report and writes report.txt, analysis.json and PNG "
-                    "figures (with matplotlib: pip install -r requirements-plots.txt).")
-    parser.add_argument("--run-dir", default="runs/laptop",
-                        help="a 09_train.py run directory (default: the default run's)")
+                    "09_train.py or on released OpenMoE models: prints a report and writes "
+                    "report.txt, analysis.json and PNG figures (with matplotlib: pip install -r "
+                    "requirements-plots.txt).")
+    parser.add_argument("--run-dir", default=None,
+                        help="a 09_train.py run directory (default: runs/laptop)")
+    parser.add_argument("--model", default=None,
+                        help="a released model instead: a directory or a hub name, e.g. "
+                             "OrionZheng/openmoe-base (downloaded once)")
+    parser.add_argument("--series", nargs="+", default=None, metavar="MODEL",
+                        help="checkpoints of one released model in training order, e.g. "
+                             "OrionZheng/openmoe-8b-200B ... OrionZheng/openmoe-8b-1T: the last "
+                             "is analysed in full, all of them for early routing")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="parameters and activations of released models (router and logits "
+                             "stay f32); bfloat16 halves the 8B's 47 GB")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per row for released models (default 512; a 09 run uses "
+                             "its own)")
     parser.add_argument("--quick", action="store_true",
                         help="self-test: train a tiny run (runs/routing-quick, about 1.5 minutes) "
                              "and analyse it instead")
@@ -594,21 +771,29 @@ if __name__ == "__main__":
                         help="token ids / positions seen fewer times are left out (default and "
                              "paper: 128; --quick: 32, for its shorter rows)")
     parser.add_argument("--out", default=None,
-                        help="output directory (default: RUN_DIR/routing_analysis)")
+                        help="output directory (default: RUN_DIR/routing_analysis, or "
+                             "runs/routing_analysis/MODEL for released models)")
+    parser.add_argument("--sweep", type=float, nargs="+", default=SWEEP, metavar="CF",
+                        help=f"capacity factors of the drop study's sweep (default {SWEEP}); "
+                             "each is one more pass over the rows")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only checkpoints
 
     try:
         if args.quick:
+            if args.run_dir or args.model or args.series:
+                raise ValueError("--quick trains and analyses its own run: drop --run-dir, "
+                                 "--model and --series")
             train_lib.train(quick_run_config(), overwrite=True, progress=False)
             args.run_dir = quick_run_config().run_dir
-        run = open_run(args.run_dir)
+        subject = open_subject(run_dir=args.run_dir, model=args.model, series=args.series,
+                               dtype=args.dtype, seq_len=args.seq_len)
         # The quick run's rows are half as long, so fewer of them and a lower count threshold.
         rows = (48 if args.quick else 128) if args.rows is None else args.rows
         min_count = (32 if args.quick else 128) if args.min_count is None else args.min_count
-        results = analyse(run, layer=args.layer, max_rows=rows, min_count=min_count,
-                          out_dir=args.out, figures=not args.no_figures)
+        results = analyse(subject, layer=args.layer, max_rows=rows, min_count=min_count,
+                          sweep=args.sweep, out_dir=args.out, figures=not args.no_figures)
     except ValueError as error:
         sys.exit(f"error: {error}")
     print("\n".join(results["lines"]))
@@ -617,15 +802,17 @@ if __name__ == "__main__":
           + (", " + ", ".join(pathlib.Path(f).name for f in figures) if figures else
              ("" if args.no_figures else " (no figures: pip install -r requirements-plots.txt)")))
 
-    # What must hold on any trained run: the final checkpoint agrees with itself, more capacity
+    # What must hold on any trained model: the final checkpoint agrees with itself, more capacity
     # drops less, and (the paper's first finding, seen on every run here) token ids beat positions.
     spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
     layer = spec["layer"]
-    assert all(curve[-1] == 1.0 for curve in early["agreement"].values()), "final vs itself"
+    assert early is None or all(curve[-1] == 1.0 for curve in early["agreement"].values()), (
+        "final vs itself")
     scores = spec["by_layer"][layer]
     assert scores["token_id"]["score"] > scores["position"]["score"], (
         "routing should depend more on the token id than on the position")
+    least, most = min(args.sweep), max(args.sweep)
     for source in results["rows"]:
-        assert drops["sweep"][max(SWEEP)][source] < drops["sweep"][min(SWEEP)][source], (
-            f"{source}: capacity factor {max(SWEEP)} must drop less than {min(SWEEP)}")
+        assert drops["sweep"][most][source] < drops["sweep"][least][source], (
+            f"{source}: capacity factor {most} must drop less than {least}")
     print("OK: decisions recorded at every checkpoint; the three findings measured and reported.")

@@ -4,16 +4,21 @@ answers, the text helpers, and loading, recording and analysing one tiny 09 run.
 The statistics are pure numpy functions, so they are checked on hand-built router decisions
 whose answers are known. Everything that needs a trained model shares one module-scoped run of
 06's "tiny" preset (4 blocks, MoE in blocks 1 and 3; 10 steps, checkpoints at 5 and 10, rows
-of 32 tokens), trained once by 09's own `train`.
+of 32 tokens), trained once by 09's own `train`. Released models are stood in for by tiny
+checkpoints that 10's `export_hf` writes in the released HF layout (06's tiny preset, random
+weights from two seeds), analysed through `--model` and `--series` without any network.
 """
 
 import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,8 +26,10 @@ from flax import nnx
 from conftest import load
 
 ra = load("11_routing_analysis")
+released = load("10_released_models")
 train_lib = load("09_train")
 model_lib = load("06_model")
+tok = load("01_tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +302,7 @@ def test_record_decisions_equals_the_models_own_routing(trained, rows_by_source)
     # and position it belongs to, whatever the batching (17 rows: a full batch, then a padded
     # one). Groups are single rows, so running every row in one batch routes them identically.
     run = trained.run
-    model_cfg = ra.analysis_config(run)
+    model_cfg = ra.analysis_config(ra.run_subject(run))
     params = ra.load_params(run, run.steps[-1])
     decisions = ra.record_decisions(params, model_cfg, rows_by_source)  # batch_rows=16
     assert decisions.sources == tuple(rows_by_source)
@@ -343,6 +350,7 @@ def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
     # Finding 3 compares capacity settings: each must be the capacity it claims, and more room
     # may only keep more, never drop what a smaller capacity kept.
     run = trained.run
+    subject = ra.run_subject(run)
     params = ra.load_params(run, run.steps[-1])
     seq_len, experts, top_k = run.cfg.seq_len, 8, 2  # the tiny preset: 8 experts, top-2
     settings = {  # name: (capacity factor, rule, C by hand for groups of one 32-token row)
@@ -352,7 +360,8 @@ def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
     }
     recorded = {}
     for name, (capacity_factor, rule, capacity) in settings.items():
-        model_cfg = ra.analysis_config(run, capacity_factor=capacity_factor, capacity_rule=rule)
+        model_cfg = ra.analysis_config(subject, capacity_factor=capacity_factor,
+                                       capacity_rule=rule)
         assert model_cfg.num_experts == experts and model_cfg.top_k == top_k
         recorded[name] = decisions = ra.record_decisions(params, model_cfg, rows_by_source)
         # In every layer the kept flags follow the priority queue of each row (the analysis'
@@ -386,7 +395,7 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     # and step 0 comes from the fixture (load_params(run, 0) is tested above); every other
     # load goes to the real load_params, and the calls are logged.
     run = trained.run
-    monkeypatch.setattr(ra, "SWEEP", (run.cfg.train_capacity_factor, run.cfg.eval_capacity_factor))
+    sweep = (run.cfg.train_capacity_factor, run.cfg.eval_capacity_factor)
     load_params, loaded = ra.load_params, []
 
     def logged_load_params(run_, step):
@@ -394,9 +403,13 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         return initial_params if step == 0 else load_params(run_, step)
 
     monkeypatch.setattr(ra, "load_params", logged_load_params)
+    subject = ra.run_subject(run)
     out_dir = tmp_path / "analysis"
-    results = ra.analyse(run, max_rows=4, min_count=2, out_dir=out_dir, figures=False)
-    assert set(loaded) == {0, *run.steps}  # the initialization and every kept checkpoint
+    results = ra.analyse(subject, max_rows=4, min_count=2, sweep=sweep, out_dir=out_dir,
+                         figures=False)
+    # Every checkpoint read exactly once: the last (analysed in full, then released), then the
+    # initialization and every earlier kept checkpoint, in order.
+    assert loaded == [run.steps[-1], 0, *run.steps[:-1]]
     assert (out_dir / "report.txt").read_text().strip()
     saved = json.loads((out_dir / "analysis.json").read_text())
     assert {"specialization", "early_routing", "drops"} <= set(saved)
@@ -404,7 +417,7 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     # Early routing: one point per checkpoint plus initialization; the final one vs itself is 1.
     early = results["early_routing"]
     assert early["steps"] == [0, *run.steps] and saved["early_routing"]["steps"] == [0, *run.steps]
-    assert set(early["agreement"]) == set(ra.analysis_config(run).moe_layers)
+    assert set(early["agreement"]) == set(subject.model_cfg.moe_layers)
     for curve in early["agreement"].values():
         assert len(curve) == len(run.steps) + 1 and curve[-1] == 1.0
         assert all(0.0 <= value <= 1.0 for value in curve)
@@ -421,21 +434,190 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         assert set(by_source) == set(results["rows"])
         for curve_L in by_source.values():
             assert len(curve_L) == run.cfg.seq_len and np.all((curve_L >= 0) & (curve_L <= 1))
-    sweep = results["drops"]["sweep"]
-    assert list(sweep) == list(ra.SWEEP)
-    for name, (capacity_factor, rule) in ra.capacity_settings(run.cfg).items():
+    last_quarter = results["drops"]["sweep"]
+    assert list(last_quarter) == list(sweep)
+    for name, (capacity_factor, rule) in ra.capacity_settings(subject.model_cfg).items():
         if rule == "t5x":
             for source, curve_L in curves[name].items():
-                assert sweep[capacity_factor][source] == pytest.approx(ra.quarter_means(curve_L)[-1])
+                assert last_quarter[capacity_factor][source] == pytest.approx(
+                    ra.quarter_means(curve_L)[-1])
 
     # Bad arguments fail before anything is written.
     bad_dir = tmp_path / "bad"
-    model_cfg = ra.analysis_config(run)
+    model_cfg = subject.model_cfg
     dense_layer = next(l for l in range(model_cfg.num_layers) if l not in model_cfg.moe_layers)
     with pytest.raises(ValueError, match=f"layer={dense_layer}"):
-        ra.analyse(run, layer=dense_layer, out_dir=bad_dir, figures=False)
+        ra.analyse(subject, layer=dense_layer, out_dir=bad_dir, figures=False)
     with pytest.raises(ValueError, match="max_rows=0"):
-        ra.analyse(run, max_rows=0, out_dir=bad_dir, figures=False)
+        ra.analyse(subject, max_rows=0, out_dir=bad_dir, figures=False)
     with pytest.raises(ValueError, match="min_count=0"):
-        ra.analyse(run, min_count=0, out_dir=bad_dir, figures=False)
+        ra.analyse(subject, min_count=0, out_dir=bad_dir, figures=False)
+    with pytest.raises(ValueError, match=re.escape("sweep=(2.0, 2.0)")):
+        ra.analyse(subject, sweep=(2.0, 2.0), out_dir=bad_dir, figures=False)
     assert not bad_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# D. Released models: --model and --series, on tiny checkpoints in the released HF layout
+# ---------------------------------------------------------------------------------------------
+
+RELEASED_ROWS = dict(seq_len=32)  # short rows: every source yields some, and compiles are small
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Three tiny "released" models written by 10's export_hf (06's tiny preset, whose vocabulary
+    is the embedded tokenizer's): seed 0, the same weights again elsewhere, and seed 1."""
+    tokenizer = tok.embedded_tokenizer()
+    root = tmp_path_factory.mktemp("released")
+    paths = {}
+    for name, seed in (("seed0", 0), ("seed0-again", 0), ("seed1", 1)):
+        model = model_lib.OpenMoE(model_lib.PRESETS["tiny"], rngs=nnx.Rngs(seed))
+        paths[name] = str(released.export_hf(model, root / name, tokenizer=tokenizer))
+    return paths
+
+
+@pytest.fixture
+def logged_loads(monkeypatch):
+    """Every load_model call 11 makes, by directory name, in order."""
+    load_model, loaded = released.load_model, []
+
+    def logged(directory, **kwargs):
+        loaded.append(directory.name)
+        return load_model(directory, **kwargs)
+
+    monkeypatch.setattr(released, "load_model", logged)
+    return loaded
+
+
+def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logged_loads):
+    # A series is described from config.json and spiece.model alone; weights are read only when
+    # a checkpoint is loaded, in the dtype asked for, with T5X's evaluation semantics.
+    subject = ra.released_subject([exported["seed1"], exported["seed0"]], **RELEASED_ROWS)
+    assert logged_loads == []
+    assert [c.label for c in subject.checkpoints] == [exported["seed1"], exported["seed0"]]
+    assert [c.step for c in subject.checkpoints] == [1, 2] and subject.total_steps == 2
+    assert (subject.step_name, subject.seq_len) == ("checkpoint", 32)
+    assert subject.name == exported["seed0"]  # the last checkpoint is the one analysed in full
+    cfg = subject.model_cfg
+    assert cfg.t5x_padding and cfg.group_rule == "flaxformer" and cfg.moe_layers == [1, 3]
+    assert subject.tokenizer.vocab_size == cfg.vocab_size
+    # The analysis keeps T5X's padding masks but routes each row as one group, as the paper did.
+    analysed = ra.analysis_config(subject, capacity_factor=2.0, capacity_rule="colossalai")
+    assert analysed.t5x_padding and analysed.group_rule == "divisor"
+    assert (analysed.max_group_size, analysed.eval_capacity_factor) == (32, 2.0)
+
+    params = subject.checkpoints[-1].load()
+    assert logged_loads == ["seed0"]
+    expected = nnx.state(model_lib.OpenMoE(model_lib.PRESETS["tiny"], rngs=nnx.Rngs(0)), nnx.Param)
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+        assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+
+    # bfloat16 halves the memory: parameters and activations both.
+    half = ra.released_subject([exported["seed0"]], dtype=jnp.bfloat16, **RELEASED_ROWS)
+    assert half.model_cfg.dtype == jnp.bfloat16 and "bfloat16" in half.about
+    leaves = jax.tree.leaves(half.checkpoints[0].load())
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(leaves[0], np.float32),
+                                  np.asarray(jax.tree.leaves(expected)[0]).astype(jnp.bfloat16)
+                                  .astype(np.float32))
+
+
+def test_pack_rows_with_decoder_start_shifts_the_row_behind_id_0():
+    # Released weights read [0, t1 … t_{L-1}], as T5X fed them; positions and segments unchanged.
+    tokenizer = tok.embedded_tokenizer()
+    texts = ra.analysis_texts()["text"]
+    plain = ra.pack_rows(texts, tokenizer, 16, 3)
+    started = ra.pack_rows(texts, tokenizer, 16, 3, decoder_start=True)
+    assert started["inputs"].shape == plain["inputs"].shape == (3, 16)
+    assert (started["inputs"][:, 0] == 0).all() and (plain["inputs"] > 0).all()
+    np.testing.assert_array_equal(started["inputs"][:, 1:], plain["inputs"][:, :-1])
+    for key in ("positions", "segment_ids"):
+        np.testing.assert_array_equal(started[key], plain[key])
+
+
+def test_open_subject_rejects_what_it_cannot_analyse(exported, tmp_path):
+    # Each bad combination is a clear error naming what was given, before anything is loaded.
+    with pytest.raises(ValueError, match="--run-dir and --model given together"):
+        ra.open_subject(run_dir="runs/laptop", model=exported["seed0"])
+    with pytest.raises(ValueError, match="--model and --series given together"):
+        ra.open_subject(model=exported["seed0"], series=[exported["seed0"], exported["seed1"]])
+    with pytest.raises(ValueError, match=f"--series {re.escape(exported['seed0'])}: .*two or more"):
+        ra.open_subject(series=[exported["seed0"]])
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        ra.open_subject(model=exported["seed0"], dtype="float16")
+    with pytest.raises(ValueError, match="--seq-len 64 is for released models"):
+        ra.open_subject(run_dir="runs/laptop", seq_len=64)
+    with pytest.raises(ValueError, match="seq_len=513 must be in \\[1, max_seq_len=512\\]"):
+        ra.open_subject(model=exported["seed0"], seq_len=513)
+    # A series must be checkpoints of one model: here another capacity factor in config.json.
+    other = tmp_path / "other"
+    shutil.copytree(exported["seed0"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "router_capacity_factor_eval": 3.0}))
+    with pytest.raises(ValueError, match="differ in \\['eval_capacity_factor'\\]"):
+        ra.open_subject(series=[str(other), exported["seed0"]])
+    with pytest.raises(ValueError, match="needs config.json and spiece.model"):
+        ra.open_subject(model=str(tmp_path))
+
+
+def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
+    # --model: findings 1 and 3 on one model, finding 2 marked as not measured.
+    sweep = (1.25, 2.0)
+    subject = ra.released_subject([exported["seed0"]], **RELEASED_ROWS)
+    model = ra.analyse(subject, max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "model",
+                       figures=False)
+    saved = json.loads((tmp_path / "model" / "analysis.json").read_text())
+    assert model["early_routing"] is None and saved["early_routing"] is None
+    report = (tmp_path / "model" / "report.txt").read_text()
+    assert report.startswith(f"Routing analysis of {exported['seed0']} (4 layers, MoE in [1, 3]")
+    assert "one model was given, so it is not measured" in report
+    assert set(saved["specialization"]["by_layer"]) == {"1", "3"}
+    assert set(model["rows"]) == set(ra.analysis_texts()) and max(model["rows"].values()) <= 3
+    # The three capacity settings of 09 runs (T5X train cf, ColossalAI's rule, eval cf).
+    assert list(model["drops"]["curves"]) == list(ra.capacity_settings(subject.model_cfg))
+    for curves in model["drops"]["curves"].values():
+        assert all(len(curve_L) == 32 for curve_L in curves.values())  # rows of seq_len tokens
+    assert list(model["drops"]["sweep"]) == list(sweep)
+
+    # --series of the same weights twice: every favourite expert agrees with the last one's.
+    same = ra.analyse(ra.released_subject([exported["seed0-again"], exported["seed0"]],
+                                          **RELEASED_ROWS),
+                      max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "same",
+                      figures=False)
+    assert same["early_routing"]["agreement"] == {1: [1.0, 1.0], 3: [1.0, 1.0]}
+    # --series of two different seeds: the earlier one agrees less (about chance, 1/8).
+    logged_loads.clear()
+    series = ra.analyse(ra.released_subject([exported["seed1"], exported["seed0"]],
+                                            **RELEASED_ROWS),
+                        max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "series",
+                        figures=False)
+    assert logged_loads == ["seed0", "seed1"]  # each once: the last in full, then the earlier
+    early = series["early_routing"]
+    assert early["steps"] == [1, 2] and early["labels"] == [exported["seed1"], exported["seed0"]]
+    for curve in early["agreement"].values():
+        assert curve[0] < 1.0 and curve[1] == 1.0
+    saved = json.loads((tmp_path / "series" / "analysis.json").read_text())
+    assert saved["early_routing"]["labels"] == early["labels"]
+    assert "half of the series" in (tmp_path / "series" / "report.txt").read_text()
+
+
+def test_command_line_analyses_a_series(exported, tmp_path):
+    # The CLI end to end, as a user runs it, in a fresh process (two sweep values to stay fast).
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, str(ra.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
+         "--series", exported["seed1"], exported["seed0"], "--seq-len", "32", "--rows", "3",
+         "--min-count", "2", "--sweep", "1.25", "2.0", "--no-figures", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Routing analysis of {exported['seed0']}" in result.stdout
+    assert result.stdout.rstrip().endswith("the three findings measured and reported.")
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["early_routing"]["steps"] == [1, 2]
+    assert list(saved["drops"]["sweep"]) == ["1.25", "2.0"]
+    # And a bad combination exits with the error, not a traceback.
+    result = subprocess.run(
+        [sys.executable, str(ra.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
+         "--series", exported["seed0"]], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and result.stderr.startswith("error: --series")
