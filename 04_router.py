@@ -244,13 +244,18 @@ class Router(nnx.Module):
         if x_GTD.ndim != 3 or x_GTD.shape[-1] != self.cfg.d_model:
             raise ValueError(f"router input must be [G, T, D={self.cfg.d_model}]; "
                              f"got shape {x_GTD.shape}")
-        logits_GTE = router_logits(x_GTD, self.kernel[...], jitter_noise=self.cfg.jitter_noise,
-                                   key=key)
-        routing = route(logits_GTE, top_k=self.cfg.top_k, capacity=capacity,
-                        renormalize=self.cfg.renormalize)
-        losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
-                  "router_z_loss": router_z_loss(logits_GTE)}
-        return routing, losses
+        return route_groups(x_GTD, self.kernel[...], self.cfg, capacity=capacity, key=key)
+
+
+def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int,
+                 key=None) -> tuple[Routing, dict]:
+    """The router as a pure function of its kernel: each group's routing and the two losses,
+    averaged over the groups given. Pure, so 07 can run it on each device's own groups."""
+    logits_GTE = router_logits(x_GTD, kernel_DE, jitter_noise=cfg.jitter_noise, key=key)
+    routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity, renormalize=cfg.renormalize)
+    losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
+              "router_z_loss": router_z_loss(logits_GTE)}
+    return routing, losses
 
 
 def worked_example(capacity: int = 2) -> tuple[np.ndarray, Routing]:

@@ -72,9 +72,19 @@ def apply_experts(buffers_GECD, experts, variant: str, dtype):
     return jnp.swapaxes(out_EMD.reshape(num_experts, num_groups, capacity, dim), 0, 1)
 
 
-def dispatch_loop(x_GTD, routing, experts, capacity: int, variant: str, dtype, run_experts=None):
+def _whole_experts_only(dispatch: str, run_experts) -> None:
+    """Paths without [G, E, C, D] buffers run the experts themselves, on whole kernels: refuse
+    07's runner, under which each device holds only its share of the experts."""
+    if run_experts is not apply_experts:
+        raise ValueError(f"dispatch={dispatch!r} runs the experts itself and cannot use 07's "
+                         "expert-parallel runner; use dispatch='gather' under expert parallelism")
+
+
+def dispatch_loop(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str, dtype,
+                  run_experts=apply_experts):
     """The oracle: every expert sees every token; keep its output where the router kept it."""
-    del capacity, run_experts  # no buffers: `kept` (inside the weights) is all the loop needs
+    del num_experts, capacity  # no buffers: `kept` (inside the weights) is all the loop needs
+    _whole_experts_only("loop", run_experts)
     y_GTD = jnp.zeros(x_GTD.shape, dtype)
     for expert, kernels in enumerate(zip(*experts)):
         weight_GT = jnp.sum(jnp.where(routing.expert_GTA == expert, routing.weight_GTA, 0.0), -1)
@@ -82,10 +92,9 @@ def dispatch_loop(x_GTD, routing, experts, capacity: int, variant: str, dtype, r
     return y_GTD
 
 
-def dispatch_einsum(x_GTD, routing, experts, capacity: int, variant: str, dtype,
-                    run_experts=apply_experts):
+def dispatch_einsum(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
+                    dtype, run_experts=apply_experts):
     """One-hot masks [G, T, E, C]: dispatch and combine are two einsums (flaxformer `gtec`)."""
-    num_experts = experts[0].shape[0]
     expert_GTAE = jax.nn.one_hot(routing.expert_GTA, num_experts, dtype=dtype)
     slot_GTAC = jax.nn.one_hot(routing.slot_GTA, capacity, dtype=dtype)  # all-zero past C
     dispatch_GTEC = jnp.einsum("GTAE,GTAC->GTEC", expert_GTAE, slot_GTAC)
@@ -142,11 +151,11 @@ def slot_maps(routing, num_experts: int, capacity: int):
     return target_GN, jax.vmap(sources)(target_GN)
 
 
-def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype,
-                    run_experts=apply_experts):
+def dispatch_gather(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
+                    dtype, run_experts=apply_experts):
     """Index-based dispatch and combine: each a gather whose gradient is a gather too."""
     num_groups, tokens, dim = x_GTD.shape
-    num_experts, top_k = experts[0].shape[0], routing.expert_GTA.shape[-1]
+    top_k = routing.expert_GTA.shape[-1]
     target_GN, source_GS = slot_maps(routing, num_experts, capacity)
 
     # Dispatch: one row per assignment (token t repeated k times), gathered into the slots.
@@ -161,8 +170,8 @@ def dispatch_gather(x_GTD, routing, experts, capacity: int, variant: str, dtype,
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
-def dispatch_ragged(x_GTD, routing, experts, capacity: int, variant: str, dtype,
-                    run_experts=apply_experts):
+def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
+                    dtype, run_experts=apply_experts):
     """No buffers: sort the kept assignments by expert, run each expert on its run of rows with
     grouped matmuls (`jax.lax.ragged_dot`, MaxText's default MoE), unsort, combine.
 
@@ -172,11 +181,9 @@ def dispatch_ragged(x_GTD, routing, experts, capacity: int, variant: str, dtype,
     cannot be used with this path.
     """
     del capacity  # the router already decided what is kept
-    if run_experts is not apply_experts:
-        raise ValueError("dispatch='ragged' runs the experts itself and cannot use 07's "
-                         "expert-parallel runner; use dispatch='gather' under expert parallelism")
+    _whole_experts_only("ragged", run_experts)
     num_groups, tokens, dim = x_GTD.shape
-    num_experts, top_k = experts[0].shape[0], routing.expert_GTA.shape[-1]
+    top_k = routing.expert_GTA.shape[-1]
     # One row per assignment n = (g, t, a), in expert order; dropped ones carry the key E.
     expert_N = jnp.where(routing.kept_GTA, routing.expert_GTA, num_experts).reshape(-1)
     order_N = jnp.argsort(expert_N, stable=True)
@@ -193,6 +200,13 @@ DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": disp
             "loop": dispatch_loop}
 
 
+def run_groups_here(layer_fn, x_GTD, kernel_DE, experts):
+    """Route and run every group on the devices that hold it, experts included (one device, or
+    GSPMD's choice). `layer_fn(x_GTD, kernel_DE, experts, run_experts)` is the layer's math;
+    07_sharding.py's runner calls it on each device's own groups inside `shard_map` instead."""
+    return layer_fn(x_GTD, kernel_DE, experts, apply_experts)
+
+
 class MoELayer(nnx.Module):
     """x [B, L, D] → (y [B, L, D], stats): router losses, routing metrics and decisions."""
 
@@ -205,9 +219,10 @@ class MoELayer(nnx.Module):
                                    leading=(cfg.num_experts,), scale=cfg.init_scale,
                                    distribution="normal")
         self.wi_0, self.wi_1, self.wo = kernels["wi_0"], kernels["wi_1"], kernels["wo"]
-        # How experts run on their buffers: here, on the devices that hold the tokens.
-        # 07_sharding.py swaps in an expert-parallel runner that moves tokens by all-to-all.
-        self.run_experts = apply_experts
+        # Where groups are routed and experts run: here, on the devices that hold the tokens.
+        # 07_sharding.py swaps in a runner that routes each device's groups locally and moves
+        # tokens to their experts' devices by all-to-all.
+        self.run_groups = run_groups_here
 
     def __call__(self, x_BLD, *, train: bool = True, capacity_factor: float | None = None,
                  key=None):
@@ -230,11 +245,17 @@ class MoELayer(nnx.Module):
         # Dropless: a token's k choices are k different experts, so T slots never overflow.
         capacity = tokens if cfg.dropless else cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
-        routing, losses = self.router(x_GTD, capacity=capacity, key=key if train else None)
+
+        # The layer's math on some groups: route them, dispatch, run the experts, combine.
+        def layer_fn(x_GTD, kernel_DE, experts, run_experts):
+            routing, losses = router_lib.route_groups(x_GTD, kernel_DE, cfg, capacity=capacity,
+                                                      key=key if train else None)
+            y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, cfg.num_experts, capacity,
+                                           cfg.ffn_variant, cfg.dtype, run_experts)
+            return y_GTD, routing, losses
 
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
-        y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, capacity, cfg.ffn_variant,
-                                       cfg.dtype, self.run_experts)
+        y_GTD, routing, losses = self.run_groups(layer_fn, x_GTD, self.router.kernel[...], experts)
         # Per-layer numbers for 06's logs, and each assignment's decision for 11's analysis.
         metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
                                              capacity=capacity, seq_len=padded_length)

@@ -182,37 +182,46 @@ def config_for_mesh(cfg, mesh: jax.sharding.Mesh):
 
 
 def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
-    """05's `run_experts`, distributed: expert buffers [G, E, C, D] → outputs [G, E, C, D].
+    """05's `run_groups`, distributed: each device routes its own groups, and tokens travel to
+    their experts' devices and back by all-to-all.
 
-    Outside, G is split over ('expert', 'data') like the batch; the expert kernels [E, ...] are
-    split over 'expert', their hidden units over 'model'. Inside `shard_map` each device sees
-    its local pieces and:
-      1. all_to_all along 'expert': splits its E axis into |expert| chunks and sends chunk i to
-         the i-th device of that axis, receiving every group's slots for *its* experts;
-      2. runs its E/|expert| experts (a slice of every expert's hidden units per 'model' device,
+    Outside, the groups [G, T, D] are split over ('expert', 'data') like the batch; the router
+    kernel is whole on every device; the expert kernels [E, ...] are split over 'expert', their
+    hidden units over 'model'. Inside `shard_map` each device sees its local pieces and:
+      1. routes its groups: logits, top-k, queue, drops and losses never leave the device (the
+         losses are then averaged over devices, which equals their mean over all groups);
+      2. dispatches into buffers [G_local, E, C, D] and, all_to_all along 'expert', splits E into
+         |expert| chunks and sends chunk i to the i-th device of that axis, receiving every
+         group's slots for *its* experts;
+      3. runs its E/|expert| experts (a slice of every expert's hidden units per 'model' device,
          so the output is a partial sum: psum over 'model' completes it);
-      3. all_to_all back: each group's slots return to the device that routed them.
-    Only activations travel; no device ever gathers expert weights. `check_vma` (on) tracks which
-    values vary along which axes, so the psum's gradient is the identity it should be, and the
-    expert gradients come out exact, with none of T5X's manual rescaling.
+      4. all_to_all back: each group's slots return to the device that routed them; combines.
+    Only activations travel, and only the expert buffers; no device gathers expert weights or
+    another device's router probabilities. `check_vma` (on) tracks which values vary along which
+    axes, so the psum's gradient is the identity it should be, and the gradients come out exact,
+    with none of T5X's manual rescaling.
     """
     expert_spec = P("expert", None, None, "model")     # wi_0 [E, D, 2, F] (double-gated)
     up_spec, down_spec = P("expert", None, "model"), P("expert", "model", None)
 
-    def run_local(buffers_GECD, experts, variant, dtype):
+    def run_experts(buffers_GECD, experts, variant, dtype):
         arrived_GECD = jax.lax.all_to_all(buffers_GECD, "expert", 1, 0, tiled=True)
         partial_GECD = moe.apply_experts(arrived_GECD, experts, variant, dtype)
         out_GECD = jax.lax.psum(partial_GECD, "model")
         return jax.lax.all_to_all(out_GECD, "expert", 0, 1, tiled=True)
 
-    def run_experts(buffers_GECD, experts, variant, dtype):
+    def run_groups(layer_fn, x_GTD, kernel_DE, experts):
+        def local(x_GTD, kernel_DE, experts):
+            y_GTD, routing, losses = layer_fn(x_GTD, kernel_DE, experts, run_experts)
+            return y_GTD, routing, jax.tree.map(lambda v: jax.lax.pmean(v, BATCH_AXES), losses)
+
         specs = tuple(expert_spec if k.ndim == 4 else (down_spec if i == 2 else up_spec)
                       for i, k in enumerate(experts))
-        local = jax.shard_map(lambda b, e: run_local(b, e, variant, dtype), mesh=mesh,
-                              in_specs=(P(BATCH_AXES), specs), out_specs=P(BATCH_AXES))
-        return local(buffers_GECD, experts)
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES), P(), specs),
+                             out_specs=(P(BATCH_AXES), P(BATCH_AXES), P()))(x_GTD, kernel_DE,
+                                                                            experts)
 
-    return run_experts
+    return run_groups
 
 
 def use_expert_parallelism(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -220,7 +229,7 @@ def use_expert_parallelism(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Mo
     runner = expert_parallel_runner(mesh)
     for _, node in nnx.iter_graph(model):
         if isinstance(node, moe.MoELayer):
-            node.run_experts = runner
+            node.run_groups = runner
     return model
 
 
