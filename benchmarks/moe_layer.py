@@ -1,8 +1,10 @@
 """How much does routing cost? MoE layer forward+backward time / one dense FFN's, side by side.
 
-Every path (05_moe_layer.py's loop, einsum and gather dispatch, router included) and one dense
-03 FFN with the same D and F run on the same T tokens, interleaved round by round, and we report
-median-time ratios, so a noisy machine slows all of them alike. The baseline is the dense FFN on
+Every path (05_moe_layer.py's loop, einsum, gather and ragged dispatch, router included) and one
+dense 03 FFN with the same D and F run on the same T tokens, interleaved round by round, and we
+report median-time ratios, so a noisy machine slows all of them alike. The row "experts" is the
+floor every path is judged against: the E experts alone on ready-made [E, C] buffers of the same
+tokens (05's `apply_experts`), with no router, dispatch or combine. The baseline is the dense FFN on
 the token matrix [T, D]; the row "dense BLD" is the same FFN called on [B, L, D] as 06 calls it
 (03 flattens it to [T, D] itself, so the two should match). The experts' buffers hold cf · T
 token-slots, so cf (1.25) is the compute floor. On top of it the experts' weights and their
@@ -12,6 +14,10 @@ more tokens per step amortize (`--tokens 16384`: gather at E=32 drops to ~1.5×)
 Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients included).
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25
+    python benchmarks/moe_layer.py --tokens 16384 --paths gather ragged
+
+XLA:CPU runs `jax.lax.ragged_dot` as dense matmuls over every group (slow, and E times the
+memory), so "ragged" is for GPUs and TPUs; on CPU keep it to small T.
 """
 
 import argparse
@@ -51,14 +57,35 @@ def forward_backward(module, x):
     return (lambda: jax.block_until_ready(compiled(module, x))), peak_bytes
 
 
+class ExpertsOnly(nnx.Module):
+    """A layer's E experts on buffers filled straight from the tokens (repeated to cf·T slots):
+    [1, E, C, D], C = cf·T/E, the same matmuls as the layer's with nothing around them."""
+
+    def __init__(self, layer, capacity: int):
+        copy = nnx.clone(layer)
+        self.cfg, self.capacity = layer.cfg, capacity
+        self.wi_0, self.wi_1, self.wo = copy.wi_0, copy.wi_1, copy.wo
+
+    def __call__(self, x_BLD):
+        cfg, rows = self.cfg, self.cfg.num_experts * self.capacity
+        slots_SD = jnp.resize(x_BLD.reshape(-1, cfg.d_model), (rows, cfg.d_model))
+        buffers_GECD = slots_SD.reshape(1, cfg.num_experts, self.capacity, cfg.d_model)
+        experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
+        out_GECD = moe.apply_experts(buffers_GECD, experts, cfg.ffn_variant, cfg.dtype)
+        return jnp.resize(out_GECD.reshape(rows, cfg.d_model), x_BLD.shape)  # the probe's shape
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="T, all in one routing group")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--paths", nargs="+", default=["gather", "einsum"], choices=moe.DISPATCHES,
-                        help="add 'loop' to time the oracle too (about E dense FFNs: slow)")
+    accelerator = jax.default_backend() != "cpu"
+    parser.add_argument("--paths", nargs="+", choices=moe.DISPATCHES,
+                        default=["gather", "einsum"] + (["ragged"] if accelerator else []),
+                        help="add 'loop' to time the oracle too (about E dense FFNs: slow); "
+                             "'ragged' is a default on GPU and TPU only")
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     args = parser.parse_args()
@@ -71,7 +98,10 @@ def main():
     for experts in args.experts:
         cfg = moe.MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=experts,
                             max_group_size=args.tokens, train_capacity_factor=args.capacity_factor)
-        for name, layer in moe.layers_per_dispatch(cfg).items():
+        layers = moe.layers_per_dispatch(cfg)
+        capacity = cfg.capacity(args.tokens, args.capacity_factor)
+        steps[("experts", experts)] = forward_backward(ExpertsOnly(layers["gather"], capacity), x_BLD)
+        for name, layer in layers.items():
             if name in args.paths:
                 steps[(name, experts)] = forward_backward(layer, x_BLD)
 

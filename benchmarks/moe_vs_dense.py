@@ -18,6 +18,8 @@ import statistics
 import sys
 import tempfile
 
+import jax
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 train_lib = importlib.import_module("09_train")
 
@@ -53,10 +55,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         rows = [run(p, args.steps, root) for p in ("small", register_active_matched_dense("small"))]
+    print(f"on {jax.device_count()} × {jax.devices()[0].device_kind}")
     print(f"{'preset':20}{'active':>9}{'total':>9}{'val text':>10}{'val code':>10}{'step s':>9}")
     for row in rows:
         print(f"{row['preset']:20}{row['active_params'] / 1e6:>8.1f}M{row['total_params'] / 1e6:>8.1f}M"
               f"{row['val_text_loss']:>10.3f}{row['val_code_loss']:>10.3f}{row['median_step_s']:>9.3f}")
     ratio = rows[0]["median_step_s"] / rows[1]["median_step_s"]
     print(f"MoE / dense step time: {ratio:.2f}")
-    print(json.dumps({"steps": args.steps, "results": rows, "moe_over_dense_step_time": ratio}))
+    print(json.dumps({"device": jax.devices()[0].device_kind, "steps": args.steps, "results": rows,
+                      "moe_over_dense_step_time": ratio}))
