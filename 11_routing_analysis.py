@@ -442,21 +442,19 @@ def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
             for source, part in parts.items()}
 
 
-def drop_towards_the_end(subject: Subject, params, rows_by_source: dict, layer: int,
-                         sweep: tuple[float, ...] = SWEEP) -> dict:
+def drop_towards_the_end(subject: Subject, decisions_at: Callable[[float, str], Decisions],
+                         layer: int, sweep: tuple[float, ...] = SWEEP) -> dict:
     """Finding 3: drop rate by position per source under each capacity setting, and the last
     quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes.
-    Each capacity is one more pass over the rows: a shorter `sweep` saves time on large models."""
-    @functools.cache  # the sweep repeats two of the named settings: route each capacity once
-    def curves_at(capacity_factor: float, rule: str = "t5x") -> dict[str, np.ndarray]:
-        model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
-        return drop_curves(record_decisions(params, model_cfg, rows_by_source), layer)
-
-    curves = {name: curves_at(*setting)
+    `decisions_at(capacity_factor, rule)` routes the rows at that capacity; each capacity is one
+    more pass over them, so a shorter `sweep` saves time on large models."""
+    curves = {name: drop_curves(decisions_at(*setting), layer)
               for name, setting in capacity_settings(subject.model_cfg).items()}
-    last_quarter = {capacity_factor: {source: quarter_means(curve_L)[-1]
-                                      for source, curve_L in curves_at(capacity_factor).items()}
-                    for capacity_factor in sweep}
+    last_quarter = {}
+    for capacity_factor in sweep:
+        by_source = drop_curves(decisions_at(capacity_factor, "t5x"), layer)
+        last_quarter[capacity_factor] = {source: quarter_means(curve_L)[-1]
+                                         for source, curve_L in by_source.items()}
     return {"layer": layer, "curves": curves, "sweep": last_quarter}
 
 
@@ -674,13 +672,19 @@ def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
                       for source, texts in analysis_texts().items()}
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
 
-    # The last checkpoint in full. Specialization is what the router wants, so it is measured at
-    # the evaluation capacity; the drop study compares capacities.
+    # The last checkpoint in full, routed once per capacity under study (the drop study's
+    # settings and sweep share some). Specialization is what the router wants, so it is
+    # measured at the evaluation capacity.
     params = subject.checkpoints[-1].load()
-    decisions = record_decisions(params, analysis_config(
-        subject, capacity_factor=model_cfg.eval_capacity_factor), rows_by_source)
-    drops = drop_towards_the_end(subject, params, rows_by_source, layer, tuple(sweep))
-    del params  # one checkpoint in memory at a time: the earlier ones are loaded next
+
+    @functools.cache  # keyed by the arguments as given: always pass both
+    def decisions_at(capacity_factor: float, rule: str) -> Decisions:
+        model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
+        return record_decisions(params, model_cfg, rows_by_source)
+
+    decisions = decisions_at(model_cfg.eval_capacity_factor, "t5x")
+    drops = drop_towards_the_end(subject, decisions_at, layer, tuple(sweep))
+    del params, decisions_at  # one checkpoint in memory at a time: the earlier ones load next
 
     # Finding 2 compares every earlier checkpoint with the last one's favourite experts, which
     # come from the same decisions: the in-distribution rows at the evaluation capacity.

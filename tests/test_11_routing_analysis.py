@@ -403,6 +403,13 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         return initial_params if step == 0 else load_params(run_, step)
 
     monkeypatch.setattr(ra, "load_params", logged_load_params)
+    record_decisions, routed = ra.record_decisions, []
+
+    def logged_record_decisions(params, model_cfg, rows_by_source):
+        routed.append((model_cfg.eval_capacity_factor, model_cfg.capacity_rule))
+        return record_decisions(params, model_cfg, rows_by_source)
+
+    monkeypatch.setattr(ra, "record_decisions", logged_record_decisions)
     subject = ra.run_subject(run)
     out_dir = tmp_path / "analysis"
     results = ra.analyse(subject, max_rows=4, min_count=2, sweep=sweep, out_dir=out_dir,
@@ -410,6 +417,10 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     # Every checkpoint read exactly once: the last (analysed in full, then released), then the
     # initialization and every earlier kept checkpoint, in order.
     assert loaded == [run.steps[-1], 0, *run.steps[:-1]]
+    # Each capacity routed once on the last checkpoint (evaluation cf for specialization, which
+    # the drop study's settings and sweep reuse), then each earlier checkpoint at the eval cf.
+    assert routed == [(2.0, "t5x"), (1.25, "t5x"), (1.25, "colossalai"), (2.0, "t5x"),
+                      (2.0, "t5x")]
     assert (out_dir / "report.txt").read_text().strip()
     saved = json.loads((out_dir / "analysis.json").read_text())
     assert {"specialization", "early_routing", "drops"} <= set(saved)
