@@ -140,7 +140,8 @@ def released_config(directory: pathlib.Path, dtype) -> tuple[Any, Any]:
     spiece = released._beside(directory, "spiece.model")
     if config_file is None or spiece is None:
         raise ValueError(f"{directory} needs config.json and spiece.model beside its weights "
-                         "(the released models ship both)")
+                         "(or in its parent): the hub models ship both; for a T5X checkpoint, "
+                         "copy them from the HF model of the same size")
     return (released.config_from_hf(json.loads(config_file.read_text()), dtype=dtype),
             tok.Tokenizer.load(spiece))
 
