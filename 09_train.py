@@ -10,7 +10,8 @@ next-token prediction after 390K steps. This file is that program, one readable 
   data:  texts → tokens (+eos) → packed rows (LM: one causal stream, as OpenMoE's full_lm;
          UL2: one example per segment, with segment ids and positions, as T5X packs);
   step:  one jitted function on 07's mesh: grads (optionally over microbatches) → 08's Adafactor;
-  loop:  tqdm, metrics.jsonl, per-domain eval, orbax checkpoints, exact resume, NaN stop.
+  loop:  tqdm, metrics.jsonl, per-domain eval, orbax checkpoints, exact resume, NaN stop;
+  run directory: one run each (locked), resumable after any kill, nothing deleted unasked.
 `python 09_train.py` trains the small preset on the embedded corpus (~10 min on 2 CPU cores);
 `--config openmoe-8b --mesh ... --mixture openmoe_v1` is the same program on a TPU v3 pod, and
 `--dry-run [--topology v3:16x16]` compiles that step without running it (memory, FLOPs, MFU).
@@ -21,15 +22,23 @@ stream), pipeline parallelism. Self-test: `python 09_train.py --quick` (about a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import functools
 import importlib
 import itertools
 import json
+import logging
 import math
+import os
 import pathlib
 import shutil
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -59,6 +68,10 @@ def parse_mesh(text: str) -> dict[str, int]:
                              f"with each axis of {shard.MESH_AXES} at most once, sizes >= 1")
         sizes[name] = int(value)
     return sizes
+
+
+OBJECTIVES = ("lm", "ul2")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +108,19 @@ class TrainConfig:
     sample_tokens: int = 48              # tokens generated at the end (0 = none)
 
     def __post_init__(self):
+        # A NaN or inf in any float field would only surface at the first step (or never: an
+        # infinite learning rate trains NaNs), so every float must be a finite number.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float" and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{field.name}={value!r}: must be a finite number")
         checks = {
             "preset": (self.preset in model_lib.PRESETS, f"one of {sorted(model_lib.PRESETS)}"),
             "mixture": (self.mixture in tok.MIXTURES, f"one of {sorted(tok.MIXTURES)}"),
-            "objective": (self.objective in ("lm", "ul2"), "'lm' or 'ul2'"),
-            "dtype": (self.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+            "objective": (self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
+            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
             "seq_len": (self.seq_len >= 32, "an int >= 32 (UL2 needs room for prefix and spans)"),
+            "seed": (0 <= self.seed < 2**32, "an int from 0 to 2**32 - 1"),
             "peak_lr": (self.peak_lr > 0, "> 0 (OpenMoE: 0.01)"),
             "train_capacity_factor": (self.train_capacity_factor > 0, "> 0 (OpenMoE: 1.25)"),
             "eval_capacity_factor": (self.eval_capacity_factor > 0, "> 0 (OpenMoE: 2.0)"),
@@ -148,9 +168,13 @@ CONFIGS: dict[str, TrainConfig] = {
                                        mixture="openmoe_v3", ul2_until_step=25_000, microbatches=16,
                                        mesh="data=1,expert=32,model=16"),
 }
-# Fields that may differ when a run is resumed (extending a run, changing how often it reports).
-RESUMABLE_FIELDS = {"steps", "eval_every", "eval_batches", "sample_tokens", "checkpoint_every",
-                    "keep_last", "keep_period", "peak_tflops_per_device"}
+# Fields that may change when a run is resumed: its length, the learning-rate schedule (the cure
+# for a divergence), how often it evaluates, saves and reports, and how the same math is laid out
+# on devices. Everything else (model shape, data, objective, seed, precision, losses) is the run's
+# identity and stays locked; the run directory's name is not part of it (a run may be moved).
+RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches",
+                    "sample_tokens", "checkpoint_every", "keep_last", "keep_period",
+                    "peak_tflops_per_device", "mesh", "microbatches", "remat"}
 
 
 def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
@@ -415,6 +439,13 @@ def validation_batches(cfg: TrainConfig, tokenizer, rows: int) -> dict[str, list
 # The step: one jitted function that takes the state and returns the new state
 # ------------------------------------------------------------------------------------------------
 
+def all_finite(tree) -> jax.Array:
+    """True when no floating-point leaf of `tree` holds a NaN or an inf."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def make_train_step(graphdef, rest, tx, microbatches: int):
     """grads of 06's loss (summed over microbatches, T5X-style) → Adafactor → new params.
 
@@ -442,8 +473,11 @@ def make_train_step(graphdef, rest, tx, microbatches: int):
             grads = jax.tree.map(lambda g: g / microbatches, grads)
             metrics = jax.tree.map(lambda m: m.mean(0), metrics)
         updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        # The loop saves a checkpoint only from a state it has seen to be finite.
+        metrics["state_finite"] = all_finite((params, opt_state))
+        return params, opt_state, metrics
 
     return train_step
 
@@ -572,29 +606,66 @@ def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def checkpoint_manager(cfg: TrainConfig):
+    """Orbax's manager of run_dir/checkpoints. A save killed half-way leaves only a temporary
+    directory, which the next manager of this directory removes (cleanup_tmp_directories)."""
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_last, keep_period=cfg.keep_period,
-                                           enable_async_checkpointing=False, create=True)
+                                           enable_async_checkpointing=False, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(pathlib.Path(cfg.run_dir).absolute() / "checkpoints", options=options)
 
 
 def save_checkpoint(manager, step: int, trainer: Trainer, rng_key) -> None:
     """Params and Adafactor state (as leaves: every host writes its shards), plus step, data
     position (= rows consumed) and the RNG key. Orbax writes to a temporary name and renames,
-    so a run killed mid-save leaves the previous checkpoint intact."""
+    so a run killed mid-save leaves the previous checkpoint intact.
+
+    A disk without room for the state is an OSError before orbax starts writing; a write that
+    fails anyway (a quota, a file-size limit) raises orbax's error.
+    """
     import orbax.checkpoint as ocp
     state = {"params": jax.tree.leaves(trainer.params), "opt_state": jax.tree.leaves(trainer.opt_state)}
+    needed, free = sum(x.nbytes for x in jax.tree.leaves(state)), shutil.disk_usage(manager.directory).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"the checkpoint needs about {needed / 2**20:.0f} MiB, "
+                                    f"{free / 2**20:.0f} MiB are free")
     meta = {"step": step, "data_rows_consumed": step * trainer.cfg.batch_size,
             "rng": np.asarray(jax.random.key_data(rng_key)).tolist()}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    with orbax_errors_reported_once():
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
 
 
-def restore_checkpoint(manager, trainer: Trainer):
-    """The latest checkpoint into the trainer (shardings from the fresh state); its step and key."""
+@contextlib.contextmanager
+def orbax_errors_reported_once():
+    """Around an orbax save or restore whose failure the caller reports in one line.
+
+    Orbax logs such an error with its traceback from a background thread, and its abandoned
+    tensorstore reads and writes each report "Event loop is closed" afterwards. Both are
+    silenced while it works and, if it fails, for the rest of the process (the caller stops
+    the run or moves on to another checkpoint; the one line it prints carries the cause).
+    """
+    absl_log, report_unraisable = logging.getLogger("absl"), sys.unraisablehook
+    level = absl_log.level
+    absl_log.setLevel(logging.CRITICAL)
+    sys.unraisablehook = functools.partial(drop_closed_loop_reports, report_unraisable)
+    yield
+    absl_log.setLevel(level)  # reached only on success: nothing was abandoned
+    sys.unraisablehook = report_unraisable
+
+
+def drop_closed_loop_reports(report_next, unraisable) -> None:
+    """An unraisable-exception hook that drops "Event loop is closed": after a failed save,
+    orbax's remaining tensorstore writes report into its closed event loop, once per write."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        report_next(unraisable)
+
+
+def read_checkpoint(manager, trainer: Trainer, step: int):
+    """Checkpoint `step` as (params, opt_state, RNG key), sharded like the trainer's fresh state."""
     import orbax.checkpoint as ocp
-    step = manager.latest_step()
     params_leaves, params_def = jax.tree.flatten(trainer.params)
     opt_leaves, opt_def = jax.tree.flatten(trainer.opt_state)
 
@@ -603,40 +674,183 @@ def restore_checkpoint(manager, trainer: Trainer):
 
     target = {"params": [abstract(x) for x in params_leaves],
               "opt_state": [abstract(x) for x in opt_leaves]}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    trainer.params = jax.tree.unflatten(params_def, restored["state"]["params"])
-    trainer.opt_state = jax.tree.unflatten(opt_def, restored["state"]["opt_state"])
+    with orbax_errors_reported_once():
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     key = jax.random.wrap_key_data(np.array(restored["meta"]["rng"], np.uint32))
-    return step, key
+    return (jax.tree.unflatten(params_def, restored["state"]["params"]),
+            jax.tree.unflatten(opt_def, restored["state"]["opt_state"]), key)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line: its type and message on one line, the middle cut out
+    when long (orbax puts the cause, e.g. "File too large", at the end)."""
+    line = " ".join(str(error).split())
+    return f"{type(error).__name__}: {line if len(line) <= 300 else line[:150] + ' ... ' + line[-150:]}"
+
+
+def restore_newest_readable(cfg: TrainConfig, manager, trainer: Trainer):
+    """Load the newest checkpoint that reads back whole and finite into the trainer; return its
+    step and RNG key, or (0, the seed's key) when there is none.
+
+    A checkpoint that fails to restore, or holds NaN or inf (written by an older version of
+    this program), is moved to run_dir/unreadable_checkpoints/ and the one before it is tried:
+    nothing is deleted, and the run continues from the newest state it can trust.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            params, opt_state, key = read_checkpoint(manager, trainer, step)
+            problem = None if bool(jax.jit(all_finite)((params, opt_state))) else "holds NaN or inf"
+        except Exception as error:  # orbax and tensorstore raise many types for a damaged file
+            problem = f"cannot be read ({one_line(error)})"
+        if problem is None:
+            trainer.params, trainer.opt_state = params, opt_state
+            return step, key
+        aside = pathlib.Path(cfg.run_dir) / "unreadable_checkpoints" / f"{step}-{time.time():.0f}"
+        if jax.process_index() == 0:
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(pathlib.Path(manager.directory) / str(step), aside)
+        print(f"warning: checkpoint step {step} {problem}; moved it to {aside} and trying the "
+              "one before it", file=sys.stderr)
+        manager.reload()
+    return 0, jax.random.key(cfg.seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory: one run per directory, locked while it trains, nothing lost
+# ------------------------------------------------------------------------------------------------
+
+# What a run writes into its directory, and all that `--overwrite` deletes: anything else there
+# (notes, 11's routing_analysis/, ...) is never touched.
+RUN_FILES = ("config.json", "config_history.jsonl", "metrics.jsonl", "checkpoints",
+             "unreadable_checkpoints")
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason the user can act on; the message says what to do."""
+
+
+class TrainingDiverged(RunError):
+    """The loss, gradient or new state became NaN or inf; no checkpoint holds such a state."""
+
+
+def create_run_dir(run_dir: pathlib.Path) -> None:
+    """Create run_dir (and its parents), or say in one line why it cannot be used."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"TrainConfig.run_dir={str(run_dir)!r} is a file, not a directory; "
+                         "pass a directory path to --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"TrainConfig.run_dir={str(run_dir)!r} cannot be created "
+                         f"({error.strerror}); choose a writable --run-dir") from error
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: pathlib.Path):
+    """Hold run_dir/run.lock while training, so that a second process is refused at its start.
+
+    The lock is the kernel's (flock) on an open file, released when the process ends in any way,
+    SIGKILL included: a killed run never leaves a stale lock behind. The file names the holder.
+    """
+    path = run_dir / "run.lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"cannot write {str(path)!r} ({error.strerror}); the run directory must "
+                         "be writable: fix its permissions or choose another --run-dir") from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(f"run directory {str(run_dir)!r} is in use by {holder}; wait for it "
+                           "to finish, or stop it (it resumes from its last checkpoint), or "
+                           "choose another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "
+                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield
+
+
+def replace_file(path: pathlib.Path, text: str) -> None:
+    """Write `text` to `path` atomically: a reader (or a kill) sees the old file or the new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> None:
-    """Refuse to mix two different runs in one directory; with `overwrite`, start it afresh."""
+    """Make run_dir hold this run (call it holding the run's lock, on the first host).
+
+    A directory with another run in it is refused, whatever the spelling of its path: a run's
+    identity is its config outside RESUMABLE_FIELDS. Changed resumable fields are accepted and
+    appended to config_history.jsonl. `overwrite` deletes the previous run's own files
+    (RUN_FILES) and says so. Every check comes before the first change to the directory.
+    """
     run_dir = pathlib.Path(cfg.run_dir)
-    saved_path = run_dir / "config.json"
-    if saved_path.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    elif saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        differ = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RESUMABLE_FIELDS and saved.get(k) != v}
-        if differ:
-            raise ValueError(f"run directory {run_dir} holds a run with a different config "
-                             f"(field: (saved, now) = {differ}); use another --run-dir, or pass "
-                             "--overwrite to delete it and start again")
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    config_path, now = run_dir / "config.json", dataclasses.asdict(cfg)
+    saved = None
+    if config_path.exists() and not overwrite:
+        try:
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{config_path} cannot be read ({one_line(error)}); restore it, "
+                             "or choose another --run-dir") from error
+        locked = {k: (saved.get(k), v) for k, v in now.items()
+                  if k not in RESUMABLE_FIELDS | {"run_dir"} and saved.get(k) != v}
+        if locked:
+            raise ValueError(
+                f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
+                f"only {sorted(RESUMABLE_FIELDS)} may change when resuming. Choose another "
+                "--run-dir, or pass --overwrite to delete this run's files "
+                f"({', '.join(RUN_FILES)}) and start again here")
+    for path in (config_path, run_dir / "metrics.jsonl"):
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"cannot write {path}: it is a directory or read-only; move it "
+                             "away or choose another --run-dir")
+
+    if overwrite:
+        removed = [name for name in RUN_FILES if (run_dir / name).exists()]
+        for name in removed:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if removed:
+            print(f"--overwrite: deleted {', '.join(removed)} from {run_dir} (nothing else)")
+    changed = {k: [saved.get(k), v] for k, v in now.items() if saved and saved.get(k) != v}
+    if changed:
+        with open(run_dir / "config_history.jsonl", "a") as history:
+            history.write(json.dumps({"time": datetime.datetime.now().isoformat(
+                timespec="seconds"), "changed": changed}) + "\n")
+        print(f"resuming {run_dir} with changed settings (recorded in config_history.jsonl): "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    replace_file(config_path, json.dumps(now, indent=2) + "\n")
+
+
+def cut_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Leave metrics.jsonl with exactly one line per step 1..last_step, in order.
+
+    Lines past the restored checkpoint are dropped (this run redoes those steps), and so is a
+    line cut short by a kill; where an older version of this program appended duplicates, the
+    newest line of each step is kept.
+    """
+    lines = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(step, int) and 1 <= step <= last_step:
+            lines[step] = line
+    replace_file(path, "".join(lines[step] + "\n" for step in sorted(lines)))
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
-
 
 def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, float]:
     """Next-token loss and accuracy per domain at the eval capacity factor (train=False)."""
@@ -676,12 +890,45 @@ def sample_text(trainer: Trainer, tokenizer, prompt: str, max_new_tokens: int) -
     return prompt + tokenizer.decode(out)
 
 
+# A step whose gradient is exactly zero changes nothing; this many in a row is a stalled run.
+STALL_STEPS = 5
+
+
+def divergence_message(cfg: TrainConfig, step: int, metrics: dict, saved_step: int | None) -> str:
+    """What went non-finite at `step`, and the command that continues from the last good state."""
+    state = "finite" if bool(metrics["state_finite"]) else "NaN or inf"
+    lower = f"--peak-lr {cfg.peak_lr / 10:g}"
+    if saved_step:
+        advice = (f"The newest checkpoint, step {saved_step} in {cfg.run_dir}/checkpoints, holds "
+                  f"finite values: run the same command with {lower} to resume from it (the "
+                  "change is recorded in config_history.jsonl). If it diverges again at once, that "
+                  "state is already damaged (metrics.jsonl shows the loss climbing before it): "
+                  f"add --overwrite to start again with {lower}")
+    else:
+        advice = f"No checkpoint was saved yet: run the same command with {lower} to start again"
+    return (f"training diverged at step {step}: loss {float(metrics['loss']):g}, gradient norm "
+            f"{float(metrics['grad_norm']):g}, new parameters and optimizer state {state}; nothing "
+            f"of this step was saved. {advice}. Using --dtype float32 or checking the data can also help")
+
+
+def write_failed(what: str, error: BaseException, resume_step: int | None) -> RunError:
+    """The error for a write that failed mid-run (a full disk, say): what, why, how to go on."""
+    return RunError(f"could not write {what} ({one_line(error)}); make room or fix permissions, "
+                    f"then run the same command again: it resumes from step {resume_step or 0}, "
+                    "the newest complete checkpoint")
+
+
+def last_eval(metrics_path: pathlib.Path) -> dict[str, float]:
+    """The newest evaluation recorded in metrics.jsonl ({} if there is none)."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
+    return next((e for e in reversed(evals) if e), {})
+
+
 def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
     """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the process's
     work after that step as if it were killed there (used to test exact resume)."""
-    from tqdm import tqdm
-
     # Everything that can be wrong is checked before anything is compiled or written.
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -689,68 +936,102 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but preset {cfg.preset!r} only "
                          f"{model_config(cfg).vocab_size} embedding rows; pick a matching --tokenizer")
     sources = training_sources(cfg, jax.process_index(), jax.process_count())
-    prepare_run_dir(cfg, overwrite)
+
+    # One process per run directory: the first host holds its lock for the whole run.
+    run_dir, first_host = pathlib.Path(cfg.run_dir), jax.process_index() == 0
+    if first_host:
+        create_run_dir(run_dir)
+    with run_lock(run_dir) if first_host else contextlib.nullcontext():
+        if first_host:
+            prepare_run_dir(cfg, overwrite)
+        manager = checkpoint_manager(cfg)
+        try:
+            # A finished run is reported at once, without compiling anything.
+            if (manager.latest_step() or 0) >= cfg.steps:
+                return {"run_dir": cfg.run_dir, "steps": manager.latest_step(), "complete": True,
+                        "losses": {}, "eval": last_eval(run_dir / "metrics.jsonl"),
+                        "checkpoints": list(manager.all_steps())}
+            return train_steps(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
+        finally:
+            manager.close()
+
+
+def train_steps(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
+                stop_after: int | None, progress: bool) -> dict:
+    """The loop proper: restore, then step, evaluate, log and checkpoint until the run ends."""
+    from tqdm import tqdm
 
     trainer = build_trainer(cfg, mesh)
-    manager = checkpoint_manager(cfg)
-    start_step, rng_key = 0, jax.random.key(cfg.seed)
-    if manager.latest_step() is not None:
-        start_step, rng_key = restore_checkpoint(manager, trainer)
+    start_step, rng_key = restore_newest_readable(cfg, manager, trainer)
+    if start_step:
         print(f"resuming {cfg.run_dir} from step {start_step}")
     eval_sets = validation_batches(cfg, tokenizer, cfg.batch_size // jax.process_count())
     schedule = ada.openmoe_schedule(schedule_config(cfg))
     flops_per_token = model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len)
     peak = peak_tflops(cfg, jax.devices()[0])
-    metrics_file = open(pathlib.Path(cfg.run_dir) / "metrics.jsonl", "a")
+    # The metrics file holds one line per step: the lines of steps this run will redo go first.
+    metrics_path = pathlib.Path(cfg.run_dir) / "metrics.jsonl"
+    if jax.process_index() == 0:
+        cut_metrics(metrics_path, start_step)
     batches = train_batches(cfg, tokenizer, sources, start_step=start_step)
     last_step = min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(start_step, last_step), initial=start_step, total=cfg.steps,
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
-    losses, evals, started = {}, {}, time.time()
+    losses, evals, started, stalled_since = {}, {}, time.time(), None
 
-    for step in bar:
-        # One step: this host's rows become global arrays, then the jitted step runs.
-        tick = time.time()
-        with jax.set_mesh(mesh):
-            batch = shard.global_batch(next(batches), mesh)
-            trainer.params, trainer.opt_state, metrics = trainer.train_step(
-                trainer.params, trainer.opt_state, batch)
-        loss = float(metrics["loss"])
-        rng_key = jax.random.fold_in(rng_key, step)
-        record = step_record(step + 1, metrics, cfg, float(schedule(step)), time.time() - tick,
-                             flops_per_token, peak, mesh.size)
+    with contextlib.closing(bar):
+        for step in bar:
+            # One step: this host's rows become global arrays, then the jitted step runs.
+            tick = time.time()
+            with jax.set_mesh(mesh):
+                batch = shard.global_batch(next(batches), mesh)
+                trainer.params, trainer.opt_state, metrics = trainer.train_step(
+                    trainer.params, trainer.opt_state, batch)
+            done, loss, grad_norm = step + 1, float(metrics["loss"]), float(metrics["grad_norm"])
+            rng_key = jax.random.fold_in(rng_key, step)
+            record = step_record(done, metrics, cfg, float(schedule(step)), time.time() - tick,
+                                 flops_per_token, peak, mesh.size)
 
-        # A NaN or inf stops the run before any checkpoint could store it.
-        if not math.isfinite(loss):
-            metrics_file.close()
-            raise TrainingDiverged(
-                f"loss became {loss} at step {step + 1}; stopping. The last good checkpoint "
-                f"(step {manager.latest_step()}) in {cfg.run_dir}/checkpoints is kept. Lower "
-                "--peak-lr, use float32, or check the data")
-        losses[step + 1] = loss
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        drop=f"{record['fraction_dropped']:.1%}")
+            # A NaN or inf in the loss, the gradient or the new state stops the run before this
+            # step reaches the metrics file or a checkpoint: every checkpoint holds finite values.
+            if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["state_finite"])):
+                raise TrainingDiverged(divergence_message(cfg, done, metrics, manager.latest_step()))
+            # An exactly zero gradient leaves every parameter where it is: say so, once.
+            stalled_since = (stalled_since or done) if grad_norm == 0 else None
+            if stalled_since and done - stalled_since + 1 == STALL_STEPS:
+                bar.write(f"warning: the gradient has been exactly zero since step {stalled_since} "
+                          f"(loss {loss:.3f}): training has stalled, the parameters are not changing. "
+                          "A learning rate far too high does this: lower --peak-lr")
+            losses[done] = loss
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            drop=f"{record['fraction_dropped']:.1%}")
 
-        # Periodic evaluation per domain, and checkpoints.
-        done = step + 1
-        if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            evals[done] = evaluate(trainer, eval_sets)
-            record.update(evals[done])
-            bar.write(f"step {done}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in evals[done].items()))
-        if jax.process_index() == 0:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(manager, done, trainer, rng_key)
-    metrics_file.close()
-    bar.close()
+            # Periodic evaluation per domain, the step's metrics line, and checkpoints.
+            if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                evals[done] = evaluate(trainer, eval_sets)
+                record.update(evals[done])
+                bar.write(f"step {done}: " + ", ".join(
+                    f"{k[5:]} {v:.1%}" if k.endswith("accuracy") else f"{k[5:]} {v:.3f}"
+                    for k, v in evals[done].items()))
+            if jax.process_index() == 0:
+                try:
+                    with open(metrics_path, "a") as metrics_file:
+                        metrics_file.write(json.dumps(record) + "\n")
+                except OSError as error:
+                    raise write_failed(metrics_path, error, manager.latest_step()) from error
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                saved_step = manager.latest_step()
+                try:
+                    save_checkpoint(manager, done, trainer, rng_key)
+                except Exception as error:  # a full disk surfaces from orbax in several types
+                    raise write_failed(f"checkpoint step {done} in {manager.directory}", error,
+                                       saved_step) from error
 
     summary = {"run_dir": cfg.run_dir, "steps": last_step, "seconds": time.time() - started,
                "losses": losses, "eval": evals.get(max(evals)) if evals else {},
-               "checkpoints": list(manager.all_steps())}
+               "checkpoints": list(manager.all_steps()), "stalled_since": stalled_since}
     if last_step == cfg.steps and cfg.sample_tokens and jax.process_index() == 0:
         summary["sample"] = sample_text(trainer, tokenizer, "def ", cfg.sample_tokens)
-    manager.close()
     return summary
 
 
@@ -758,7 +1039,24 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value: true/false, yes/no or 1/0 (any case); anything else is an error."""
+    forms = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in forms:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: write true or false")
+    return forms[text.lower()]
+
+
+def positive_int(text: str) -> int:
+    """A step number: an int >= 1."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step: write an int >= 1")
+    return int(text)
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    """The chosen --config with every TrainConfig field given on the command line replacing its
+    value; `args` keeps only the fields that were given (as attributes) and the other flags."""
     parser = argparse.ArgumentParser(
         description="Train OpenMoE. With no arguments: the small preset on the embedded 50/50 "
                     "text/code corpus on this machine's devices (~10 min on 2 CPU cores). "
@@ -767,14 +1065,17 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--config", default="laptop", choices=sorted(CONFIGS),
                         help="starting point: laptop (default run), quick (self-test), or an "
                              "OpenMoE pretraining recipe")
-    parser.add_argument("--quick", action="store_true", help="short self-test run (= --config quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short self-test run (= --config quick) in a temporary directory "
+                             "that is removed afterwards; with --run-dir, it trains there instead")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing run directory whose config differs, and start again")
+                        help="delete the run's own files in --run-dir (config.json, metrics, "
+                             "checkpoints; nothing else) and start again")
     parser.add_argument("--dry-run", action="store_true",
                         help="compile the train step for the preset and mesh, report memory/FLOPs, exit")
     parser.add_argument("--topology", default="", help="with --dry-run: compile for a TPU topology "
                         "such as v3:4x4 on this CPU machine (needs requirements-tpu.txt)")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--stop-after", type=positive_int, default=None,
                         help="stop after this step as if killed (a later run resumes)")
     parser.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port "
                         "(on a Cloud TPU pod use --multihost-auto instead)")
@@ -782,21 +1083,45 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host's index")
     parser.add_argument("--multihost-auto", action="store_true",
                         help="multi-host on a Cloud TPU pod: discover the hosts automatically")
-    fields = parser.add_argument_group("TrainConfig fields (default: the laptop config's value)")
+    fields = parser.add_argument_group("TrainConfig fields (default: the chosen --config's value)")
+    choices = {"preset": sorted(model_lib.PRESETS), "mixture": sorted(tok.MIXTURES),
+               "objective": OBJECTIVES, "dtype": DTYPES}
     for field in dataclasses.fields(TrainConfig):
-        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int,
-                "float": float}.get(str(field.type), str)
+        kind = {"bool": parse_bool, "int": int, "float": float}.get(str(field.type), str)
         fields.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                            default=None, help=f"{field.type}; laptop: "
-                            f"{getattr(CONFIGS['laptop'], field.name)!r}, OpenMoE-8B: "
-                            f"{getattr(OPENMOE, field.name)!r}")
+                            choices=choices.get(field.name), default=argparse.SUPPRESS,
+                            help=f"{field.type}; laptop: {getattr(CONFIGS['laptop'], field.name)!r}, "
+                                 f"OpenMoE-8B: {getattr(OPENMOE, field.name)!r}")
     args = parser.parse_args(argv)
     base = CONFIGS["quick" if args.quick else args.config]
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    if args.config != "laptop" and "run_dir" not in overrides and not args.quick:
-        overrides["run_dir"] = base.run_dir
+                 if hasattr(args, f.name)}
     return dataclasses.replace(base, **overrides), args
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The end-of-run report: train loss smoothed over ten steps, validation loss and accuracy."""
+    if summary.get("complete"):
+        lines = [f"{summary['run_dir']} is complete: {summary['steps']} steps. Its loss curve is "
+                 f"{summary['run_dir']}/metrics.jsonl; pass a larger --steps to train further."]
+    else:
+        lines = []
+        losses = list(summary["losses"].items())
+        if losses:
+            window = min(10, len(losses))
+            first, last = losses[:window], losses[-window:]
+            lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss, mean "
+                         f"of steps {first[0][0]}-{first[-1][0]}: {np.mean([v for _, v in first]):.3f}"
+                         f" -> steps {last[0][0]}-{last[-1][0]}: {np.mean([v for _, v in last]):.3f}")
+    lines += [f"  {name:24} " + (f"{value:.1%}" if name.endswith("accuracy") else f"{value:.3f}")
+              for name, value in summary["eval"].items()]
+    if summary.get("stalled_since"):
+        lines.append(f"warning: the gradient has been exactly zero since step "
+                     f"{summary['stalled_since']}: the run stalled; lower --peak-lr")
+    if "sample" in summary:
+        lines.append(f"sample: {summary['sample']!r}")
+    lines.append(f"checkpoints at steps {summary['checkpoints']} in {summary['run_dir']}/checkpoints")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -811,20 +1136,19 @@ def main(argv=None) -> None:
             if fits is not None:
                 print(f"fits a 16 GiB TPU v3 core: {fits}")
             return
-        summary = train(cfg, overwrite=args.overwrite or args.quick, stop_after=args.stop_after)
-    except (ValueError, TrainingDiverged) as error:
+        if args.quick and not hasattr(args, "run_dir"):
+            # The self-test trains in a directory of its own and leaves nothing behind.
+            with tempfile.TemporaryDirectory(prefix="openmoe-quick-") as scratch:
+                summary = train(dataclasses.replace(cfg, run_dir=scratch),
+                                overwrite=args.overwrite, stop_after=args.stop_after)
+        else:
+            summary = train(cfg, overwrite=args.overwrite, stop_after=args.stop_after)
+    except (ValueError, RunError) as error:
         sys.exit(f"error: {error}")
-    if summary["losses"]:
-        first, last = summary["losses"][min(summary["losses"])], summary["losses"][max(summary["losses"])]
-        print(f"\n{summary['steps']} steps in {summary['seconds']:.0f} s; train loss {first:.3f} -> {last:.3f}")
-    for name, value in summary["eval"].items():
-        print(f"  {name:24} {value:.3f}")
-    if "sample" in summary:
-        print(f"sample: {summary['sample']!r}")
-    print(f"checkpoints at steps {summary['checkpoints']} in {cfg.run_dir}/checkpoints")
+    print("\n".join(summary_lines(summary)))
     if args.quick:
         values = list(summary["losses"].values())
-        assert values[-1] < values[0], f"quick run: loss did not fall ({values[0]} -> {values[-1]})"
+        assert values and values[-1] < values[0], f"quick run: loss did not fall ({values})"
         print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled.")
 
 

@@ -9,12 +9,17 @@ import importlib
 import os
 import pathlib
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Hub look-ups must fail fast and offline: tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests write nothing into the checkout: trained tokenizers are cached in the system's temporary
+# directory (one cache for every test process and session: a tokenizer is trained once), and
+# every run directory is a pytest tmp_path.
+os.environ.setdefault("OPENMOE_CACHE_DIR", str(pathlib.Path(tempfile.gettempdir()) / "openmoe-test-cache"))
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:

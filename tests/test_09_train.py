@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -144,9 +145,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             yield batch
 
     monkeypatch.setattr(train_lib, "train_batches", poisoned_batches)
-    with pytest.raises(train_lib.TrainingDiverged, match="step 3.*last good checkpoint"):
+    with pytest.raises(train_lib.TrainingDiverged, match="step 3: loss nan.*newest checkpoint, step 2"):
         train_lib.train(cfg, progress=False)
     assert list(train_lib.checkpoint_manager(cfg).all_steps()) == [2]
+
+
+def test_a_stalled_run_is_reported(tmp_path, monkeypatch, capsys):
+    # With every loss weight 0 and no target counted, the gradient is exactly zero: nothing moves.
+    cfg = tiny(tmp_path, steps=train_lib.STALL_STEPS + 1, checkpoint_every=100, aux_loss_weight=0.0,
+               z_loss_weight=0.0, router_z_loss_weight=0.0)
+    real_batches = train_lib.train_batches
+
+    def unlearnable_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            yield dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+
+    monkeypatch.setattr(train_lib, "train_batches", unlearnable_batches)
+    summary = train_lib.train(cfg, progress=False)
+    assert summary["stalled_since"] == 1
+    assert "gradient has been exactly zero since step 1" in capsys.readouterr().out
+    assert "warning: the gradient has been exactly zero since step 1" in "\n".join(
+        train_lib.summary_lines(summary))
 
 
 def test_bad_inputs_fail_before_anything_is_written(tmp_path):
@@ -167,11 +186,40 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_different_config_is_not_silently_overwritten(uninterrupted):
+def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_path, monkeypatch):
     cfg, _ = uninterrupted
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="holds a different run.*seq_len"):
         train_lib.prepare_run_dir(dataclasses.replace(cfg, seq_len=64), overwrite=False)
-    train_lib.prepare_run_dir(dataclasses.replace(cfg, steps=10), overwrite=False)  # extending is fine
+    # The same run opened by a relative path, or moved: accepted, the new path recorded.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(f"{cfg.run_dir}/config.json", moved / "config.json")
+    monkeypatch.chdir(tmp_path)
+    train_lib.prepare_run_dir(dataclasses.replace(cfg, run_dir="moved"), overwrite=False)
+    # Resumable fields (length, schedule) may change; each change is appended to the history.
+    train_lib.prepare_run_dir(dataclasses.replace(cfg, run_dir="moved", steps=10, peak_lr=0.01),
+                              overwrite=False)
+    history = [json.loads(line) for line in (moved / "config_history.jsonl").read_text().splitlines()]
+    assert [h["changed"] for h in history] == [
+        {"run_dir": [cfg.run_dir, "moved"]},
+        {"steps": [cfg.steps, 10], "peak_lr": [cfg.peak_lr, 0.01]}]
+    assert json.loads((moved / "config.json").read_text())["peak_lr"] == 0.01
+
+
+def test_a_finished_run_says_so_without_training(uninterrupted, capsys):
+    cfg, _ = uninterrupted
+    summary = train_lib.train(cfg, progress=False)
+    assert summary["complete"] and summary["losses"] == {} and summary["steps"] == cfg.steps
+    assert "is complete: 6 steps" in train_lib.summary_lines(summary)[0]
+
+
+def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
+    # Lines an older version appended on resume (duplicates, out of order), a line cut short.
+    lines = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4, 3, 4, 5, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "lo')
+    train_lib.cut_metrics(path, last_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_sharded_run_on_8_devices_matches_data_parallel(tmp_path, uninterrupted):

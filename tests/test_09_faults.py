@@ -1,0 +1,277 @@
+"""Fault injection for 09_train.py: a run never loses data and never lies about its state.
+
+A small run (06's tiny preset, 8 steps, a checkpoint every 2) is trained straight through by a
+real `09_train.py` process while a second process on its directory must be refused. A copy of
+it is then trained by processes that are SIGKILLed at start-up, mid-run and inside a checkpoint
+write, and stopped by a full disk (RLIMIT_FSIZE); it must end with the straight run's losses bit
+for bit and exactly one metrics line per step. In this process, the newest checkpoint is
+corrupted, a run diverges on purpose and resumes with a lower learning rate, and every
+command-line error is checked to name its field and to leave the disk unchanged.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, load
+
+train_lib = load("09_train")
+
+
+def small_run(run_dir: pathlib.Path, **overrides) -> "train_lib.TrainConfig":
+    base = dataclasses.replace(
+        train_lib.CONFIGS["quick"], preset="tiny", run_dir=str(run_dir), objective="lm",
+        ul2_until_step=0, seq_len=32, batch_size=8, microbatches=1, steps=8, warmup_steps=2,
+        eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=5, keep_period=100,
+        sample_tokens=0, mesh="")
+    return dataclasses.replace(base, **overrides)
+
+
+def flags(cfg: "train_lib.TrainConfig") -> list[str]:
+    """The command line that gives exactly `cfg` (every field spelled out)."""
+    return [f"--{field.name.replace('_', '-')}={getattr(cfg, field.name)}"
+            for field in dataclasses.fields(cfg)]
+
+
+# 09_train.py's main() behind a prelude that injects a fault. The first: the first checkpoint
+# write is SIGKILLed after every file is written and before orbax renames the temporary
+# directory into place. The second: no file may grow past 1 MiB (as on a full disk; a checkpoint
+# of this run has a 6 MiB file), set before anything is written.
+KILLED_IN_CHECKPOINT_WRITE = """
+import os, signal
+from orbax.checkpoint._src.path import atomicity
+
+async def killed_before_rename(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomicity.AtomicRenameTemporaryPath.finalize = killed_before_rename
+"""
+FILES_LIMITED_TO_1_MIB = """
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+"""
+# Every process reads the embedded corpus that this module saved once (identical data; building
+# it from source files takes seconds per process), on one CPU device.
+PROGRAM = """
+import datasets, importlib, os, pathlib, sys
+corpus = {p.name: datasets.load_from_disk(p) for p in pathlib.Path(os.environ["SAVED_CORPUS"]).iterdir()}
+importlib.import_module("01_tokenizer").embedded_corpus = lambda split="train", directory=None: corpus
+{prelude}
+importlib.import_module("09_train").main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def saved_corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    for name, dataset in train_lib.embedded_corpus("train").items():
+        dataset.save_to_disk(directory / name)
+    return directory
+
+
+def launch(args: list[str], corpus: pathlib.Path, prelude: str = "") -> subprocess.Popen:
+    """09_train.py's main in a new process on one CPU device, after `prelude`."""
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", SAVED_CORPUS=str(corpus))
+    return subprocess.Popen([sys.executable, "-c", PROGRAM.replace("{prelude}", prelude), *args],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_until(process: subprocess.Popen, condition) -> None:
+    """Return as soon as `condition()` holds (checked every few milliseconds) while `process` runs."""
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+    while not condition():
+        assert process.poll() is None, f"the run ended before the awaited point:\n{process.communicate()}"
+        assert time.monotonic() < deadline, "the awaited point was never reached"
+        time.sleep(0.005)
+
+
+def kill_when(process: subprocess.Popen, condition) -> None:
+    wait_until(process, condition)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
+def read_text(path: pathlib.Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def metric_steps(run_dir: pathlib.Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric_losses(run_dir: pathlib.Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def leftover_temporaries(run_dir: pathlib.Path) -> list[str]:
+    return [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.isdigit()]
+
+
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, saved_corpus):
+    """The small run trained straight through by one process, while a second process started on
+    the same directory is refused: the config, the run directory, and that second process."""
+    cfg = small_run(tmp_path_factory.mktemp("reference") / "run")
+    run_dir = pathlib.Path(cfg.run_dir)
+    first = launch(flags(cfg), saved_corpus)
+    wait_until(first, lambda: f"process {first.pid} " in read_text(run_dir / "run.lock"))
+    second = launch(flags(cfg), saved_corpus)
+    _, second_stderr = second.communicate()
+    _, stderr = first.communicate()
+    assert first.returncode == 0, stderr
+    return cfg, run_dir, (second.returncode, second_stderr), first.pid
+
+
+def test_a_second_process_on_a_run_directory_is_refused(reference):
+    cfg, run_dir, (returncode, stderr), first_pid = reference
+    assert returncode == 1
+    assert f"error: run directory {str(run_dir)!r} is in use by process {first_pid} " in stderr
+    assert metric_steps(run_dir) == list(range(1, cfg.steps + 1))  # the first one's, once each
+
+
+def test_kills_and_a_full_disk_lose_nothing(reference, saved_corpus, tmp_path):
+    ref_cfg, ref_dir, _, _ = reference
+    run_dir = tmp_path / "run"
+    args = flags(dataclasses.replace(ref_cfg, run_dir=str(run_dir)))
+
+    # 1. Killed at start-up: it holds the lock, nothing is trained yet.
+    kill_when(launch(args, saved_corpus), lambda: "process" in read_text(run_dir / "run.lock"))
+    # 2. Killed mid-run, as soon as the fifth step's line is written (checkpoints 2 and 4 exist).
+    kill_when(launch(args, saved_corpus),
+              lambda: len(read_text(run_dir / "metrics.jsonl").splitlines()) >= 5)
+    # 3. A full disk: one line that names the checkpoint and says how to go on, no traceback.
+    process = launch(args, saved_corpus, FILES_LIMITED_TO_1_MIB)
+    _, stderr = process.communicate()
+    assert process.returncode == 1, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: could not write checkpoint step") and "File too large" in last_line
+    assert "run the same command again" in last_line and "Traceback" not in stderr
+    # 4. Killed inside a checkpoint write: the files are written, the rename has not happened.
+    process = launch(args, saved_corpus, KILLED_IN_CHECKPOINT_WRITE)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert leftover_temporaries(run_dir), "the kill should leave a half-written checkpoint"
+    # 5. The newest complete checkpoint is corrupted (every data file cut to half its length):
+    # the last process falls back to the one before it, keeps the bad one aside, and finishes.
+    *_, before, newest = checkpoint_steps(run_dir)
+    for data in (run_dir / "checkpoints" / str(newest)).rglob("d/*"):
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    process = launch(args, saved_corpus)
+    stdout, stderr = process.communicate()
+    assert process.returncode == 0, stderr
+    assert f"checkpoint step {newest} cannot be read" in stderr and "Traceback" not in stderr
+    assert f"resuming {run_dir} from step {before}" in stdout
+    kept = list((run_dir / "unreadable_checkpoints").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith(f"{newest}-")
+
+    # Exactly one metrics line per step, in order, with the straight run's losses bit for bit;
+    # no half-written checkpoint is left behind.
+    assert metric_steps(run_dir) == list(range(1, ref_cfg.steps + 1))
+    assert metric_losses(run_dir) == metric_losses(ref_dir)
+    assert leftover_temporaries(run_dir) == []
+    assert checkpoint_steps(run_dir) == checkpoint_steps(ref_dir)
+
+
+def test_divergence_saves_nothing_non_finite_and_a_lower_lr_resumes(tmp_path):
+    # A learning rate of 1e38 keeps step 1's loss finite but overflows its update: the new
+    # parameters hold inf. No checkpoint may be written from that state, even one due now.
+    run_dir = tmp_path / "run"
+    cfg = small_run(run_dir, peak_lr=1e38, checkpoint_every=1, steps=4)
+    with pytest.raises(train_lib.TrainingDiverged, match=r"step 1: loss 9\.\d+, gradient norm "
+                       r"[\d.]+, new parameters and optimizer state NaN or inf.*No checkpoint"):
+        train_lib.train(cfg, progress=False)
+    assert checkpoint_steps(run_dir) == [] and metric_steps(run_dir) == []
+
+    # The advice can be followed: the same run with a lower peak learning rate, change recorded.
+    summary = train_lib.train(dataclasses.replace(cfg, peak_lr=0.01, checkpoint_every=2),
+                              progress=False)
+    assert list(summary["losses"]) == list(range(1, cfg.steps + 1))
+    assert checkpoint_steps(run_dir) == [2, 4]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, cfg.steps + 1))
+    assert records[0]["lr"] == pytest.approx(0.01)
+    history = json.loads((run_dir / "config_history.jsonl").read_text())
+    assert history["changed"] == {"peak_lr": [1e38, 0.01], "checkpoint_every": [1, 2]}
+    assert json.loads((run_dir / "config.json").read_text())["peak_lr"] == 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line errors: one line naming the field, before anything on disk changes
+# ---------------------------------------------------------------------------------------------
+
+def snapshot(directory: pathlib.Path) -> dict[str, bytes | None]:
+    """Every path under `directory` with its contents (None for a directory), except the lock
+    file: creating run.lock is how a run claims a directory before it reads what is there."""
+    return {str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.name != "run.lock"}
+
+
+def refused(argv: list[str], capsys) -> str:
+    """main(argv)'s exit message (ours, or argparse's on stderr); it must not return."""
+    with pytest.raises(SystemExit) as stopped:
+        train_lib.main(argv)
+    return f"{stopped.value.code} {capsys.readouterr().err}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--remat", "on"], "argument --remat: 'on' is not a boolean: write true or false"),
+    (["--remat", "maybe"], "argument --remat: 'maybe' is not a boolean"),
+    (["--stop-after", "0"], "argument --stop-after: '0' is not a step: write an int >= 1"),
+    (["--stop-after", "-3"], "argument --stop-after: '-3' is not a step"),
+    (["--train-capacity-factor", "inf"], "TrainConfig.train_capacity_factor=inf: must be a finite"),
+    (["--peak-lr", "inf"], "TrainConfig.peak_lr=inf: must be a finite number"),
+    (["--peak-lr", "nan"], "TrainConfig.peak_lr=nan: must be a finite number"),
+    (["--seed", "-1"], "TrainConfig.seed=-1: must be an int from 0 to 2**32 - 1"),
+    (["--objective", "mlm"], "argument --objective: invalid choice: 'mlm'"),
+])
+def test_bad_flags_name_the_field_and_change_nothing(tmp_path, capsys, extra, message):
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    before = snapshot(tmp_path)
+    assert message in refused(flags(small_run(tmp_path / "run")) + extra, capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("the user's own file")
+    (tmp_path / "metrics-is-a-directory" / "metrics.jsonl").mkdir(parents=True)
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / "config.json").write_text(json.dumps(dataclasses.asdict(small_run(other_run, seq_len=64))))
+    (other_run / "notes.txt").write_text("the user's own file")
+    before = snapshot(tmp_path)
+    for run_dir, message in [
+            (a_file, f"TrainConfig.run_dir={str(a_file)!r} is a file, not a directory"),
+            (a_file / "run", f"TrainConfig.run_dir={str(a_file / 'run')!r} cannot be created "
+                             "(Not a directory)"),
+            (tmp_path / "metrics-is-a-directory", "metrics.jsonl: it is a directory or read-only"),
+            (other_run, "holds a different run (field: (saved, now) = {'seq_len': (64, 32)})")]:
+        assert message in refused(flags(small_run(run_dir)), capsys)
+        assert snapshot(tmp_path) == before
+
+
+def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(small_run(run_dir, seq_len=64))))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "notes.txt").write_text("the user's own file")
+    train_lib.prepare_run_dir(small_run(run_dir), overwrite=True)
+    assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt"]
+    assert json.loads((run_dir / "config.json").read_text())["seq_len"] == 32
