@@ -13,7 +13,7 @@ into its shards when a mesh (07) is given, so a 34B loads across a pod.
 The weights were trained in T5X, so a loaded model uses T5X's evaluation semantics (06, 04):
 padding masks, flaxformer's routing groups, and id 0 (T5's start token) before every prompt.
 Public API: `config_from_hf`, `hf_config`, `read_checkpoint`, `model_from_t5x`, `model_from_hf`,
-`load_model`, `t5x_params`, `export_hf`, and `open_run` / `run_model` for 09's runs.
+`load_config`, `load_model`, `t5x_params`, `export_hf`, and `open_run` / `run_model` for 09 runs.
 Left out: training the loaded models (09 does that), and the port's broken loss (ColossalAI).
 Run: `python 10_released_models.py` (self-test), `... generate --model OrionZheng/openmoe-base
 --prompt "..." --show-experts`, `... perplexity --model DIR`, `... export --run runs/laptop`.
@@ -188,14 +188,31 @@ def name_table(cfg) -> list[TensorName]:
 # ------------------------------------------------------------------------------------------------
 
 class Tensor:
-    """A tensor still on disk: shape and dtype now, the values (`read()`) when asked."""
+    """A tensor still on disk: shape and dtype now, the values (`read()`) when asked.
 
-    def __init__(self, shape, dtype, read):
-        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+    `region` is (file, byte offset) when the values lie in the file contiguously, row after
+    row, as in every `.bin` and `.safetensors` written by torch: then `rows` reads them with
+    plain file reads, so no page of a 3 GB file stays mapped into the process.
+    """
+
+    def __init__(self, shape, dtype, read, region: tuple[pathlib.Path, int] | None = None):
+        self.shape, self.dtype, self._read, self.region = tuple(shape), np.dtype(dtype), read, region
 
     def read(self) -> np.ndarray:
         """The values, memory-mapped where the format allows (nothing is read until used)."""
         return self._read()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the first axis."""
+        if self.region is None:
+            return np.asarray(self.read()[start:stop])
+        path, offset = self.region
+        block = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        with open(path, "rb") as file:
+            file.seek(offset + start * block[0].nbytes)
+            if file.readinto(block.view(np.uint8).reshape(-1)) != block.nbytes:
+                raise ValueError(f"{path} ends inside a tensor: the file is truncated")
+        return block
 
     def __array__(self, dtype=None, copy=None):
         values = np.asarray(self.read())
@@ -238,7 +255,9 @@ def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
         itemsize = flat.dtype.itemsize
         return np.lib.stride_tricks.as_strided(flat[storage_offset:], tuple(size),
                                                tuple(s * itemsize for s in stride), writeable=False)
-    return Tensor(size, storage.dtype, read)
+    contiguous = stride == tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    start = storage.offset + storage_offset * np.dtype(storage.dtype).itemsize
+    return Tensor(size, storage.dtype, read, (storage.path, start) if contiguous else None)
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -321,7 +340,8 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
             raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {start}..{end}) does "
                              f"not fit its {data_bytes} bytes of data: the file is damaged")
         tensors[name] = Tensor(shape, dtype, lambda o=offset, s=shape, d=dtype, n=end - start:
-                               np.memmap(path, d, "r", o, s) if n else np.zeros(s, d))
+                               np.memmap(path, d, "r", o, s) if n else np.zeros(s, d),
+                               (path, offset))
     return tensors
 
 
@@ -415,11 +435,42 @@ def stored_shape(shape: tuple, logical_axes: tuple) -> tuple:
     return tuple(shape[:pair]) + (shape[pair] * shape[pair + 1],) + tuple(shape[pair + 2:])
 
 
+BLOCK_BYTES = 64 * 2**20  # read this much of a tensor at a time
+
+
+def host_array(tensor, transposed: bool, dtype) -> np.ndarray:
+    """A tensor in our orientation and `dtype`, in one new 64-byte-aligned array (so the CPU
+    device can use it without a copy), filled block of rows by block of rows: besides the
+    result, at most one block (64 MiB) of the file is ever in memory."""
+    if not isinstance(tensor, Tensor):  # an in-memory array
+        tensor = Tensor(np.shape(tensor), np.asarray(tensor).dtype, lambda t=tensor: np.asarray(t))
+    shape = tensor.shape[::-1] if transposed else tensor.shape
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + size].view(dtype).reshape(shape)
+    step = max(1, BLOCK_BYTES // max(1, math.prod(tensor.shape[1:]) * tensor.dtype.itemsize))
+    for first in range(0, tensor.shape[0], step):
+        block = tensor.rows(first, min(tensor.shape[0], first + step))
+        if transposed:
+            out[..., first:first + len(block)] = block.T
+        else:
+            out[first:first + len(block)] = block
+    return out
+
+
+def _on_device(host: np.ndarray):
+    """The array on the default device; f32 and f16 without a copy (DLPack shares the buffer)."""
+    if host.dtype in (np.float32, np.float16) and jax.default_backend() == "cpu":
+        return jnp.from_dlpack(host)
+    return jnp.asarray(host)
+
+
 def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
     """An OpenMoE whose parameter at each path comes from `sources[path] = (name, tensor,
     transposed)`. All shapes are checked before any value is read; then each tensor is read
-    (memory-mapped), turned into our layout and cast, and goes straight to its device, or with
-    a mesh, each device receives only its slice. Peak host memory: about one tensor."""
+    in blocks, turned into our layout and cast, and goes straight to its device, or with a mesh,
+    each device receives only its slice."""
     if mesh is not None:
         cfg = shard.config_for_mesh(cfg, mesh)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))))
@@ -432,17 +483,19 @@ def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; a model with this "
                              f"config needs {expected}")
     shardings = dict(nnx.to_flat_state(shard.state_shardings(state, mesh))) if mesh else {}
+    # Largest first: each tensor's host copy is freed before the next is read, so by the time
+    # the model is nearly whole, the copies still to come are small. Peak ≈ model + a little.
+    variables.sort(key=lambda item: -math.prod(item[1].get_value().shape))
     leaves = []
     for path, variable in variables:
         name, tensor, transposed = sources[path]
-        stored = tensor.read() if isinstance(tensor, Tensor) else np.asarray(tensor)
-        host = (stored.T if transposed else stored).reshape(variable.get_value().shape)
-
-        def values(index=(), host=host):
-            return np.ascontiguousarray(host[index]).astype(param_dtype)
-
-        value = (jnp.asarray(values()) if mesh is None else
-                 jax.make_array_from_callback(host.shape, shardings[path].get_value(), values))
+        host = host_array(tensor, transposed, param_dtype).reshape(variable.get_value().shape)
+        if mesh is None:
+            value = _on_device(host)
+        else:  # each device receives only its own slice of the tensor
+            value = jax.make_array_from_callback(host.shape, shardings[path].get_value(),
+                                                 lambda index, host=host: host[index])
+        del host
         leaves.append((path, variable.replace(value)))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     return model if mesh is None else shard.use_expert_parallelism(model, mesh)
@@ -503,13 +556,13 @@ def _beside(directory: pathlib.Path, filename: str) -> pathlib.Path | None:
                 None)
 
 
-def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
-               preset: str | None = None, **overrides) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from a checkpoint directory or a hub name.
+def load_config(path: str | os.PathLike, *, preset: str | None = None,
+                **overrides) -> tuple[pathlib.Path, Any, Any]:
+    """(directory, ModelConfig, tokenizer or None) of a checkpoint, without reading its weights.
 
     The config comes from config.json beside the weights, or from `preset` (T5X directories
-    carry no config.json). `overrides` are ModelConfig fields; pass dtype=jnp.bfloat16 with
-    param_dtype=jnp.bfloat16 to halve the memory (8B: 24 GB instead of 47).
+    carry no config.json); the tokenizer from spiece.model beside them. `overrides` are
+    ModelConfig fields. A hub name is downloaded here.
     """
     directory = _local(path)
     config_file = _beside(directory, "config.json")
@@ -528,6 +581,16 @@ def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{spiece} gives {tokenizer.vocab_size} ids but the model has "
                          f"vocab_size={cfg.vocab_size}: the tokenizer does not belong to it")
+    return directory, cfg, tokenizer
+
+
+def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
+               preset: str | None = None, **overrides) -> tuple[Any, Any]:
+    """(model, tokenizer or None) from a checkpoint directory or a hub name (see `load_config`).
+
+    Pass dtype=jnp.bfloat16 with param_dtype=jnp.bfloat16 to halve the memory (8B: 24 GB, not 47).
+    """
+    directory, cfg, tokenizer = load_config(path, preset=preset, **overrides)
     tensors = read_checkpoint(directory)
     build = model_from_t5x if any("/" in name for name in tensors) else model_from_hf
     return build(tensors, cfg, param_dtype=param_dtype, mesh=mesh), tokenizer

@@ -104,8 +104,13 @@ def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512,
     semantics. Hub names are downloaded now, so a missing one fails before hours of routing; the
     configs and tokenizers are read now, the weights (in `dtype`) only when a checkpoint is used.
     """
-    directories = [released._local(name) for name in names]
-    configs, tokenizers = zip(*(released_config(directory, dtype) for directory in directories))
+    directories, configs, tokenizers = zip(*(released.load_config(name, dtype=dtype)
+                                             for name in names))
+    for name, tokenizer in zip(names, tokenizers):
+        if tokenizer is None:
+            raise ValueError(f"{name} has no spiece.model beside its weights (or in its parent): "
+                             "the hub models ship it; for a T5X checkpoint, copy it from the HF "
+                             "model of the same size")
     for name, cfg in zip(names[:-1], configs):
         if cfg != configs[-1]:
             changed = [f.name for f in dataclasses.fields(cfg)
@@ -131,19 +136,6 @@ def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512,
                                                    pathlib.Path(names[-1]).name))
     return Subject(names[-1], about, out_dir, model_cfg, tokenizers[-1], seq_len, checkpoints,
                    "checkpoint", len(names))
-
-
-def released_config(directory: pathlib.Path, dtype) -> tuple[Any, Any]:
-    """The ModelConfig and tokenizer of a released checkpoint (its config.json and spiece.model),
-    without reading its weights; chapter 10's `load_model` reads the same files."""
-    config_file = released._beside(directory, "config.json")
-    spiece = released._beside(directory, "spiece.model")
-    if config_file is None or spiece is None:
-        raise ValueError(f"{directory} needs config.json and spiece.model beside its weights "
-                         "(or in its parent): the hub models ship both; for a T5X checkpoint, "
-                         "copy them from the HF model of the same size")
-    return (released.config_from_hf(json.loads(config_file.read_text()), dtype=dtype),
-            tok.Tokenizer.load(spiece))
 
 
 def analysis_config(subject: Subject, *, capacity_factor: float | None = None,

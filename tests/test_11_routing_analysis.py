@@ -568,8 +568,11 @@ def test_open_subject_rejects_what_it_cannot_analyse(exported, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "router_capacity_factor_eval": 3.0}))
     with pytest.raises(ValueError, match="differ in \\['eval_capacity_factor'\\]"):
         ra.open_subject(series=[str(other), exported["seed0"]])
-    with pytest.raises(ValueError, match="needs config.json and spiece.model"):
+    with pytest.raises(ValueError, match="has no config.json"):
         ra.open_subject(model=str(tmp_path))
+    (other / "spiece.model").unlink()
+    with pytest.raises(ValueError, match="has no spiece.model"):
+        ra.open_subject(model=str(other))
 
 
 def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
