@@ -6,6 +6,7 @@ whose T5X parameters are kept in reference_t5x.npz. Each test compares what the 
 with that reference through a name table written here, independently of the chapter's own.
 """
 
+import dataclasses
 import importlib.util
 import json
 import mmap
@@ -560,3 +561,51 @@ def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
                 assert ours.read(name) == theirs.read(name), name
     assert all(offset % 64 == 0 for offset in _record_offsets(written).values())
     assert all(offset % 64 == 0 for offset in _record_offsets(original).values())
+
+
+# --- The commands: generate (with each token's experts) and perplexity ----------------------------
+
+@pytest.fixture(scope="module")
+def exported_tiny(tmp_path_factory):
+    """06's tiny preset with the embedded tokenizer, exported as a released model would be."""
+    tokenizer = load("01_tokenizer").embedded_tokenizer()
+    m06 = load("06_model")
+    cfg = dataclasses.replace(m06.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    directory = tmp_path_factory.mktemp("exported") / "tiny"
+    rel.export_hf(m06.OpenMoE(cfg, rngs=nnx.Rngs(0)), directory, tokenizer=tokenizer)
+    return directory, tokenizer
+
+
+def _expert_rows(output: str) -> list[str]:
+    """The table's body: one line per token fed to the model, cells separated by │."""
+    table = output.split("Where each token went")[1].splitlines()[2:]
+    return [line for line in table if "│" in line]
+
+
+def test_generate_shows_every_token_its_experts_and_the_drops(exported_tiny, capsys):
+    directory, tokenizer = exported_tiny
+    prompt = "def add(a, b):\n    return a + b  # the sum of two numbers, as a function"
+    common = ["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "3",
+              "--show-experts", "--routing", "colossalai", "--capacity-factor", "0.5"]
+    rel.command_generate(rel.parse_args(common))
+    rows = _expert_rows(capsys.readouterr().out)
+    # The prompt with its start token, then each generated token; two MoE layers, top-2 each.
+    prompt_length = len(rel.prompt_ids(tokenizer, prompt))
+    assert prompt_length + 1 <= len(rows) <= prompt_length + 3
+    assert all(len(re.findall(r"e\d", row)) == 4 for row in rows)
+    # One group of the whole prompt with half the slots it needs: later tokens lose places.
+    assert sum(row.count("✗") for row in rows[:prompt_length]) > 0
+    rel.command_generate(rel.parse_args(common + ["--dropless"]))
+    assert not any("✗" in row for row in _expert_rows(capsys.readouterr().out))
+
+
+def test_perplexity_of_an_untrained_model_is_near_the_uniform_guess(exported_tiny):
+    directory, tokenizer = exported_tiny
+    model, _ = rel.load_model(directory)
+    results = rel.perplexity(model, tokenizer, rows=2, seq_len=32)
+    assert set(results) == {"text", "code"}
+    for result in results.values():
+        assert result["tokens"] > 0 and 0.0 <= result["accuracy"] <= 1.0
+        assert abs(result["loss"] - np.log(model.cfg.vocab_size)) < 1.5
+    with pytest.raises(ValueError, match="seq_len=65"):
+        rel.perplexity(model, tokenizer, rows=2, seq_len=65)

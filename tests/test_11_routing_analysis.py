@@ -266,6 +266,22 @@ def _paths_and_leaves(state):
     return [jax.tree_util.keystr(path) for path, _ in flat], [np.asarray(x) for _, x in flat]
 
 
+def test_a_run_exports_to_the_released_layout_and_loads_back(trained, tmp_path, capsys):
+    # Chapter 10's `export`: a 09 run written as a released model (config.json, safetensors,
+    # spiece.model) loads back with the run's exact parameters. (Here, where the run is.)
+    out = tmp_path / "hf"
+    released = load("10_released_models")
+    released.command_export(released.parse_args(["export", "--run", str(trained.run.path),
+                                                 "--out", str(out), "--step", "5"]))
+    assert "step 5" in capsys.readouterr().out
+    model, tokenizer = released.load_model(out)
+    assert tokenizer.vocab_size == model.cfg.vocab_size
+    loaded = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, jax.tree.leaves(ra.load_params(trained.run, 5))))
+    with pytest.raises(ValueError, match="already holds"):
+        released.export_hf(model, out)
+
+
 def test_load_params_matches_09s_initialization_and_restore(trained, initial_params):
     # 10 reads checkpoints its own way (params only, onto one device); it must get exactly what
     # 09's own restore gets, and step 0 must be 09's initialization (same seed).
