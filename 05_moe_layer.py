@@ -17,7 +17,8 @@ let GSPMD insert the all-to-all. Four dispatch paths compute the same function:
 `dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
 Letters as in 06, plus A for one of a token's k choices. Left out: the mesh and all-to-all
 (07_sharding.py), shared experts, and the extra dense FFN (06).
-Self-test: `python 05_moe_layer.py` runs the three paths and checks outputs and gradients agree.
+Self-test: `python 05_moe_layer.py` dispatches 04's 8-token example into its [E, C] buffers and
+combines two tokens by hand, then runs the four paths and checks outputs and gradients agree.
 """
 
 import argparse
@@ -300,7 +301,31 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and input")
     args = parser.parse_args()
 
-    # Small enough to read, big enough to drop: 2 rows of 32 tokens in groups of 32, 4 experts.
+    # 1. Dispatch and combine by hand: 04's 8-token example (4 experts, capacity 2). Each slot
+    # of an expert's buffer is filled by one assignment n = token·k + choice, or stays empty.
+    _, example = router_lib.worked_example(capacity=2)
+    target_GN, source_GS = slot_maps(example, num_experts=4, capacity=2)
+    print("Dispatch of 04's worked example into buffers [E=4, C=2] (token in each slot, · empty):")
+    for expert, slots in enumerate(np.asarray(source_GS[0]).reshape(4, 2)):
+        print(f"  e{expert}: " + " ".join(f"t{n // 2}" if n < 16 else " ·" for n in slots))
+    # Combine: token t reads back the slot of each kept choice, weighted by its router prob.
+    # Stand-in expert outputs make the mix visible: slot e[c] outputs the number 10·e + c.
+    out_GSD = jnp.array([10.0 * e + c for e in range(4) for c in range(2)]).reshape(1, 8, 1)
+    mixed_GTAD = take_rows(out_GSD, target_GN, source_GS).reshape(1, 8, 2, 1)
+    print("Combine, with stand-in outputs 10·e + c from slot e[c]:")
+    for token in (1, 6):
+        slots = [int(target_GN[0, 2 * token + a]) for a in range(2)]
+        weights = [float(example.weight_GTA[0, token, a]) for a in range(2)]
+        parts = [f"{w:.3f}·{10 * (s // 2) + s % 2} (e{s // 2}[{s % 2}])" if s < 8 else "0 (dropped)"
+                 for w, s in zip(weights, slots)]
+        total = float(jnp.einsum("AD,A->D", mixed_GTAD[0, token], example.weight_GTA[0, token])[0])
+        print(f"  token {token}: {' + '.join(parts)} = {total:.3f}")
+        by_hand = sum(w * (10 * (s // 2) + s % 2) for w, s in zip(weights, slots) if s < 8)
+        if not np.isclose(total, by_hand):
+            raise SystemExit(f"combine of token {token} is {total}, by hand {by_hand}")
+    print()
+
+    # 2. Small enough to read, big enough to drop: 2 rows of 32 tokens in groups of 32, 4 experts.
     cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, max_group_size=32)
     layers = layers_per_dispatch(cfg, args.seed)
     x_BLD = jax.random.normal(jax.random.key(args.seed + 1), (2, 32, cfg.d_model))
@@ -309,7 +334,7 @@ if __name__ == "__main__":
     for name, param in nnx.state(layers["gather"], nnx.Param).flat_state():
         print(f"  {'/'.join(map(str, name)):14s} {param[...].shape} {param.logical_axes}")
 
-    # Train capacity (cf 1.25 → C = 10 for 64 assignments per group) drops; cf 4.0 drops nothing.
+    # 3. Train capacity (cf 1.25 → C = 10 for 64 assignments per group) drops; cf 4.0 none.
     for capacity_factor in (1.25, 4.0):
         results = {name: outputs_and_grads(layer, x_BLD, capacity_factor)
                    for name, layer in layers.items()}
