@@ -356,7 +356,7 @@ if __name__ == "__main__":
         assert jnp.all(results["gather"][0][left_behind_BL] == 0)
         if capacity_factor == 1.25:
             assert left_behind_BL.any() and float(stats["fraction_dropped"]) > 0.3
-            print(f"  drop rate by position (mean of each quarter of the 32 positions): "
+            print("  drop rate by position (mean of each quarter of the 32 positions): "
                   + ", ".join(f"{q:.0%}" for q in
                               np.asarray(stats["drop_rate_by_position"]).reshape(4, -1).mean(1)))
         else:
