@@ -33,6 +33,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import sysconfig
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -431,7 +432,8 @@ def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
     The cache key hashes the exact training text, the config and the SentencePiece version, so
     the second run with the same corpus and settings loads in milliseconds instead of retraining,
     and any change retrains. The model file is written atomically: a crash never leaves half a
-    file behind, and an existing file is never overwritten with different contents.
+    file behind. A cached file that no longer loads (cut short by a full disk or a copy, say) is
+    trained again and replaced, with a warning.
     """
     texts = training_sample(sources, config.max_training_chars, config.seed)
     if not any(texts):
@@ -442,8 +444,13 @@ def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
     directory = pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers" / key.hexdigest()[:16]
     model_path = directory / "spiece.model"
     if model_path.is_file():
-        return Tokenizer.load(model_path, num_extra_ids=config.num_extra_ids,
-                              pad_vocab_to_multiple=config.pad_vocab_to_multiple)
+        # A cache entry that no longer parses (a disk filled mid-copy, a file cut short) is
+        # derived data: say so and train it again, which replaces it atomically below.
+        try:
+            return Tokenizer.load(model_path, num_extra_ids=config.num_extra_ids,
+                                  pad_vocab_to_multiple=config.pad_vocab_to_multiple)
+        except ValueError as error:
+            print(f"warning: {error}; training the cached tokenizer again", file=sys.stderr)
 
     # umT5's layout (pad 0, eos 1, unk 2, no bos) with byte fallback, so no text becomes unk.
     # Identity normalization and kept whitespace make decode(encode(x)) == x, which code needs.

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import datasets
 import pytest
@@ -244,6 +245,19 @@ def test_second_run_loads_from_cache_without_training(trained, corpus, monkeypat
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", fail)
     again = tok.train_tokenizer(corpus["train"], SMALL, cache)
     assert again.path == tokenizer.path
+    assert again.encode("def main():\n    return 0\n") == tokenizer.encode("def main():\n    return 0\n")
+
+
+def test_truncated_cached_model_is_trained_again(trained, corpus, tmp_path, capsys):
+    tokenizer, cache = trained
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    cached = next(copy.rglob("spiece.model"))
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[:len(whole) // 2])
+    again = tok.train_tokenizer(corpus["train"], SMALL, copy)
+    assert "is not a valid SentencePiece model" in capsys.readouterr().err
+    assert cached.read_bytes() == whole and again.path == str(cached)
     assert again.encode("def main():\n    return 0\n") == tokenizer.encode("def main():\n    return 0\n")
 
 
