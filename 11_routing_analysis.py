@@ -403,9 +403,13 @@ def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count
     frequent token id's favourite expert, compared per MoE layer with `final`, the last
     checkpoint's `favourite_experts`. One checkpoint is in memory at a time."""
     model_cfg = analysis_config(subject, capacity_factor=subject.model_cfg.eval_capacity_factor)
-    favourites = [favourite_experts(record_decisions(checkpoint.load(), model_cfg, rows_by_source),
-                                    min_count)
-                  for checkpoint in subject.checkpoints[:-1]] + [final]
+    favourites = []
+    for index, checkpoint in enumerate(subject.checkpoints[:-1], start=1):
+        progress(f"early routing: {subject.step_name} {checkpoint.label} "
+                 f"({index} of {len(subject.checkpoints) - 1})")
+        decisions = record_decisions(checkpoint.load(), model_cfg, rows_by_source)
+        favourites.append(favourite_experts(decisions, min_count))
+    favourites.append(final)
     curve = {layer: [agreement(*favourite[layer], *final[layer]) for favourite in favourites]
              for layer in final}
     return {"steps": [checkpoint.step for checkpoint in subject.checkpoints],
@@ -640,6 +644,31 @@ def default_layer(model_cfg) -> int:
     return layers[min(2, len(layers) - 1)]
 
 
+def progress(message: str) -> None:
+    """One line on stderr as the analysis goes: it routes every row several times (minutes)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_min_count(min_count: int, in_distribution: dict[str, dict], max_rows: int) -> None:
+    """Refuse a min_count that no position or no token id can reach, before any routing.
+
+    Findings 1 and 2 keep the keys seen at least min_count times among the in-distribution
+    tokens. Each position occurs once per row, so above the row count no position is left (the
+    tables would be NaN and the conclusion wrong); above the most frequent token id's count, no
+    token id is left.
+    """
+    rows = {source: len(r["inputs"]) for source, r in in_distribution.items()}
+    most_frequent = int(np.bincount(np.concatenate(
+        [r["inputs"].ravel() for r in in_distribution.values()])).max())
+    limit = min(sum(rows.values()), most_frequent)
+    if min_count > limit:
+        raise ValueError(
+            f"min_count={min_count}: too little text to measure. Each position occurs once per "
+            f"in-distribution row ({' + '.join(f'{n} {s}' for s, n in rows.items())} rows, at "
+            f"most --rows {max_rows} per source) and the most frequent token id {most_frequent} "
+            f"times; pass --min-count {limit} or less, or more --rows")
+
+
 def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
             min_count: int = 128, sweep: tuple[float, ...] = SWEEP,
             out_dir: pathlib.Path | None = None, figures: bool = True) -> dict:
@@ -664,14 +693,19 @@ def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
                                         decoder_start=model_cfg.t5x_padding)
                       for source, texts in analysis_texts().items()}
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
+    check_min_count(min_count, in_distribution, max_rows)
 
     # The last checkpoint in full, routed once per capacity under study (the drop study's
     # settings and sweep share some). Specialization is what the router wants, so it is
     # measured at the evaluation capacity.
+    progress(f"{subject.name}: {sum(len(r['inputs']) for r in rows_by_source.values())} rows of "
+             f"{subject.seq_len} tokens from {len(rows_by_source)} sources; loading "
+             f"{subject.checkpoints[-1].label}")
     params = subject.checkpoints[-1].load()
 
     @functools.cache  # keyed by the arguments as given: always pass both
     def decisions_at(capacity_factor: float, rule: str) -> Decisions:
+        progress(f"routing every row at capacity factor {capacity_factor} ({rule} rule)")
         model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
         return record_decisions(params, model_cfg, rows_by_source)
 

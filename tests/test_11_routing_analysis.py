@@ -405,7 +405,7 @@ def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
 
 
 def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initial_params, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     # The end-to-end analysis on a real run. To keep it fast: two sweep values instead of six
     # (each capacity is one more compiled forward pass; both are settings the curves also use),
     # and step 0 comes from the fixture (load_params(run, 0) is tested above); every other
@@ -437,6 +437,10 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     # the drop study's settings and sweep reuse), then each earlier checkpoint at the eval cf.
     assert routed == [(2.0, "t5x"), (1.25, "t5x"), (1.25, "colossalai"), (2.0, "t5x"),
                       (2.0, "t5x")]
+    # It says what it is doing as it goes: one line per routing pass.
+    said = capsys.readouterr().err
+    assert "routing every row at capacity factor 2.0 (t5x rule)" in said
+    assert f"early routing: step 0 (1 of {len(run.steps)})" in said
     assert (out_dir / "report.txt").read_text().strip()
     saved = json.loads((out_dir / "analysis.json").read_text())
     assert {"specialization", "early_routing", "drops"} <= set(saved)
@@ -481,7 +485,13 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         ra.analyse(subject, min_count=0, out_dir=bad_dir, figures=False)
     with pytest.raises(ValueError, match=re.escape("sweep=(2.0, 2.0)")):
         ra.analyse(subject, sweep=(2.0, 2.0), out_dir=bad_dir, figures=False)
-    assert not bad_dir.exists()
+    # A min_count that no position can reach (each occurs once per row: 4 text + 4 code rows)
+    # is refused before any checkpoint is read.
+    loads = len(loaded)
+    with pytest.raises(ValueError, match=r"min_count=9: too little text.*4 text \+ 4 code rows.*"
+                                         r"--min-count 8 or less"):
+        ra.analyse(subject, max_rows=4, min_count=9, out_dir=bad_dir, figures=False)
+    assert len(loaded) == loads and not bad_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------
