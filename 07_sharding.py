@@ -429,7 +429,7 @@ if __name__ == "__main__":
 
     # 5. Why OpenMoE-8B needs expert and model parallelism on 16 GiB TPU v3 cores.
     cfg = model_lib.PRESETS["openmoe-8b"]
-    print(f"\nOpenMoE-8B per device, 128 sequences × 2048 tokens per microbatch, remat, f32:")
+    print("\nOpenMoE-8B per device, 128 sequences × 2048 tokens per microbatch, remat, f32:")
     print(f"{'mesh (data, expert, model)':30}{'params':>9}{'grads':>9}{'activ.':>9}{'total GiB':>10}")
     for shape in ({"data": 256, "expert": 1, "model": 1}, {"data": 32, "expert": 1, "model": 8},
                   {"data": 1, "expert": 32, "model": 8}):
