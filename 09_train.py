@@ -641,17 +641,20 @@ def save_checkpoint(manager, step: int, trainer: Trainer, rng_key) -> None:
 def orbax_errors_reported_once():
     """Around an orbax save or restore whose failure the caller reports in one line.
 
-    Orbax logs such an error with its traceback from a background thread, and its abandoned
-    tensorstore reads and writes each report "Event loop is closed" afterwards. Both are
-    silenced while it works and, if it fails, for the rest of the process (the caller stops
-    the run or moves on to another checkpoint; the one line it prints carries the cause).
+    Orbax logs such an error with its traceback (absl), and its abandoned reads and writes
+    report it again when collected, once per array (asyncio's "exception was never retrieved",
+    tensorstore's "Event loop is closed"). All are silenced while it works and, if it fails,
+    for the rest of the process: the caller stops the run or moves on to another checkpoint,
+    and the one line it prints carries the cause.
     """
-    absl_log, report_unraisable = logging.getLogger("absl"), sys.unraisablehook
-    level = absl_log.level
-    absl_log.setLevel(logging.CRITICAL)
+    logs = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels, report_unraisable = [log.level for log in logs], sys.unraisablehook
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     sys.unraisablehook = functools.partial(drop_closed_loop_reports, report_unraisable)
     yield
-    absl_log.setLevel(level)  # reached only on success: nothing was abandoned
+    for log, level in zip(logs, levels):  # reached only on success: nothing was abandoned
+        log.setLevel(level)
     sys.unraisablehook = report_unraisable
 
 
@@ -1090,6 +1093,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         kind = {"bool": parse_bool, "int": int, "float": float}.get(str(field.type), str)
         fields.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
                             choices=choices.get(field.name), default=argparse.SUPPRESS,
+                            metavar="{true,false}" if kind is parse_bool else None,
                             help=f"{field.type}; laptop: {getattr(CONFIGS['laptop'], field.name)!r}, "
                                  f"OpenMoE-8B: {getattr(OPENMOE, field.name)!r}")
     args = parser.parse_args(argv)
@@ -1108,11 +1112,13 @@ def summary_lines(summary: dict) -> list[str]:
         lines = []
         losses = list(summary["losses"].items())
         if losses:
-            window = min(10, len(losses))
-            first, last = losses[:window], losses[-window:]
-            lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss, mean "
-                         f"of steps {first[0][0]}-{first[-1][0]}: {np.mean([v for _, v in first]):.3f}"
-                         f" -> steps {last[0][0]}-{last[-1][0]}: {np.mean([v for _, v in last]):.3f}")
+            window = max(1, min(10, len(losses) // 2))
+            first, last = (f"step{'s' * (window > 1)} {part[0][0]}"
+                           + (f"-{part[-1][0]}" if window > 1 else "")
+                           + f": {np.mean([loss for _, loss in part]):.3f}"
+                           for part in (losses[:window], losses[-window:]))
+            lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss"
+                         f"{f' (mean of {window} steps)' if window > 1 else ''}, {first} -> {last}")
     lines += [f"  {name:24} " + (f"{value:.1%}" if name.endswith("accuracy") else f"{value:.3f}")
               for name, value in summary["eval"].items()]
     if summary.get("stalled_since"):
@@ -1149,7 +1155,9 @@ def main(argv=None) -> None:
     if args.quick:
         values = list(summary["losses"].values())
         assert values and values[-1] < values[0], f"quick run: loss did not fall ({values})"
-        print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled.")
+        print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled."
+              + ("" if hasattr(args, "run_dir") else " Its directory was temporary and is now "
+                 "removed; pass --run-dir to keep the run."))
 
 
 if __name__ == "__main__":
