@@ -786,8 +786,8 @@ def replace_file(path: pathlib.Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> None:
-    """Make run_dir hold this run (call it holding the run's lock, on the first host).
+def prepare_run_dir(cfg: TrainConfig, overwrite: bool, write: bool = True) -> None:
+    """Make run_dir hold this run (every host checks; the one that `write`s holds the lock).
 
     A directory with another run in it is refused, whatever the spelling of its path: a run's
     identity is its config outside RESUMABLE_FIELDS. Changed resumable fields are accepted and
@@ -815,6 +815,8 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> None:
         if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
             raise ValueError(f"cannot write {path}: it is a directory or read-only; move it "
                              "away or choose another --run-dir")
+    if not write:
+        return
 
     if overwrite:
         removed = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -945,8 +947,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     if first_host:
         create_run_dir(run_dir)
     with run_lock(run_dir) if first_host else contextlib.nullcontext():
-        if first_host:
-            prepare_run_dir(cfg, overwrite)
+        prepare_run_dir(cfg, overwrite, write=first_host)
         manager = checkpoint_manager(cfg)
         try:
             # A finished run is reported at once, without compiling anything.

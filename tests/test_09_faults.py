@@ -1,19 +1,19 @@
 """Fault injection for 09_train.py: a run never loses data and never lies about its state.
 
-A small run (06's tiny preset, 8 steps, a checkpoint every 2) is trained straight through by a
-real `09_train.py` process while a second process on its directory must be refused. A copy of
-it is then trained by processes that are SIGKILLed at start-up, mid-run and inside a checkpoint
-write, and stopped by a full disk (RLIMIT_FSIZE); it must end with the straight run's losses bit
-for bit and exactly one metrics line per step. In this process, the newest checkpoint is
-corrupted, a run diverges on purpose and resumes with a lower learning rate, and every
-command-line error is checked to name its field and to leave the disk unchanged.
+Every run here is a real `09_train.py` process on a small config (06's tiny preset, 8 steps, a
+checkpoint every 2). One trains straight through while a second process on its directory must
+be refused. A copy is trained by processes that are SIGKILLed at start-up, mid-run and inside a
+checkpoint write, stopped by a full disk (RLIMIT_FSIZE), and finished after its newest
+checkpoint is corrupted; it must end with the straight run's losses bit for bit and exactly one
+metrics line per step. Another run diverges on purpose and resumes with a lower learning rate.
+Every command-line error is checked, in this process, to name its field and change nothing.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -193,23 +193,28 @@ def test_kills_and_a_full_disk_lose_nothing(reference, child_env, tmp_path):
     assert checkpoint_steps(run_dir) == checkpoint_steps(ref_dir)
 
 
-def test_divergence_saves_nothing_non_finite_and_a_lower_lr_resumes(tmp_path):
+def test_divergence_saves_nothing_non_finite_and_a_lower_lr_resumes(child_env, tmp_path):
     # A learning rate of 1e38 keeps step 1's loss finite but overflows its update: the new
     # parameters hold inf. No checkpoint may be written from that state, even one due now.
     run_dir = tmp_path / "run"
     cfg = small_run(run_dir, peak_lr=1e38, checkpoint_every=1, steps=4)
-    with pytest.raises(train_lib.TrainingDiverged, match=r"step 1: loss 9\.\d+, gradient norm "
-                       r"[\d.]+, new parameters and optimizer state NaN or inf.*No checkpoint"):
-        train_lib.train(cfg, progress=False)
+    process = launch(flags(cfg), child_env)
+    _, stderr = process.communicate()
+    assert process.returncode == 1
+    assert re.search(r"error: training diverged at step 1: loss 9\.\d+, gradient norm [\d.]+, new "
+                     r"parameters and optimizer state NaN or inf; nothing of this step was saved\. "
+                     r"No checkpoint was saved yet: run the same command with --peak-lr 1e\+37",
+                     stderr), stderr
     assert checkpoint_steps(run_dir) == [] and metric_steps(run_dir) == []
 
     # The advice can be followed: the same run with a lower peak learning rate, change recorded.
-    summary = train_lib.train(dataclasses.replace(cfg, peak_lr=0.01, checkpoint_every=2),
-                              progress=False)
-    assert list(summary["losses"]) == list(range(1, cfg.steps + 1))
+    process = launch(flags(dataclasses.replace(cfg, peak_lr=0.01, checkpoint_every=2)), child_env)
+    _, stderr = process.communicate()
+    assert process.returncode == 0, stderr
     assert checkpoint_steps(run_dir) == [2, 4]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, cfg.steps + 1))
+    assert all(np.isfinite(r["loss"]) for r in records)
     assert records[0]["lr"] == pytest.approx(0.01)
     history = json.loads((run_dir / "config_history.jsonl").read_text())
     assert history["changed"] == {"peak_lr": [1e38, 0.01], "checkpoint_every": [1, 2]}
