@@ -231,13 +231,15 @@ def test_parallel_wiring_shares_one_norm_and_differs_from_sequential():
 def test_rematerialization_gives_the_same_gradients():
     batch = _batch(_tokens((2, 9)))
     grads = []
-    for remat in (False, True):
-        model = m06.OpenMoE(dataclasses.replace(TINY, remat=remat), rngs=nnx.Rngs(3))
+    for remat, policy in ((False, "dots"), (True, "full"), (True, "dots")):
+        cfg = dataclasses.replace(TINY, remat=remat, remat_policy=policy)
+        model = m06.OpenMoE(cfg, rngs=nnx.Rngs(3))
         graph, params, rest = nnx.split(model, nnx.Param, ...)
         grad = jax.jit(jax.grad(lambda p: m06.loss_fn(nnx.merge(graph, p, rest), batch)[0]))(params)
         grads.append(jax.tree.leaves(grad))
-    for a, b in zip(*grads):
+    for a, b, c in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_activations_keep_f32_logits_and_stay_close():
@@ -290,6 +292,7 @@ def test_sampling_respects_top_p():
     ({"top_k": 5}, "top_k=5"),
     ({"top_k": 0}, "top_k=0"),
     ({"moe_interval": 3}, "moe_interval=3"),
+    ({"remat_policy": "some"}, "remat_policy='some'"),
     ({"head_dim": 15}, "head_dim=15"),
     ({"moe_wiring": "interleaved"}, "moe_wiring"),
     ({"dtype": jnp.int32}, "dtype"),
