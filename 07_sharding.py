@@ -285,7 +285,8 @@ def memory_per_device(cfg, mesh_shape: dict[str, int], *, batch: int, seq_len: i
 
     Parameters and gradients are exact: each parameter's f32 bytes divided by the number of
     devices that split it. Activations are an estimate of what the backward pass keeps, per
-    token on this device: with remat, each block's input (D) plus one block's working set;
+    token on this device: with remat (06's `remat_policy="full"`; "dots" keeps more, which the
+    compiled dry run of 09 measures), each block's input (D) plus one block's working set;
     without, every block's working set (attention: x, q, k, v, output and the L×L scores per
     head; FFN: x and its 4 hidden vectors; MoE blocks add cf·k expert slots, router and extra
     FFN). Optimizer state is 08's business (Adafactor: about 0; AdamW: 2 × parameters).
