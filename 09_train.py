@@ -659,8 +659,8 @@ def orbax_errors_reported_once():
 
 
 def drop_closed_loop_reports(report_next, unraisable) -> None:
-    """An unraisable-exception hook that drops "Event loop is closed": after a failed save,
-    orbax's remaining tensorstore writes report into its closed event loop, once per write."""
+    """An unraisable-exception hook that drops "Event loop is closed": after a failed save or
+    restore, orbax's abandoned tensorstore operations report into its closed event loop."""
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed"):
         report_next(unraisable)
