@@ -700,7 +700,7 @@ def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
     # measured at the evaluation capacity.
     progress(f"{subject.name}: {sum(len(r['inputs']) for r in rows_by_source.values())} rows of "
              f"{subject.seq_len} tokens from {len(rows_by_source)} sources; loading "
-             f"{subject.checkpoints[-1].label}")
+             f"{subject.step_name} {subject.checkpoints[-1].label}")
     params = subject.checkpoints[-1].load()
 
     @functools.cache  # keyed by the arguments as given: always pass both
