@@ -771,6 +771,9 @@ def run_lock(run_dir: pathlib.Path):
             raise RunError(f"run directory {str(run_dir)!r} is in use by {holder}; wait for it "
                            "to finish, or stop it (it resumes from its last checkpoint), or "
                            "choose another --run-dir") from None
+        except OSError as error:  # a file system without locks (some bucket mounts)
+            print(f"warning: {path} cannot be locked ({error.strerror}); make sure no other "
+                  "process trains in this directory", file=sys.stderr)
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "

@@ -10,6 +10,7 @@ Every command-line error is checked, in this process, to name its field and chan
 """
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -286,3 +287,13 @@ def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt"]
     assert json.loads((run_dir / "config.json").read_text())["seq_len"] == 32
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(train_lib.fcntl, "flock", no_locks)
+    with train_lib.run_lock(tmp_path):
+        assert f"process {os.getpid()} " in (tmp_path / "run.lock").read_text()
+    assert "run.lock cannot be locked (No locks available)" in capsys.readouterr().err
