@@ -324,11 +324,24 @@ def all_gather_sizes(hlo_text: str) -> list[int]:
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
-    """How many of each cross-device operation a compiled (or lowered) program contains."""
+    """How many of each cross-device operation a compiled (or lowered) program names."""
     names = {"all-to-all": r"all-to-all\(|all_to_all", "all-gather": r"all-gather\(|all_gather",
              "all-reduce": r"all-reduce\(|all_reduce", "reduce-scatter": r"reduce-scatter\(",
              "collective-permute": r"collective-permute\("}
     return {name: len(re.findall(pattern, hlo_text)) for name, pattern in names.items()}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, float]]:
+    """Count and MiB of each kind of collective in a compiled program, from its output shapes
+    (an async pair, `-start`/`-done`, counts once), e.g. {"all-to-all": {"count": 24, ...}}."""
+    itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+    result = {}
+    for kind in ("all-gather", "all-reduce", "all-to-all", "reduce-scatter", "collective-permute"):
+        found = re.findall(r"= \(?([^=]*?)\)? " + kind + r"(?:-start)?\(", hlo_text)
+        total = sum(itemsize.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                    for shapes in found for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shapes))
+        result[kind] = {"count": len(found), "mib": total / 2**20}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -168,6 +168,19 @@ def test_all_gather_sizes_reads_hlo_shapes():
     assert m07.all_gather_sizes(text) == [4096, 16]
 
 
+def test_collective_bytes_sums_every_output_once():
+    # A tuple-shaped async all-to-all (two bf16 outputs) counts once, with both outputs' bytes.
+    text = ("%a = f32[256,1024]{1,0} all-gather(%x), dimensions={0}\n"
+            "%b = (bf16[512,1024]{1,0}, bf16[512,1024]{1,0}) all-to-all-start(%y, %z)\n"
+            "%c = (bf16[512,1024]{1,0}, bf16[512,1024]{1,0}) all-to-all-done(%b)\n"
+            "%d = pred[8]{0} all-reduce(%w), to_apply=%or")
+    measured = m07.collective_bytes(text)
+    assert measured["all-gather"] == {"count": 1, "mib": 1.0}
+    assert measured["all-to-all"] == {"count": 1, "mib": 2.0}
+    assert measured["all-reduce"] == {"count": 1, "mib": 8 / 2**20}
+    assert measured["reduce-scatter"] == {"count": 0, "mib": 0.0}
+
+
 def test_optimizer_state_shardings_are_inferred_from_the_parameters():
     mesh = m07.make_mesh(model=2, expert=2)
     weight = jax.device_put(jnp.ones((8, 64, 128)), jax.NamedSharding(mesh, P("expert", None, "model")))
