@@ -789,6 +789,36 @@ def replace_file(path: pathlib.Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def identity_differences(saved: dict, cfg: TrainConfig) -> dict:
+    """{field: (saved, now)} for the fields of a run's identity that `cfg` changes."""
+    return {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUMABLE_FIELDS | {"run_dir"} and saved.get(k) != v}
+
+
+def last_eval(metrics_path: pathlib.Path) -> dict[str, float]:
+    """The newest evaluation recorded in metrics.jsonl ({} if there is none)."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
+    return next((e for e in reversed(evals) if e), {})
+
+
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The summary of this run if cfg.run_dir holds it finished (a checkpoint at cfg.steps or
+    later), read from the files alone; None when there is training to do (or a problem that
+    train() will report)."""
+    run_dir = pathlib.Path(cfg.run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+        evaluation = last_eval(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return None
+    if identity_differences(saved, cfg) or not steps or steps[-1] < cfg.steps:
+        return None
+    return {"run_dir": cfg.run_dir, "steps": steps[-1], "complete": True, "losses": {},
+            "eval": evaluation, "checkpoints": steps}
+
+
 def prepare_run_dir(cfg: TrainConfig, overwrite: bool, write: bool = True) -> None:
     """Make run_dir hold this run (every host checks; the one that `write`s holds the lock).
 
@@ -806,8 +836,7 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool, write: bool = True) -> No
         except (OSError, ValueError) as error:
             raise ValueError(f"{config_path} cannot be read ({one_line(error)}); restore it, "
                              "or choose another --run-dir") from error
-        locked = {k: (saved.get(k), v) for k, v in now.items()
-                  if k not in RESUMABLE_FIELDS | {"run_dir"} and saved.get(k) != v}
+        locked = identity_differences(saved, cfg)
         if locked:
             raise ValueError(
                 f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
@@ -926,17 +955,14 @@ def write_failed(what: str, error: BaseException, resume_step: int | None) -> Ru
                     "the newest complete checkpoint")
 
 
-def last_eval(metrics_path: pathlib.Path) -> dict[str, float]:
-    """The newest evaluation recorded in metrics.jsonl ({} if there is none)."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
-    return next((e for e in reversed(evals) if e), {})
-
-
 def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
     """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the process's
     work after that step as if it were killed there (used to test exact resume)."""
+    # A finished run is reported at once, before any data, model or compile.
+    if not overwrite and (finished := finished_summary(cfg)):
+        return finished
+
     # Everything that can be wrong is checked before anything is compiled or written.
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -953,11 +979,6 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
         prepare_run_dir(cfg, overwrite, write=first_host)
         manager = checkpoint_manager(cfg)
         try:
-            # A finished run is reported at once, without compiling anything.
-            if (manager.latest_step() or 0) >= cfg.steps:
-                return {"run_dir": cfg.run_dir, "steps": manager.latest_step(), "complete": True,
-                        "losses": {}, "eval": last_eval(run_dir / "metrics.jsonl"),
-                        "checkpoints": list(manager.all_steps())}
             return train_steps(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
         finally:
             manager.close()
