@@ -73,19 +73,13 @@ def apply_experts(buffers_GECD, experts, variant: str, dtype):
     return jnp.swapaxes(out_EMD.reshape(num_experts, num_groups, capacity, dim), 0, 1)
 
 
-def _whole_experts_only(dispatch: str, run_experts) -> None:
-    """Paths without [G, E, C, D] buffers run the experts themselves, on whole kernels: refuse
-    07's runner, under which each device holds only its share of the experts."""
-    if run_experts is not apply_experts:
-        raise ValueError(f"dispatch={dispatch!r} runs the experts itself and cannot use 07's "
-                         "expert-parallel runner; use dispatch='gather' under expert parallelism")
-
-
 def dispatch_loop(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str, dtype,
                   run_experts=apply_experts):
     """The oracle: every expert sees every token; keep its output where the router kept it."""
     del num_experts, capacity  # no buffers: `kept` (inside the weights) is all the loop needs
-    _whole_experts_only("loop", run_experts)
+    if run_experts is not apply_experts:
+        raise ValueError("dispatch='loop' (the oracle) runs every expert on whole kernels and "
+                         "cannot use 07's expert-parallel runner; use 'gather' or 'ragged'")
     y_GTD = jnp.zeros(x_GTD.shape, dtype)
     for expert, kernels in enumerate(zip(*experts)):
         weight_GT = jnp.sum(jnp.where(routing.expert_GTA == expert, routing.weight_GTA, 0.0), -1)
@@ -171,29 +165,56 @@ def dispatch_gather(x_GTD, routing, experts, num_experts: int, capacity: int, va
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
+def grouped_experts(rows_ND, expert_N, experts, variant: str, dtype):
+    """Each row through its own expert with grouped matmuls (`jax.lax.ragged_dot`): rows are
+    sorted by expert, every expert runs on its contiguous run, and the results are unsorted.
+    Rows whose expert is E (none) sort last, outside every group, and come out as zeros."""
+    num_experts = experts[0].shape[0]
+    order_N = jnp.argsort(expert_N, stable=True)
+    grouped = functools.partial(jax.lax.ragged_dot,
+                                group_sizes=jnp.bincount(expert_N, length=num_experts))
+    out_ND = ffn.swiglu(rows_ND[order_N], *experts, variant, dtype, one_gate_matmul=True,
+                        matmul=grouped)
+    return out_ND[jnp.argsort(order_N)]  # row i of out_ND belongs to row order_N[i]
+
+
+def apply_experts_grouped(buffers_GECD, experts, variant: str, dtype):
+    """`apply_experts` that skips empty slots: only filled slots go through grouped matmuls.
+
+    An empty slot holds zeros and the experts map zero to zero (no biases), so treating every
+    all-zero row as empty changes no output; it only saves the work of the padding to C.
+    """
+    num_groups, num_experts, capacity, dim = buffers_GECD.shape
+    rows_ND = buffers_GECD.reshape(-1, dim)
+    slot_expert_N = jnp.broadcast_to(jnp.arange(num_experts)[None, :, None],
+                                     (num_groups, num_experts, capacity)).reshape(-1)
+    expert_N = jnp.where(jnp.any(rows_ND != 0, axis=-1), slot_expert_N, num_experts)
+    out_ND = grouped_experts(rows_ND, expert_N, experts, variant, dtype)
+    return out_ND.reshape(buffers_GECD.shape)
+
+
 def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
                     dtype, run_experts=apply_experts):
     """No buffers: sort the kept assignments by expert, run each expert on its run of rows with
-    grouped matmuls (`jax.lax.ragged_dot`, MaxText's default MoE), unsort, combine.
+    grouped matmuls (MaxText's default MoE), unsort, combine.
 
     Nothing is padded to C, so memory is O(T·k·D) however unbalanced the routing, which is
-    what `dropless` needs. Dropped assignments sort behind every expert, where the grouped
-    matmul leaves zeros. The experts run here, on whole kernels, so 07's all-to-all runner
-    cannot be used with this path.
+    what `dropless` needs. Under 07's expert parallelism, tokens must travel in fixed-size
+    buffers (an all-to-all has static shapes), so dispatch and combine are `gather`'s, and each
+    device runs its experts on the filled slots only (`apply_experts_grouped`); dropless then
+    sends C = T slots per expert and group, E/k times the assignments: correct, not cheap.
     """
-    del capacity  # the router already decided what is kept
-    _whole_experts_only("ragged", run_experts)
+    if run_experts is not apply_experts:
+        grouped_runner = functools.partial(run_experts, compute=apply_experts_grouped)
+        return dispatch_gather(x_GTD, routing, experts, num_experts, capacity, variant, dtype,
+                               grouped_runner)
     num_groups, tokens, dim = x_GTD.shape
     top_k = routing.expert_GTA.shape[-1]
-    # One row per assignment n = (g, t, a), in expert order; dropped ones carry the key E.
+    # One row per assignment n = (g, t, a); dropped ones get the expert E, which is no expert.
     expert_N = jnp.where(routing.kept_GTA, routing.expert_GTA, num_experts).reshape(-1)
-    order_N = jnp.argsort(expert_N, stable=True)
-    rows_ND = jnp.repeat(x_GTD.reshape(-1, dim).astype(dtype), top_k, axis=0)[order_N]
-    grouped = functools.partial(jax.lax.ragged_dot,
-                                group_sizes=jnp.bincount(expert_N, length=num_experts))
-    out_ND = ffn.swiglu(rows_ND, *experts, variant, dtype, one_gate_matmul=True, matmul=grouped)
-    # Back to assignment order (row i of out_ND is assignment order_N[i]), then mix over k.
-    out_GTAD = out_ND[jnp.argsort(order_N)].reshape(num_groups, tokens, top_k, dim)
+    rows_ND = jnp.repeat(x_GTD.reshape(-1, dim).astype(dtype), top_k, axis=0)
+    out_ND = grouped_experts(rows_ND, expert_N, experts, variant, dtype)
+    out_GTAD = out_ND.reshape(num_groups, tokens, top_k, dim)
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 

@@ -194,7 +194,8 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
          |expert| chunks and sends chunk i to the i-th device of that axis, receiving every
          group's slots for *its* experts;
       3. runs its E/|expert| experts (a slice of every expert's hidden units per 'model' device,
-         so the output is a partial sum: psum over 'model' completes it);
+         so the output is a partial sum: psum over 'model' completes it); 05's "ragged" path
+         runs them on the filled slots only (`compute=apply_experts_grouped`);
       4. all_to_all back: each group's slots return to the device that routed them; combines.
     Only activations travel, and only the expert buffers; no device gathers expert weights or
     another device's router probabilities. `check_vma` (on) tracks which values vary along which
@@ -204,9 +205,9 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
     expert_spec = P("expert", None, None, "model")     # wi_0 [E, D, 2, F] (double-gated)
     up_spec, down_spec = P("expert", None, "model"), P("expert", "model", None)
 
-    def run_experts(buffers_GECD, experts, variant, dtype):
+    def run_experts(buffers_GECD, experts, variant, dtype, compute=moe.apply_experts):
         arrived_GECD = jax.lax.all_to_all(buffers_GECD, "expert", 1, 0, tiled=True)
-        partial_GECD = moe.apply_experts(arrived_GECD, experts, variant, dtype)
+        partial_GECD = compute(arrived_GECD, experts, variant, dtype)
         out_GECD = jax.lax.psum(partial_GECD, "model")
         return jax.lax.all_to_all(out_GECD, "expert", 0, 1, tiled=True)
 

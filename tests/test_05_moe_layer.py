@@ -191,9 +191,32 @@ def test_dropless_serves_every_assignment_and_equals_the_oracle(dispatch):
         np.testing.assert_allclose(grad, grad_oracle, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_ragged_refuses_an_expert_parallel_runner():
-    # 07's runner hands the layer its own experts' runner (all-to-all); a stand-in does the same.
-    layer = moe.MoELayer(dataclasses.replace(CFG, dispatch="ragged"), rngs=nnx.Rngs(0))
-    layer.run_groups = lambda layer_fn, *arrays: layer_fn(*arrays, lambda buffers, *_: buffers)
-    with pytest.raises(ValueError, match="ragged"):
-        layer(X_BLD)
+def test_ragged_through_a_buffer_runner_equals_the_oracle():
+    # Under 07's expert parallelism, "ragged" exchanges gather's fixed-size buffers and runs the
+    # experts with `compute=apply_experts_grouped`; a stand-in runner that computes in place
+    # must give the oracle's outputs. The oracle itself refuses such a runner.
+    def runner(buffers_GECD, experts, variant, dtype, compute=moe.apply_experts):
+        return compute(buffers_GECD, experts, variant, dtype)
+
+    for name, dropless in (("ragged", False), ("ragged", True), ("loop", False)):
+        layer = moe.MoELayer(dataclasses.replace(CFG, dispatch=name, dropless=dropless),
+                             rngs=nnx.Rngs(0))
+        layer.run_groups = lambda layer_fn, *arrays: layer_fn(*arrays, runner)
+        if name == "loop":
+            with pytest.raises(ValueError, match="loop"):
+                layer(X_BLD)
+            continue
+        oracle = moe.MoELayer(dataclasses.replace(CFG, dispatch="loop", dropless=dropless),
+                              rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(layer(X_BLD)[0], oracle(X_BLD)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_experts_skip_empty_slots_and_match_batched_experts():
+    layer = moe.MoELayer(CFG, rngs=nnx.Rngs(0))
+    experts = (layer.wi_0[...], layer.wi_1[...], layer.wo[...])
+    buffers_GECD = jax.random.normal(jax.random.key(3), (2, CFG.num_experts, 5, CFG.d_model))
+    buffers_GECD = buffers_GECD.at[:, :, 3:].set(0.0).at[0, 1].set(0.0)  # empty slots
+    grouped = moe.apply_experts_grouped(buffers_GECD, experts, CFG.ffn_variant, jnp.float32)
+    batched = moe.apply_experts(buffers_GECD, experts, CFG.ffn_variant, jnp.float32)
+    np.testing.assert_allclose(grouped, batched, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(grouped)[:, :, 3:] == 0)

@@ -124,6 +124,26 @@ def test_sharded_loss_and_gradients_equal_single_device(sharded_run):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropless", [False, True], ids=["capacity", "dropless"])
+def test_ragged_experts_under_expert_parallelism_equal_single_device(dropless):
+    # 05's ragged path on the 2×2×2 mesh: fixed-size buffers by all-to-all, grouped matmuls on
+    # each device's filled slots; loss and gradients equal one device's ragged (no buffers).
+    cfg = dataclasses.replace(m07.DEMO_CONFIG, num_layers=2, moe_dispatch="ragged",
+                              dropless=dropless)
+    mesh = m07.make_mesh(model=2, expert=2)
+    batch = m07.demo_batch(rows=8)
+    loss, metrics, grads, lowered = m07.sharded_loss_and_grads(
+        m07.sharded_model(cfg, mesh), m07.global_batch(batch, mesh), mesh)
+    single = m06.OpenMoE(m07.config_for_mesh(cfg, mesh), rngs=nnx.Rngs(0))
+    (single_loss, single_metrics), single_grads = jax.jit(jax.value_and_grad(
+        m06.loss_fn, has_aux=True))(single, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert (float(metrics["fraction_dropped"]) == 0) == dropless
+    assert m07.count_collectives(lowered.as_text())["all-to-all"] == 4
+    np.testing.assert_allclose(float(loss), float(single_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(single_grads))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
 def test_tokens_travel_by_all_to_all_and_weights_are_never_gathered(sharded_run):
     lowered = sharded_run["lowered"]
     assert m07.count_collectives(lowered.as_text())["all-to-all"] == 4  # 2 forward, 2 backward
