@@ -1176,6 +1176,10 @@ def main(argv=None) -> None:
             summary = train(cfg, overwrite=args.overwrite, stop_after=args.stop_after)
     except (ValueError, RunError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C: the lock is released, a half-written checkpoint ignored
+        print("\ninterrupted; the same command resumes from the newest complete checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
     print("\n".join(summary_lines(summary)))
     if args.quick:
         values = list(summary["losses"].values())
