@@ -971,8 +971,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
                          f"{model_config(cfg).vocab_size} embedding rows; pick a matching --tokenizer")
     sources = training_sources(cfg, jax.process_index(), jax.process_count())
 
-    # One process per run directory: the first host holds its lock for the whole run.
+    # One process per run directory: the first host holds its lock for the whole run. The run
+    # directory is checked before the lock file is made, and again holding it, then written.
     run_dir, first_host = pathlib.Path(cfg.run_dir), jax.process_index() == 0
+    prepare_run_dir(cfg, overwrite, write=False)
     if first_host:
         create_run_dir(run_dir)
     with run_lock(run_dir) if first_host else contextlib.nullcontext():

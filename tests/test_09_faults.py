@@ -227,10 +227,9 @@ def test_divergence_saves_nothing_non_finite_and_a_lower_lr_resumes(child_env, t
 # ---------------------------------------------------------------------------------------------
 
 def snapshot(directory: pathlib.Path) -> dict[str, bytes | None]:
-    """Every path under `directory` with its contents (None for a directory), except the lock
-    file: creating run.lock is how a run claims a directory before it reads what is there."""
+    """Every path under `directory` with its contents (None for a directory)."""
     return {str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.name != "run.lock"}
+            for p in sorted(directory.rglob("*"))}
 
 
 def refused(argv: list[str], capsys) -> str:
