@@ -142,7 +142,8 @@ def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
                     capacity_rule: str = "t5x"):
     """The subject's model, with the capacity under study and each row its own routing group.
 
-    `capacity_factor` is used with train=False (default: the training value). OpenMoE's
+    `capacity_factor` is used with train=False (default: the training value); the rule
+    "dropless" serves every assignment (05's `dropless`) whatever the factor. OpenMoE's
     analysis ran one sequence at a time through ColossalAI, so a group is one row: the queue
     order is then exactly the position in the sequence. (T5X evaluated released models with
     flaxformer's groups, at least E per batch, so there the drops depend on the batch.)
@@ -150,9 +151,11 @@ def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
     cfg = subject.model_cfg
     if capacity_factor is None:
         capacity_factor = cfg.train_capacity_factor
+    dropless = capacity_rule == "dropless"
     return dataclasses.replace(
-        cfg, remat=False, eval_capacity_factor=capacity_factor, capacity_rule=capacity_rule,
-        max_group_size=subject.seq_len, group_rule="divisor")
+        cfg, remat=False, eval_capacity_factor=capacity_factor, dropless=dropless,
+        capacity_rule="t5x" if dropless else capacity_rule, max_group_size=subject.seq_len,
+        group_rule="divisor")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,12 +424,14 @@ def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count
 
 def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
     """The capacities the drop study compares: how OpenMoE trained, how the paper measured (its
-    Fig. 12: ColossalAI's port, k in the capacity, one group per sequence), and the evaluation
-    capacity that OpenMoE uses as its mitigation. `cfg`: 06's ModelConfig."""
+    Fig. 12: ColossalAI's port, k in the capacity, one group per sequence), the evaluation
+    capacity that OpenMoE uses as its mitigation, and 05's dropless experts, the cure (every
+    assignment served, so the curve must be flat at zero). `cfg`: 06's ModelConfig."""
     train_cf, eval_cf = cfg.train_capacity_factor, cfg.eval_capacity_factor
     return {f"train cf {train_cf} (T5X)": (train_cf, "t5x"),
             f"train cf {train_cf} x k (ColossalAI)": (train_cf, "colossalai"),
-            f"eval cf {eval_cf} (T5X)": (eval_cf, "t5x")}
+            f"eval cf {eval_cf} (T5X)": (eval_cf, "t5x"),
+            "dropless": (train_cf, "dropless")}
 
 
 SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # capacity factors of the sweep, by default
@@ -535,7 +540,7 @@ def drop_lines(drops: dict, sources: list[str]) -> list[str]:
     for capacity_factor, by_source in drops["sweep"].items():
         lines.append(f"     {capacity_factor:5.2f} "
                      + " ".join(f"{by_source[s]:16.1%}" for s in sources))
-    train, colossal, evaluation = (end[name] for name in drops["curves"])
+    train, colossal, evaluation, dropless = (end[name] for name in drops["curves"])
     worst = max(colossal, key=colossal.get)
     seen = np.mean([colossal[s] for s in IN_DISTRIBUTION])
     shrink = np.mean([evaluation[s] / train[s] for s in sources if train[s] > 0])
@@ -544,7 +549,8 @@ def drop_lines(drops: dict, sources: list[str]) -> list[str]:
                     "ColossalAI's capacity drops come from imbalance alone, and the end of a "
                     f"sequence loses most on '{worst}' ({colossal[worst]:.1%} vs {seen:.1%} "
                     f"in-distribution). The evaluation capacity leaves {shrink:.0%} of the "
-                    "training capacity's end-of-sequence drops."]
+                    "training capacity's end-of-sequence drops; dropless experts leave "
+                    f"{max(dropless.values()):.0%}."]
 
 
 def report_lines(subject: Subject, results: dict, rows: dict[str, int]) -> list[str]:

@@ -422,7 +422,8 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     record_decisions, routed = ra.record_decisions, []
 
     def logged_record_decisions(params, model_cfg, rows_by_source):
-        routed.append((model_cfg.eval_capacity_factor, model_cfg.capacity_rule))
+        routed.append((model_cfg.eval_capacity_factor,
+                       "dropless" if model_cfg.dropless else model_cfg.capacity_rule))
         return record_decisions(params, model_cfg, rows_by_source)
 
     monkeypatch.setattr(ra, "record_decisions", logged_record_decisions)
@@ -435,8 +436,8 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     assert loaded == [run.steps[-1], 0, *run.steps[:-1]]
     # Each capacity routed once on the last checkpoint (evaluation cf for specialization, which
     # the drop study's settings and sweep reuse), then each earlier checkpoint at the eval cf.
-    assert routed == [(2.0, "t5x"), (1.25, "t5x"), (1.25, "colossalai"), (2.0, "t5x"),
-                      (2.0, "t5x")]
+    assert routed == [(2.0, "t5x"), (1.25, "t5x"), (1.25, "colossalai"), (1.25, "dropless"),
+                      (2.0, "t5x"), (2.0, "t5x")]
     # It says what it is doing as it goes: one line per routing pass.
     said = capsys.readouterr().err
     assert "routing every row at capacity factor 2.0 (t5x rule)" in said
@@ -465,6 +466,8 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         assert set(by_source) == set(results["rows"])
         for curve_L in by_source.values():
             assert len(curve_L) == run.cfg.seq_len and np.all((curve_L >= 0) & (curve_L <= 1))
+    # Dropless experts serve every assignment: the cure leaves nothing to drop anywhere.
+    assert all(np.all(curve_L == 0) for curve_L in curves["dropless"].values())
     last_quarter = results["drops"]["sweep"]
     assert list(last_quarter) == list(sweep)
     for name, (capacity_factor, rule) in ra.capacity_settings(subject.model_cfg).items():
