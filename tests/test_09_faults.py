@@ -274,6 +274,9 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
             (other_run, "holds a different run (field: (saved, now) = {'seq_len': (64, 32)})")]:
         assert message in refused(flags(small_run(run_dir)), capsys)
         assert snapshot(tmp_path) == before
+    # --quick in a named directory follows the same rules: it deletes nothing there.
+    assert "holds a different run" in refused(["--quick", *flags(small_run(other_run))], capsys)
+    assert snapshot(tmp_path) == before
 
 
 def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
