@@ -287,11 +287,10 @@ def test_load_params_matches_09s_initialization_and_restore(trained, initial_par
     # 09's own restore gets, and step 0 must be 09's initialization (same seed).
     run, trainer = trained.run, trained.trainer
     manager = train_lib.checkpoint_manager(trained.cfg)
-    restored = types.SimpleNamespace(params=trainer.params, opt_state=trainer.opt_state)
-    step, _ = train_lib.restore_checkpoint(manager, restored)  # 09's restore of the latest step
+    step = run.steps[-1]
+    params, _, _ = train_lib.read_checkpoint(manager, trainer, step)  # 09's own restore
     manager.close()
-    assert step == run.steps[-1]
-    final_paths, final_leaves = _paths_and_leaves(restored.params)
+    final_paths, final_leaves = _paths_and_leaves(params)
     # 09 saved what it trained: the restore equals the trainer's final in-memory parameters.
     for ours, theirs in zip(final_leaves, _paths_and_leaves(trainer.params)[1]):
         assert np.array_equal(ours, theirs)
