@@ -93,11 +93,15 @@ def launch(args: list[str], env: dict, prelude: str = "") -> subprocess.Popen:
 
 
 def wait_until(process: subprocess.Popen, condition) -> None:
-    """Return as soon as `condition()` holds (checked every few milliseconds) while `process` runs."""
+    """Return as soon as `condition()` holds (checked every few milliseconds) while `process`
+    runs; if it ends first, or never gets there, fail (and leave no process behind)."""
     deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
     while not condition():
-        assert process.poll() is None, f"the run ended before the awaited point:\n{process.communicate()}"
-        assert time.monotonic() < deadline, "the awaited point was never reached"
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before the awaited point:\n{process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the awaited point was never reached:\n{process.communicate()}")
         time.sleep(0.005)
 
 
