@@ -188,35 +188,39 @@ def name_table(cfg) -> list[TensorName]:
 # ------------------------------------------------------------------------------------------------
 
 class Tensor:
-    """A tensor still on disk: shape and dtype now, the values (`read()`) when asked.
+    """A tensor still on disk: shape and dtype now, the values when asked: all of them
+    (`read()`, memory-mapped where the format allows) or a block of rows (`rows`), which is how
+    the loader reads, so that a 4 GB tensor never has to be in memory twice."""
 
-    `region` is (file, byte offset) when the values lie in the file contiguously, row after
-    row, as in every `.bin` and `.safetensors` written by torch: then `rows` reads them with
-    plain file reads, so no page of a 3 GB file stays mapped into the process.
-    """
-
-    def __init__(self, shape, dtype, read, region: tuple[pathlib.Path, int] | None = None):
-        self.shape, self.dtype, self._read, self.region = tuple(shape), np.dtype(dtype), read, region
+    def __init__(self, shape, dtype, read, read_rows=None):
+        self.shape, self.dtype, self._read, self._read_rows = (tuple(shape), np.dtype(dtype),
+                                                               read, read_rows)
 
     def read(self) -> np.ndarray:
-        """The values, memory-mapped where the format allows (nothing is read until used)."""
         return self._read()
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the first axis."""
-        if self.region is None:
+        if self._read_rows is None:
             return np.asarray(self.read()[start:stop])
-        path, offset = self.region
-        block = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        return self._read_rows(start, stop)
+
+    def __array__(self, dtype=None, copy=None):
+        values = np.asarray(self.read())
+        return values if dtype is None else values.astype(dtype)
+
+
+def _file_rows(path: pathlib.Path, offset: int, shape: tuple, dtype):
+    """A reader of rows [start, stop) of a C-ordered tensor at `offset` in a file, by plain
+    reads: unlike a memory map, no page of a 3 GB file stays counted against the process."""
+    def read_rows(start: int, stop: int) -> np.ndarray:
+        block = np.empty((stop - start, *shape[1:]), dtype)
         with open(path, "rb") as file:
             file.seek(offset + start * block[0].nbytes)
             if file.readinto(block.view(np.uint8).reshape(-1)) != block.nbytes:
                 raise ValueError(f"{path} ends inside a tensor: the file is truncated")
         return block
-
-    def __array__(self, dtype=None, copy=None):
-        values = np.asarray(self.read())
-        return values if dtype is None else values.astype(dtype)
+    return read_rows
 
 
 def _stored_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
@@ -257,7 +261,8 @@ def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
                                                tuple(s * itemsize for s in stride), writeable=False)
     contiguous = stride == tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
     start = storage.offset + storage_offset * np.dtype(storage.dtype).itemsize
-    return Tensor(size, storage.dtype, read, (storage.path, start) if contiguous else None)
+    return Tensor(size, storage.dtype, read,
+                  _file_rows(storage.path, start, size, storage.dtype) if contiguous else None)
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -341,7 +346,7 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
                              f"not fit its {data_bytes} bytes of data: the file is damaged")
         tensors[name] = Tensor(shape, dtype, lambda o=offset, s=shape, d=dtype, n=end - start:
                                np.memmap(path, d, "r", o, s) if n else np.zeros(s, d),
-                               (path, offset))
+                               _file_rows(path, offset, shape, dtype))
     return tensors
 
 
@@ -370,7 +375,9 @@ def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
         file = str(directory / leaf["kvstore"]["path"])
         spec = {**leaf, "kvstore": {"driver": "file", "path": file}}
         tensors[path] = Tensor(leaf["metadata"]["shape"], jnp.dtype(leaf["dtype"]),
-                               lambda s=spec: ts.open(s).result().read().result())
+                               lambda s=spec: ts.open(s).result().read().result(),
+                               lambda start, stop, s=spec:
+                               ts.open(s).result()[start:stop].read().result())
     return tensors
 
 
