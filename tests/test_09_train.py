@@ -129,6 +129,8 @@ def test_exact_resume_after_interruption(uninterrupted):
     assert list(first["losses"]) == [1, 2, 3]
     second = train_lib.train(resumed_cfg, progress=False)               # resumes from step 2
     assert min(second["losses"]) == 3
+    steps = [json.loads(line)["step"] for line in open(f"{resumed_cfg.run_dir}/metrics.jsonl")]
+    assert steps == list(range(1, cfg.steps + 1))  # step 3's first line was cut, then redone
     for step, loss in second["losses"].items():
         assert loss == straight["losses"][step], f"step {step}: {loss} != {straight['losses'][step]}"
     assert straight["losses"][6] < straight["losses"][1]
