@@ -28,6 +28,7 @@ first), `... --model OrionZheng/openmoe-base` a released model (downloaded once)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -37,6 +38,7 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -675,6 +677,24 @@ def check_min_count(min_count: int, in_distribution: dict[str, dict], max_rows: 
             f"times; pass --min-count {limit} or less, or more --rows")
 
 
+def last_checkpoint_findings(subject: Subject, rows_by_source: dict, layer: int,
+                             sweep: tuple[float, ...]) -> tuple[Decisions, dict]:
+    """The last checkpoint in full: its decisions at the evaluation capacity (specialization is
+    what the router wants) and the drop study, each capacity under study routed once (the
+    settings and the sweep share some). Its parameters are released on return, so only one
+    checkpoint is ever in memory: the earlier ones load next, for early routing."""
+    params = subject.checkpoints[-1].load()
+
+    @functools.cache  # keyed by the arguments as given: always pass both
+    def decisions_at(capacity_factor: float, rule: str) -> Decisions:
+        progress(f"routing every row at capacity factor {capacity_factor} ({rule} rule)")
+        model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
+        return record_decisions(params, model_cfg, rows_by_source)
+
+    decisions = decisions_at(subject.model_cfg.eval_capacity_factor, "t5x")
+    return decisions, drop_towards_the_end(subject, decisions_at, layer, sweep)
+
+
 def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
             min_count: int = 128, sweep: tuple[float, ...] = SWEEP,
             out_dir: pathlib.Path | None = None, figures: bool = True) -> dict:
@@ -701,23 +721,10 @@ def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
     check_min_count(min_count, in_distribution, max_rows)
 
-    # The last checkpoint in full, routed once per capacity under study (the drop study's
-    # settings and sweep share some). Specialization is what the router wants, so it is
-    # measured at the evaluation capacity.
     progress(f"{subject.name}: {sum(len(r['inputs']) for r in rows_by_source.values())} rows of "
              f"{subject.seq_len} tokens from {len(rows_by_source)} sources; loading "
              f"{subject.step_name} {subject.checkpoints[-1].label}")
-    params = subject.checkpoints[-1].load()
-
-    @functools.cache  # keyed by the arguments as given: always pass both
-    def decisions_at(capacity_factor: float, rule: str) -> Decisions:
-        progress(f"routing every row at capacity factor {capacity_factor} ({rule} rule)")
-        model_cfg = analysis_config(subject, capacity_factor=capacity_factor, capacity_rule=rule)
-        return record_decisions(params, model_cfg, rows_by_source)
-
-    decisions = decisions_at(model_cfg.eval_capacity_factor, "t5x")
-    drops = drop_towards_the_end(subject, decisions_at, layer, tuple(sweep))
-    del params, decisions_at  # one checkpoint in memory at a time: the earlier ones load next
+    decisions, drops = last_checkpoint_findings(subject, rows_by_source, layer, tuple(sweep))
 
     # Finding 2 compares every earlier checkpoint with the last one's favourite experts, which
     # come from the same decisions: the in-distribution rows at the evaluation capacity.
@@ -766,10 +773,10 @@ def open_subject(*, run_dir: str | None = None, model: str | None = None,
     return run_subject(open_run(run_dir or "runs/laptop"), dtype=jnp.dtype(dtype))
 
 
-def quick_run_config() -> Any:
+def quick_run_config(run_dir: str = "runs/routing-quick") -> Any:
     """A run for the self-test: 06's tiny preset on short rows, every checkpoint kept."""
     return dataclasses.replace(
-        train_lib.CONFIGS["quick"], preset="tiny", run_dir="runs/routing-quick", objective="lm",
+        train_lib.CONFIGS["quick"], preset="tiny", run_dir=run_dir, objective="lm",
         ul2_until_step=0,
         seq_len=64, batch_size=16, microbatches=1, steps=120, warmup_steps=12, eval_every=0,
         eval_batches=0, checkpoint_every=20, keep_last=1, keep_period=20, sample_tokens=0)
@@ -798,8 +805,9 @@ if __name__ == "__main__":
                         help="tokens per row for released models (default 512; a 09 run uses "
                              "its own)")
     parser.add_argument("--quick", action="store_true",
-                        help="self-test: train a tiny run (runs/routing-quick, about 1.5 minutes) "
-                             "and analyse it instead")
+                        help="self-test: train a tiny run in a temporary directory (about 1.5 "
+                             "minutes) and analyse it instead; nothing is left behind unless "
+                             "--out is given")
     parser.add_argument("--layer", type=int, default=None,
                         help="block index of the MoE layer to detail (default: the third MoE layer)")
     parser.add_argument("--rows", type=int, default=None,
@@ -817,39 +825,48 @@ if __name__ == "__main__":
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only checkpoints
 
-    try:
-        if args.quick:
-            if args.run_dir or args.model or args.series:
-                raise ValueError("--quick trains and analyses its own run: drop --run-dir, "
-                                 "--model and --series")
-            train_lib.train(quick_run_config(), overwrite=True, progress=False)
-            args.run_dir = quick_run_config().run_dir
-        subject = open_subject(run_dir=args.run_dir, model=args.model, series=args.series,
-                               dtype=args.dtype, seq_len=args.seq_len)
-        # The quick run's rows are half as long, so fewer of them and a lower count threshold.
-        rows = (48 if args.quick else 128) if args.rows is None else args.rows
-        min_count = (32 if args.quick else 128) if args.min_count is None else args.min_count
-        results = analyse(subject, layer=args.layer, max_rows=rows, min_count=min_count,
-                          sweep=args.sweep, out_dir=args.out, figures=not args.no_figures)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    with contextlib.ExitStack() as scratch:
+        try:
+            if args.quick:
+                if args.run_dir or args.model or args.series:
+                    raise ValueError("--quick trains and analyses its own run: drop --run-dir, "
+                                     "--model and --series")
+                # The self-test's run lives in a temporary directory, removed at the end.
+                args.run_dir = scratch.enter_context(tempfile.TemporaryDirectory(
+                    prefix="openmoe-routing-quick-"))
+                train_lib.train(quick_run_config(args.run_dir), overwrite=True, progress=False)
+            subject = open_subject(run_dir=args.run_dir, model=args.model, series=args.series,
+                                   dtype=args.dtype, seq_len=args.seq_len)
+            # The quick run's rows are half as long: fewer of them, a lower count threshold.
+            rows = (48 if args.quick else 128) if args.rows is None else args.rows
+            min_count = (32 if args.quick else 128) if args.min_count is None else args.min_count
+            results = analyse(subject, layer=args.layer, max_rows=rows, min_count=min_count,
+                              sweep=args.sweep, out_dir=args.out, figures=not args.no_figures)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
     print("\n".join(results["lines"]))
     figures = results.get("figures")
-    print(f"written to {results['out_dir']}: report.txt, analysis.json"
-          + (", " + ", ".join(pathlib.Path(f).name for f in figures) if figures else
-             ("" if args.no_figures else " (no figures: pip install -r requirements-plots.txt)")))
+    written = "report.txt, analysis.json" + (
+        ", " + ", ".join(pathlib.Path(f).name for f in figures) if figures else
+        ("" if args.no_figures else " (no figures: pip install -r requirements-plots.txt)"))
+    if args.quick and not args.out:
+        print(f"{written} were written to a temporary directory, now removed (--out keeps them)")
+    else:
+        print(f"written to {results['out_dir']}: {written}")
 
     # What must hold on any trained model: the final checkpoint agrees with itself, more capacity
     # drops less, and (the paper's first finding, seen on every run here) token ids beat positions.
+    # (Checked with `sys.exit`, not `assert`: a self-test's verdict must survive `python -O`.)
     spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
-    layer = spec["layer"]
-    assert early is None or all(curve[-1] == 1.0 for curve in early["agreement"].values()), (
-        "final vs itself")
-    scores = spec["by_layer"][layer]
-    assert scores["token_id"]["score"] > scores["position"]["score"], (
-        "routing should depend more on the token id than on the position")
+    scores = spec["by_layer"][spec["layer"]]
     least, most = min(args.sweep), max(args.sweep)
-    for source in results["rows"]:
-        assert drops["sweep"][most][source] < drops["sweep"][least][source], (
-            f"{source}: capacity factor {most} must drop less than {least}")
+    failures = (["the final checkpoint must agree with itself"]
+                if early and any(curve[-1] != 1.0 for curve in early["agreement"].values()) else [])
+    if scores["token_id"]["score"] <= scores["position"]["score"]:
+        failures.append("routing should depend more on the token id than on the position")
+    failures += [f"{source}: capacity factor {most} must drop less than {least}"
+                 for source in results["rows"]
+                 if drops["sweep"][most][source] >= drops["sweep"][least][source]]
+    if failures:
+        sys.exit("self-test FAILED: " + "; ".join(failures))
     print("OK: decisions recorded at every checkpoint; the three findings measured and reported.")
