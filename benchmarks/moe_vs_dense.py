@@ -53,6 +53,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120, help="training steps for each model")
     args = parser.parse_args()
+    train_lib.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
     with tempfile.TemporaryDirectory() as root:
         rows = [run(p, args.steps, root) for p in ("small", register_active_matched_dense("small"))]
     print(f"on {jax.device_count()} × {jax.devices()[0].device_kind}")

@@ -79,17 +79,19 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
+    malloc = "kept" if train_lib.keep_freed_memory_mapped() else "default"  # as 09 on a CPU
     peaks, rows = [matmul_peak_flops()], []
     for preset in ("small", "small-wide"):
         rows.append(step_throughput(preset, args.steps, args.batch_size, args.seq_len))
         peaks.append(matmul_peak_flops())
     peak = max(peaks)
-    print(f"{jax.devices()[0].device_kind}: matmul peak {peak / 1e9:.1f} GFLOP/s per device "
+    print(f"{jax.devices()[0].device_kind} (freed memory {malloc}): matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s per device "
           f"({jax.device_count()} devices; best of {len(peaks)} measurements, spread "
           f"{min(peaks) / peak:.0%}–100%)")
     print(f"{'preset':12}{'step s':>9}{'tokens/s':>10}{'MFU':>8}")
     for row in rows:
         row["mfu"] = row["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
         print(f"{row['preset']:12}{row['step_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['mfu']:>8.1%}")
-    print(json.dumps({"device": jax.devices()[0].device_kind, "matmul_peak_gflops": peak / 1e9,
-                      "results": rows}))
+    print(json.dumps({"device": jax.devices()[0].device_kind, "malloc": malloc,
+                      "matmul_peak_gflops": peak / 1e9, "results": rows}))
