@@ -1,7 +1,7 @@
 """Chapter 9: the training program: data pipeline, objective, sharded step, checkpoints, eval.
 
-OpenMoE pretrained with T5X (arXiv 2402.01739 §2.4, App. B, Table 12; reference/openmoe-facts.md
-§2): documents from a 50% text / 50% code mixture, packed into 2,048-token rows; Adafactor with
+OpenMoE pretrained with T5X (arXiv 2402.01739 §2.4, App. B, Table 12; the gins of Fuzhao Xue's
+t5x fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): documents from a 50% text / 50% code mixture, packed into 2,048-token rows; Adafactor with
 lr = 1/√max(step, 10⁴) (flat 0.01 for 10K steps); batch 1,024 (8B: 8 microbatches); load-balance,
 z and router-z losses 0.01 / 0.001 / 0.0001; capacity factor 1.25 training, 2.0 evaluating. The
 objective was UL2's mixture of denoisers on a causal decoder (50% PrefixLM "[S2S] ", span
@@ -265,7 +265,8 @@ def pack_lm_rows(tokens: Iterator[int], seq_len: int) -> Iterator[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    """One UL2 task (reference/openmoe-facts.md §2.3): its share, its prefix text and its noise."""
+    """One UL2 task (the t5 fork's `t5/data/preprocessors.py`, `ul2_objective`): its share, its
+    prefix text and its noise."""
 
     rate: float        # share of examples
     prefix: str        # plain text prepended to the inputs (tokenized, not a special token)

@@ -1,7 +1,7 @@
 """Chapter 11: what the routers learned. OpenMoE's three routing findings, on your run or theirs.
 
-The paper's analysis (arXiv 2402.01739 §4, App. E; reference/openmoe-facts.md §4) asks which
-experts each token is sent to, and finds three things:
+The paper's analysis (arXiv 2402.01739 §4, App. E; OpenMoE's `analysis/colossalai_replace/`)
+asks which experts each token is sent to, and finds three things:
   1. Context-independent specialization: a token's *id* decides its experts far more than its
      context or position does. The routing distribution varies more across token ids than across
      position ids, and each expert's top tokens are low-level look-alikes ("," "and" "." Table 9).
