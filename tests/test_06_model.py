@@ -311,3 +311,7 @@ def test_bad_tokens_are_clear_errors(tiny_model):
         tiny_model(jnp.ones((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         m06.generate(tiny_model, [[1] * 30], max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens=-3 must be >= 0"):
+        m06.generate(tiny_model, [[1, 2]], max_new_tokens=-3)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=97\)"):
+        m06.generate(tiny_model, [[1, 97]], max_new_tokens=2)
