@@ -13,7 +13,7 @@ The loss is cross-entropy over real target tokens + output z-loss + load-balance
 z-losses averaged over MoE layers (§2.3 Eq. 8; weights 0.001, 0.01, 0.0001 from Table 12).
 `t5x_padding` adds T5X's treatment of padding for the released weights (chapter 10): a logit
 mask zeroes pad tokens before every sublayer, and attention skips queries and keys whose target
-is padding, with T5X's additive −1e10 (flaxformer `get_decoder_logit_mask`, `make_decoder_mask`).
+is padding, their scores set to −1e10 (flaxformer `get_decoder_logit_mask`, `make_decoder_mask`).
 
 Shape legend, used in every chapter: B batch, L sequence length, S key/cache length,
 D d_model, H heads, K head_dim, F d_ff, E experts, C expert capacity, G groups,
