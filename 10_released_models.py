@@ -8,12 +8,13 @@ which of our parameters (06) each checkpoint tensor becomes, and how (PyTorch st
 weights [out, in]: transpose; T5X stores the double-gated wi_0 as [D, 2F]: we view it [D, 2, F]).
 Readers need no torch: a `.bin` is a zip of raw storages plus a pickle that names them, read
 with an unpickler that only accepts the three globals a state dict needs; T5X arrays are zarr
-files read with tensorstore. Tensors are memory-mapped and placed one at a time, each straight
-into its shards when a mesh (07) is given, so a 34B loads across a pod.
+files read with tensorstore. Tensors are read a block of rows at a time and placed one by one,
+each straight into its shards when a mesh (07) is given, so a 34B loads across a pod.
 The weights were trained in T5X, so a loaded model uses T5X's evaluation semantics (06, 04):
 padding masks, flaxformer's routing groups, and id 0 (T5's start token) before every prompt.
 Public API: `config_from_hf`, `hf_config`, `read_checkpoint`, `model_from_t5x`, `model_from_hf`,
-`load_config`, `load_model`, `t5x_params`, `export_hf`, and `open_run` / `run_model` for 09 runs.
+`load_config`, `load_model`, `t5x_params`, `export_hf`; `open_run` / `load_params` / `run_model`
+for 09 runs.
 Left out: training the loaded models (09 does that), and the port's broken loss (ColossalAI).
 Run: `python 10_released_models.py` (self-test), `... generate --model OrionZheng/openmoe-base
 --prompt "..." --show-experts`, `... perplexity --model DIR`, `... export --run runs/laptop`.
@@ -147,11 +148,16 @@ EVERY_BLOCK = [
     ("self_attention/out", "self_attention/out/kernel", "self_attn.o_proj.weight", True),
     ("pre_mlp_norm/scale", "pre_mlp_layer_norm/scale", "post_attention_layernorm.weight", False),
 ]
-DENSE_BLOCK = [
-    ("mlp/wi_0", "mlp/wi_0/kernel", "mlp.gate_proj.weight", True),
-    ("mlp/wi_1", "mlp/wi_1/kernel", "mlp.up_proj.weight", True),
-    ("mlp/wo", "mlp/wo/kernel", "mlp.down_proj.weight", True),
-]
+
+
+def ffn_names(module: str) -> list[tuple]:
+    """A dense FFN's three kernels, named the same in our model and T5X; torch calls them
+    gate/up/down projections and stores them [out, in]."""
+    return [(f"{module}/{ours}", f"{module}/{ours}/kernel", f"{module}.{torch}_proj.weight", True)
+            for ours, torch in (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))]
+
+
+DENSE_BLOCK = ffn_names("mlp")
 MOE_BLOCK = [
     ("mlp/router/kernel", "mlp/router/router_weights/w/kernel", "mlp.gate_weight", True),
     ("mlp/wi_0", "mlp/expert/wi_0/kernel", "mlp.experts.wi_gate", False),  # [E, D, 2F] in both
@@ -159,9 +165,7 @@ MOE_BLOCK = [
     ("mlp/wo", "mlp/expert/wo/kernel", "mlp.experts.wo", False),
     ("pre_extra_mlp_norm/scale", "pre_extra_mlp_layer_norm/scale",
      "pre_extra_mlp_layernorm.weight", False),
-    ("extra_mlp/wi_0", "extra_mlp/wi_0/kernel", "extra_mlp.gate_proj.weight", True),
-    ("extra_mlp/wi_1", "extra_mlp/wi_1/kernel", "extra_mlp.up_proj.weight", True),
-    ("extra_mlp/wo", "extra_mlp/wo/kernel", "extra_mlp.down_proj.weight", True),
+    *ffn_names("extra_mlp"),
 ]
 OUTSIDE_BLOCKS = [
     ("token_embedder", "token_embedder/embedding", "model.embed_tokens.weight", False),
