@@ -15,9 +15,21 @@ KV-cache decoding (each sequence at its own offset).
 Left out on purpose: partial rotation, interleaved pairs, and context-extension tricks (NTK,
 YaRN, position interpolation), none of which OpenMoE uses.
 Run the self-test: `python 02_rope.py` (`--help` for options).
+
+Shape legend, used by every chapter: an array's name ends in its axes, one letter each, in
+order (x_BLHK is [B, L, H, K]); a digit is an axis of that size (cos_BL1K: 1, broadcast over H).
+  B batch rows                            E experts
+  L sequence positions (queries)          A a token's assignments (its top-k choices)
+  S key positions (keys, KV-cache slots)  G routing groups
+  N a flat set of tokens (B·L or G·T)     T tokens per group
+  M a flat set of assignments (N·A)       C capacity slots of one expert (per group)
+  D d_model   H attention heads   K head_dim   F d_ff   V vocabulary
+An argument that takes any leading axes names only its last ones: 03's `swiglu(x_D, …)` is
+given [B, L, D], [G, T, D] or [N, D] alike.
 """
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -119,20 +131,23 @@ if __name__ == "__main__":
 
     base, shifted = score_H(7, 3), score_H(7 + 1000, 3 + 1000)
     print(f"\nq·k at (m, n) = (7, 3): {base}\nq·k at (1007, 1003):    {shifted}")
-    assert np.allclose(base, shifted, rtol=1e-3, atol=1e-3), "q·k must depend only on m − n"
+    if not np.allclose(base, shifted, rtol=1e-3, atol=1e-3):
+        sys.exit("self-test FAILED: q·k changed when both positions moved by 1000; it must "
+                 "depend only on m − n")
 
     # (b) Rotations preserve length.
     positions_1L = jnp.arange(0, 4096, 97)[None, :]
     x_1LHK = jnp.asarray(rng.normal(size=(1, positions_1L.shape[1], 4, cfg.head_dim)), jnp.float32)
     out_1LHK = apply_rope(x_1LHK, positions_1L, cfg.max_timescale)
-    assert np.allclose(jnp.linalg.norm(out_1LHK, axis=-1), jnp.linalg.norm(x_1LHK, axis=-1),
-                       rtol=1e-5), "RoPE must preserve vector norms"
+    if not np.allclose(jnp.linalg.norm(out_1LHK, axis=-1), jnp.linalg.norm(x_1LHK, axis=-1),
+                       rtol=1e-5):
+        sys.exit("self-test FAILED: RoPE changed the length of a head vector")
 
     # (c) As complex numbers: pair i is x[i] + j·x[i+K/2], multiplied by e^{j·p·θ_i}.
     half = cfg.head_dim // 2
     x_np = np.asarray(x_1LHK, np.float64)
     z = (x_np[..., :half] + 1j * x_np[..., half:]) * np.exp(
         1j * np.asarray(positions_1L)[..., None, None] * theta.astype(np.float64))
-    assert np.allclose(np.asarray(out_1LHK), np.concatenate([z.real, z.imag], -1), atol=1e-3), (
-        "RoPE must equal the complex-number formulation")
+    if not np.allclose(np.asarray(out_1LHK), np.concatenate([z.real, z.imag], -1), atol=1e-3):
+        sys.exit("self-test FAILED: RoPE differs from multiplying x[i] + j·x[i+K/2] by e^{j·p·θ_i}")
     print("\nOK: relativity, norm preservation and the complex formulation all hold.")
