@@ -7,20 +7,21 @@ OpenMoE's released code (Fuzhao Xue's flaxformer fork, `components/dense.py`: `M
 `activations=('swiglu', 'linear')`, and its `SwiGLU`) makes wi_0 twice as wide,
 splits its output into halves (a, b) and multiplies three projections together:
     y = wo( a · silu(b) · x·wi_1 ),  (a, b) = split(x·wi_0),   4·D·F parameters, no biases,
-with wi_0: D→2F (stored [D, 2, F]: the pair (a, b) as an axis of its own, so splitting F
-over devices keeps each a beside its b), wi_1: D→F, wo: F→D. Plainly: the paper's parameter counts (8.7B / 2.1B active
-for OpenMoE-8B, Table 11) assume the ordinary 3·D·F form, while the released weights use the
-double-gated one; both are here as `FFNConfig.variant` so you can compare them.
-Kernels are f32 parameters named by logical axes ("embed", "mlp") and initialized as OpenMoE
-does: variance scaling 0.1, fan-in (`SCALE = 0.1` in the fork's
-`tokens_choose_decoder_only_*.gin`); the math runs in the
-activation dtype. `ffn_param_count` and `ffn_flops_per_token` feed active-parameter counts and MFU.
+with wi_0: D→2F, wi_1: D→F, wo: F→D. wi_0 is stored [D, 2, F]: the pair (a, b) is an axis of
+its own, so splitting F over devices keeps each a beside its b. Plainly: the paper's parameter
+counts (8.7B / 2.1B active for OpenMoE-8B, Table 11) assume the ordinary 3·D·F form, while the
+released weights use the double-gated one; both are here as `FFNConfig.variant` so you can
+compare them. Kernels are f32 parameters named by logical axes ("embed", "mlp") and initialized
+as OpenMoE does: variance scaling 0.1, fan-in (`SCALE = 0.1` in the fork's
+`tokens_choose_decoder_only_*.gin`); the math runs in the activation dtype. `ffn_param_count`
+and `ffn_flops_per_token` feed active-parameter counts and MFU. Shapes use 02's legend.
 Left out: dropout (0 in pretraining), other activations, and anything MoE (05 vmaps `swiglu`).
 Run the self-test: `python 03_swiglu.py` (`--help` for options).
 """
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +129,7 @@ def init_kernels(rngs: nnx.Rngs, d_model: int, d_ff: int, variant: str = "double
     return kernels
 
 
-def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32, *,
+def swiglu(x_D, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.float32, *,
            one_gate_matmul: bool = False, matmul=jnp.matmul):
     """The FFN as a pure function: x [..., D] → y [..., D], all math in `dtype`.
 
@@ -138,15 +139,11 @@ def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.
     stacked expert axis turns them into batched matmuls.
 
     `one_gate_matmul` picks how the double-gated pair is computed; the numbers are the same.
-    False (default, the dense FFN): two matmuls on the slices wi_0[:, 0] and wi_0[:, 1]. The
-    slices are copies (small for one FFN), but they keep F's split over devices intact when
-    GSPMD shards F (07's test_dense_ffn_split_over_model_moves_only_activations).
-    True (05's experts): one matmul on wi_0 viewed as the [D, 2F] matrix it is in memory, then
-    a and b are split off the output. No kernel copy forward, and backward one matmul writes the
-    gradient in place, where the slices cost a copy of both halves and a merge of their
-    gradients: E times larger for E experts, ~0.1–0.2× one dense FFN's forward+backward at E=32
-    on CPU. Only for kernels whose F is whole on the device (05 unsharded, 07 in `shard_map`):
-    under GSPMD the [D, 2F] view interleaves the shards of a split F, and XLA moves the kernel.
+    False (the dense FFN): two matmuls on the halves wi_0[:, 0] and wi_0[:, 1], which stay whole
+    when F is split over devices. True (05's experts): one matmul on wi_0 viewed as the [D, 2F]
+    matrix it is in memory, then a and b are split off the output, so no half of E experts'
+    kernels is ever copied. Use True only where F is whole on the device: under GSPMD the
+    [D, 2F] view interleaves the shards of a split F, and XLA moves the kernel to undo that.
     `matmul(x, kernel)` is every product; 05's ragged experts pass a grouped matmul, whose
     kernels carry a leading expert axis ([E, D, F]) and whose rows come in expert order.
     """
@@ -156,27 +153,25 @@ def swiglu(x_TD, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.
     if wi_0.shape[-len(expected):] != expected:
         raise ValueError(f"swiglu: wi_0 has shape {wi_0.shape} but variant={variant!r} with "
                          f"d_ff={d_ff} needs [D, {', '.join(map(str, expected))}]")
-    # All leading axes ([B, L] or none) become one token axis T: on XLA:CPU a [T, D] @ [D, F]
-    # matmul is ~1.4× faster, forward and backward, than the same einsum over [B, L, D].
-    leading_shape = x_TD.shape[:-1]
+    # All leading axes become one token axis N, so every product is a plain 2-D matmul, which
+    # XLA:CPU runs faster than an einsum over [B, L, D] (figures: benchmarks/README.md).
+    leading_shape = x_D.shape[:-1]
     # Parameters are stored in f32; the matmuls run in the activation dtype (bf16 on TPU).
-    x_TD = x_TD.reshape(-1, x_TD.shape[-1]).astype(dtype)
-    up_TF = matmul(x_TD, wi_1_DF.astype(dtype))
+    x_ND = x_D.reshape(-1, x_D.shape[-1]).astype(dtype)
+    up_NF = matmul(x_ND, wi_1_DF.astype(dtype))
     if variant == "double_gated":
         # Released OpenMoE: a second gate; SiLU on b (the pair's second member), a stays linear.
-        # Plain 2-D matmuls either way: XLA:CPU runs them far faster than one einsum into a
-        # [T, 2, F] output, whose backward transposes the kernel.
         wi_0 = wi_0.astype(dtype)
-        if one_gate_matmul:  # G = 2F: a's, then b's
-            gate_TG = matmul(x_TD, wi_0.reshape(*wi_0.shape[:-2], 2 * d_ff))
-            a_TF, b_TF = gate_TG[:, :d_ff], gate_TG[:, d_ff:]
+        if one_gate_matmul:
+            gate = matmul(x_ND, wi_0.reshape(*wi_0.shape[:-2], 2 * d_ff))  # [N, 2F]: a's, b's
+            a_NF, b_NF = gate[:, :d_ff], gate[:, d_ff:]
         else:
-            a_TF, b_TF = matmul(x_TD, wi_0[..., 0, :]), matmul(x_TD, wi_0[..., 1, :])
-        hidden_TF = a_TF * jax.nn.silu(b_TF) * up_TF
+            a_NF, b_NF = matmul(x_ND, wi_0[..., 0, :]), matmul(x_ND, wi_0[..., 1, :])
+        hidden_NF = a_NF * jax.nn.silu(b_NF) * up_NF
     else:
-        hidden_TF = jax.nn.silu(matmul(x_TD, wi_0.astype(dtype))) * up_TF
-    y_TD = matmul(hidden_TF, wo_FD.astype(dtype))
-    return y_TD.reshape(*leading_shape, y_TD.shape[-1])
+        hidden_NF = jax.nn.silu(matmul(x_ND, wi_0.astype(dtype))) * up_NF
+    y_ND = matmul(hidden_NF, wo_FD.astype(dtype))
+    return y_ND.reshape(*leading_shape, y_ND.shape[-1])
 
 
 class FeedForward(nnx.Module):
@@ -188,8 +183,8 @@ class FeedForward(nnx.Module):
         kernels = init_kernels(rngs, cfg.d_model, cfg.d_ff, cfg.variant, scale=cfg.init_scale)
         self.wi_0, self.wi_1, self.wo = kernels["wi_0"], kernels["wi_1"], kernels["wo"]
 
-    def __call__(self, x_BLD):
-        return swiglu(x_BLD, self.wi_0[...], self.wi_1[...], self.wo[...],
+    def __call__(self, x_D):
+        return swiglu(x_D, self.wi_0[...], self.wi_1[...], self.wo[...],
                       self.cfg.variant, self.cfg.dtype)
 
 
@@ -216,6 +211,7 @@ if __name__ == "__main__":
     x, wi_0, wi_1, wo = (np.asarray(v, np.float64) for v in (x_BLD[0], ffn.wi_0[...],
                                                              ffn.wi_1[...], ffn.wo[...]))
     wi_0 = wi_0.reshape(cfg.d_model, -1)  # [D, 2, F] → [D, 2F]: a's columns, then b's
+
     def silu(v):
         return v / (1 + np.exp(-v))
 
@@ -228,8 +224,9 @@ if __name__ == "__main__":
         print(f"\nx =\n{x}\ngate = x·wi_0 =\n{gate}")
         hidden = silu(gate) * up
     print(f"up = x·wi_1 =\n{up}\nhidden =\n{hidden}\ny = hidden·wo =\n{hidden @ wo}")
-    assert np.allclose(np.asarray(y_BLD[0]), hidden @ wo, rtol=1e-4, atol=1e-6), (
-        "FeedForward must equal the NumPy computation")
+    if not np.allclose(np.asarray(y_BLD[0]), hidden @ wo, rtol=1e-4, atol=1e-6):
+        sys.exit(f"self-test FAILED: FeedForward gave\n{np.asarray(y_BLD[0])}\n"
+                 "but the NumPy computation above gives y")
 
     # The full-size numbers: OpenMoE-8B's FFN (one per block and one per expert).
     d_model, d_ff = 2048, 8192
@@ -237,7 +234,9 @@ if __name__ == "__main__":
     for variant in VARIANTS:
         print(f"  {variant:12s}: {ffn_param_count(d_model, d_ff, variant):,} parameters, "
               f"{ffn_flops_per_token(d_model, d_ff, variant):,} forward FLOPs per token")
-    assert ffn_param_count(d_model, d_ff) == 4 * d_model * d_ff == 67_108_864
-    assert ffn_param_count(d_model, d_ff, "swiglu") == 3 * d_model * d_ff
+    counts = {variant: ffn_param_count(d_model, d_ff, variant) for variant in VARIANTS}
+    if counts != {"double_gated": 4 * d_model * d_ff, "swiglu": 3 * d_model * d_ff}:
+        sys.exit(f"self-test FAILED: parameter counts {counts}; expected 4·D·F double-gated "
+                 "and 3·D·F swiglu")
     print("  (released weights: double-gated; the paper's parameter counts assume swiglu)")
     print("\nOK: the FFN matches NumPy and the parameter counts add up.")
