@@ -11,14 +11,15 @@ C = max(4, round(cf·T/E)) with cf 1.25 in training and 2.0 in evaluation (8B: C
 queue in which every token's first choice comes before any second choice, earlier tokens first.
 Late tokens therefore lose the race for busy experts: the paper's "Drop-towards-the-End" (§4.4).
 Losses: load balance E·Σ_e f_e·P_e (balanced value k) and router z-loss mean(logsumexp²).
-Axis letters as in 06 (G groups, T tokens per group, E experts, D d_model), plus A: one of a
-token's k choices ("assignment"), ordered by preference.
+Shapes use 02's legend: G groups of T tokens, E experts, and A a token's k choices
+("assignments"), best first.
 Left out: batch-prioritized routing (OpenMoE disables it in the decoder), expert-choice routing,
 and the all-to-all (05/07). Self-test: `python 04_router.py` prints a worked 8-token example.
 """
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,10 +183,10 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False) -
 
     # The queue: all first choices (token 0, 1, ...), then all second choices. A running count
     # per expert along that order is each assignment's slot (flaxformer routing.py, top-k leading).
-    queue_GNE = jnp.swapaxes(choice_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
-    place_GNE = jnp.cumsum(queue_GNE, axis=1) - 1
-    slot_GN = jnp.sum(place_GNE * queue_GNE, axis=-1)
-    slot_GTA = jnp.swapaxes(slot_GN.reshape(num_groups, top_k, tokens), 1, 2)
+    queue_GME = jnp.swapaxes(choice_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
+    place_GME = jnp.cumsum(queue_GME, axis=1) - 1
+    slot_GM = jnp.sum(place_GME * queue_GME, axis=-1)
+    slot_GTA = jnp.swapaxes(slot_GM.reshape(num_groups, top_k, tokens), 1, 2)
 
     kept_GTA = slot_GTA < capacity
     return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
@@ -290,34 +291,53 @@ def print_example(logits_TE: np.ndarray, routing: Routing, capacity: int) -> Non
           "nothing\nand only the residual carries it (Drop-towards-the-End in miniature).\n")
 
 
-def check_queue_invariants(routing: Routing, capacity: int) -> None:
-    """Every expert's kept assignments fill slots 0..n-1 (n ≤ C) in (choice, token) order."""
+def queue_problems(routing: Routing, capacity: int) -> list[str]:
+    """Where `routing` breaks the queue rules, one sentence each; empty when it keeps them all.
+
+    The rules: each expert's assignments hold slots 0, 1, 2, … in (choice, token) order, the
+    first min(n, C) of its n assignments are kept, and a dropped assignment has weight 0.
+    """
     expert_GTA, slot_GTA, kept_GTA, weight_GTA = (np.asarray(a) for a in routing)
+    problems = []
     for g in range(expert_GTA.shape[0]):
         for e in np.unique(expert_GTA[g]):
             token_M, choice_M = np.nonzero(expert_GTA[g] == e)
             order_M = np.lexsort((token_M, choice_M))  # choice first, then token
-            assert list(slot_GTA[g][token_M, choice_M][order_M]) == list(range(len(token_M)))
-            assert kept_GTA[g][token_M, choice_M].sum() == min(len(token_M), capacity)
-    assert np.all(kept_GTA == (slot_GTA < capacity)) and np.all(weight_GTA[~kept_GTA] == 0)
+            slots = slot_GTA[g][token_M, choice_M][order_M].tolist()
+            if slots != list(range(len(token_M))):
+                problems.append(f"group {g}, expert {e}: slots {slots} in queue order")
+            kept = int(kept_GTA[g][token_M, choice_M].sum())
+            if kept != min(len(token_M), capacity):
+                problems.append(f"group {g}, expert {e}: {kept} of {len(token_M)} assignments "
+                                f"kept at capacity {capacity}")
+    if not np.all(kept_GTA == (slot_GTA < capacity)):
+        problems.append(f"kept differs from slot < capacity={capacity}")
+    if np.any(weight_GTA[~kept_GTA] != 0):
+        problems.append("a dropped assignment has a nonzero combine weight")
+    return problems
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="Self-test of OpenMoE's router: prints a worked 8-token routing table "
                     "(choices, queue slots, drops and why), the capacity arithmetic, and a "
-                    "drop-by-position demo, then asserts the routing invariants and losses.")
+                    "drop-by-position demo, then checks the routing invariants and losses.")
     parser.parse_args()
 
     # 1. The worked example, small enough to check by hand.
     logits_TE, routing = worked_example(capacity=2)
     print_example(logits_TE, routing, capacity=2)
-    check_queue_invariants(routing, capacity=2)
+    problems = queue_problems(routing, capacity=2)
     kept_TA = np.asarray(routing.kept_GTA[0])
-    assert kept_TA[5, 0] and not kept_TA[0, 1], "a first choice must beat an earlier second choice"
-    assert not kept_TA[6].any() and not kept_TA[3, 0] and kept_TA[3, 1]
+    if not kept_TA[5, 0] or kept_TA[0, 1]:
+        problems.append("token 5's first choice must beat token 0's earlier second choice (e1)")
+    if kept_TA[6].any() or kept_TA[3, 0] or not kept_TA[3, 1]:
+        problems.append("token 6 must lose both choices, token 3 its first (e0) only")
     # Combine weights are the raw softmax probabilities of the chosen experts (no renormalizing).
-    assert np.allclose(routing.weight_GTA[0, 1], jax.nn.softmax(logits_TE[1])[np.array([0, 2])])
+    if not np.allclose(routing.weight_GTA[0, 1], jax.nn.softmax(logits_TE[1])[np.array([0, 2])]):
+        problems.append("token 1's combine weights must be its raw softmax probabilities")
+    if problems:
+        sys.exit("self-test FAILED, worked example: " + "; ".join(problems))
 
     # 2. Capacity arithmetic for OpenMoE-8B's groups, and the floor of 4 on small groups.
     cfg = RouterConfig()
@@ -326,8 +346,10 @@ if __name__ == "__main__":
              "t5x, 64-token group": cfg.capacity(64, 1.25)}
     print("Capacity per expert, E=32, 4096-token groups:",
           ", ".join(f"{name} {c}" for name, c in table.items()))
-    assert list(table.values()) == [160, 256, 320, 4]
-    assert cfg.group_shape(4 * 2048) == (2, 4096)
+    if list(table.values()) != [160, 256, 320, 4] or cfg.group_shape(4 * 2048) != (2, 4096):
+        sys.exit(f"self-test FAILED: capacities {list(table.values())} (expected 160, 256, 320, "
+                 f"4) and groups {cfg.group_shape(4 * 2048)} for 4 × 2048 tokens (expected 2 "
+                 "of 4096)")
 
     # 3. Losses: uniform routing balances at exactly k; z-loss of zero logits is log(E)².
     zeros_GTE = jnp.zeros((2, 64, 32))
@@ -335,18 +357,22 @@ if __name__ == "__main__":
     balance, z = load_balance_loss(zeros_GTE, uniform.expert_GTA), router_z_loss(zeros_GTE)
     print(f"Uniform router: load-balance loss {float(balance):.4f} (= k = 2), "
           f"z-loss {float(z):.4f} (= log(32)² = {math.log(32) ** 2:.4f})")
-    assert np.isclose(balance, 2.0) and np.isclose(z, math.log(32) ** 2, rtol=1e-5)
+    if not (np.isclose(balance, 2.0) and np.isclose(z, math.log(32) ** 2, rtol=1e-5)):
+        sys.exit("self-test FAILED: a uniform router's losses must be exactly k and log(E)²")
 
     # 4. Drop-towards-the-End: a router that favours a few experts, one 512-token sequence.
     router = Router(RouterConfig(d_model=32, num_experts=8, max_group_size=512), rngs=nnx.Rngs(0))
     x_GTD = jax.random.normal(jax.random.key(1), (1, 512, 32)) + 1.0  # shared offset → skew
     capacity = router.cfg.capacity(512, 1.25)
     routing, losses = router(x_GTD, capacity=capacity)
-    check_queue_invariants(routing, capacity)
     metrics = routing_metrics(routing, num_experts=8, capacity=capacity, seq_len=512)
     quarters = np.asarray(metrics["drop_rate_by_position"]).reshape(4, -1).mean(axis=1)
     print(f"Skewed router, C={capacity}: dropped {float(metrics['fraction_dropped']):.1%} of "
           f"assignments; by position quarter: {', '.join(f'{q:.1%}' for q in quarters)}; "
           f"load-balance loss {float(losses['load_balance_loss']):.3f}")
-    assert quarters[0] <= quarters[-1] and quarters[-1] > 0
+    problems = queue_problems(routing, capacity)
+    if not quarters[0] <= quarters[-1] or not quarters[-1] > 0:
+        problems.append("the last quarter of positions must lose the most assignments")
+    if problems:
+        sys.exit("self-test FAILED, skewed router: " + "; ".join(problems))
     print("router self-test passed")

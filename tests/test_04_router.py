@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import load
 
-router = load("04_router")
+router_lib = load("04_router")
 
 
 def logits_from_choices(choices, experts):
@@ -24,24 +24,25 @@ def logits_from_choices(choices, experts):
 def test_later_first_choice_beats_earlier_second_choice():
     # Token 0 wants (e0, e1), token 1 wants (e1, e0); one slot each. Token 1's *first* choice
     # queues before token 0's *second* choice, so token 0 loses e1 although it came first.
-    routing = router.route(logits_from_choices([(0, 1), (1, 0)], 2), top_k=2, capacity=1)
+    routing = router_lib.route(logits_from_choices([(0, 1), (1, 0)], 2), top_k=2, capacity=1)
     assert routing.kept_GTA[0].tolist() == [[True, False], [True, False]]
     assert routing.slot_GTA[0].tolist() == [[0, 1], [0, 1]]
 
 
 def test_earlier_tokens_first_within_a_choice_level():
-    routing = router.route(logits_from_choices([(0, 1), (0, 1), (0, 1)], 2), top_k=2, capacity=2)
+    logits_GTE = logits_from_choices([(0, 1), (0, 1), (0, 1)], 2)
+    routing = router_lib.route(logits_GTE, top_k=2, capacity=2)
     assert routing.slot_GTA[0, :, 0].tolist() == [0, 1, 2]  # first choices of tokens 0, 1, 2
     assert routing.kept_GTA[0, :, 0].tolist() == [True, True, False]
     assert routing.slot_GTA[0, :, 1].tolist() == [0, 1, 2]  # e1 is nobody's first choice
 
 
 def test_worked_example_table():
-    logits, routing = router.worked_example(capacity=2)
+    logits, routing = router_lib.worked_example(capacity=2)
     kept_TA = np.asarray(routing.kept_GTA[0])
     assert kept_TA.sum() == 8 and not kept_TA[6].any()  # token 6 is left behind
     assert kept_TA[5, 0] and not kept_TA[0, 1]
-    metrics = router.routing_metrics(routing, num_experts=4, capacity=2, seq_len=8)
+    metrics = router_lib.routing_metrics(routing, num_experts=4, capacity=2, seq_len=8)
     assert np.isclose(metrics["fraction_dropped"], 0.5)
     assert np.isclose(metrics["fraction_tokens_left_behind"], 1 / 8)
     np.testing.assert_allclose(metrics["drop_rate_by_position"],
@@ -55,83 +56,85 @@ def test_worked_example_table():
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_queue_invariants_on_random_logits(top_k):
     logits_GTE = jax.random.normal(jax.random.key(top_k), (3, 64, 8)) * 2
-    routing = router.route(logits_GTE, top_k=top_k, capacity=10)
-    router.check_queue_invariants(routing, capacity=10)
+    routing = router_lib.route(logits_GTE, top_k=top_k, capacity=10)
+    assert not router_lib.queue_problems(routing, capacity=10)
     assert routing.expert_GTA.dtype == jnp.int32 and routing.weight_GTA.dtype == jnp.float32
 
 
 def test_combine_weights_are_raw_probabilities_or_renormalized():
     logits_GTE = jax.random.normal(jax.random.key(0), (1, 16, 8))
     probs_GTE = jax.nn.softmax(logits_GTE)
-    raw = router.route(logits_GTE, top_k=2, capacity=16)
+    raw = router_lib.route(logits_GTE, top_k=2, capacity=16)
     chosen = jnp.take_along_axis(probs_GTE, raw.expert_GTA, axis=-1)
     np.testing.assert_allclose(raw.weight_GTA, chosen, rtol=1e-6)
     assert np.all(raw.weight_GTA.sum(-1) < 1)
-    mixtral = router.route(logits_GTE, top_k=2, capacity=16, renormalize=True)
+    mixtral = router_lib.route(logits_GTE, top_k=2, capacity=16, renormalize=True)
     np.testing.assert_allclose(mixtral.weight_GTA.sum(-1), 1.0, rtol=1e-6)
 
 
 def test_capacity_arithmetic():
-    cfg = router.RouterConfig()  # E = 32, k = 2, groups of 4096
+    cfg = router_lib.RouterConfig()  # E = 32, k = 2, groups of 4096
     assert cfg.capacity(4096, 1.25) == 160 and cfg.capacity(4096, 2.0) == 256
     assert cfg.capacity(16, 1.25) == 4  # round(0.625) = 1, raised to min_capacity 4
-    assert router.RouterConfig(min_capacity=1).capacity(16, 1.25) == 1
+    assert router_lib.RouterConfig(min_capacity=1).capacity(16, 1.25) == 1
     # Python's round, as flaxformer: 1.25 · 16 / 8 = 2.5 → 2.
-    assert router.RouterConfig(num_experts=8, min_capacity=1).capacity(16, 1.25) == 2
-    colossal = router.RouterConfig(capacity_rule="colossalai")
+    assert router_lib.RouterConfig(num_experts=8, min_capacity=1).capacity(16, 1.25) == 2
+    colossal = router_lib.RouterConfig(capacity_rule="colossalai")
     assert colossal.capacity(4096, 1.25) == 320  # floor(2 · 1.25 · 4096 / 32)
-    assert router.RouterConfig(num_experts=8, capacity_rule="colossalai").capacity(100, 1.25) == 32
+    colossal_8 = router_lib.RouterConfig(num_experts=8, capacity_rule="colossalai")
+    assert colossal_8.capacity(100, 1.25) == 32
 
 
 def test_group_shape():
-    cfg = router.RouterConfig(max_group_size=4096)
+    cfg = router_lib.RouterConfig(max_group_size=4096)
     assert cfg.group_shape(8 * 2048) == (4, 4096)
     assert cfg.group_shape(1000) == (1, 1000)
-    assert router.RouterConfig(max_group_size=64).group_shape(100) == (2, 50)
+    assert router_lib.RouterConfig(max_group_size=64).group_shape(100) == (2, 50)
     # As flaxformer's _num_groups: the smallest group count that divides the tokens.
-    assert router.RouterConfig(max_group_size=64).group_shape(99) == (3, 33)
+    assert router_lib.RouterConfig(max_group_size=64).group_shape(99) == (3, 33)
     # With a group multiple (07: one or more groups per batch shard), G is a multiple of it.
-    assert router.RouterConfig(group_multiple=8).group_shape(4096) == (8, 512)
-    assert router.RouterConfig(group_multiple=4, max_group_size=64).group_shape(16 * 32) == (8, 64)
+    assert router_lib.RouterConfig(group_multiple=8).group_shape(4096) == (8, 512)
+    four_shards = router_lib.RouterConfig(group_multiple=4, max_group_size=64)
+    assert four_shards.group_shape(16 * 32) == (8, 64)
     with pytest.raises(ValueError, match="group_multiple=8"):
-        router.RouterConfig(group_multiple=8).group_shape(12)
+        router_lib.RouterConfig(group_multiple=8).group_shape(12)
 
 
 def test_flaxformer_group_rule_takes_at_least_e_times_replicas_groups():
     # flaxformer _num_groups: G >= max(tokens // max_group_size, E · replicas), G | tokens,
     # and G a multiple of E · replicas. One 2048-token row, E = 32: 32 groups of 64 tokens.
-    cfg = router.RouterConfig(num_experts=32, group_rule="flaxformer")
+    cfg = router_lib.RouterConfig(num_experts=32, group_rule="flaxformer")
     assert cfg.group_shape(2048) == (32, 64)
     assert cfg.group_shape(1024 * 2048) == (512, 4096)  # the 8B's training batch
     # 33 · 32 tokens: the least count is max(1056 // 64, 32) = 32, and 32 divides them.
-    assert router.RouterConfig(num_experts=32, max_group_size=64,
+    assert router_lib.RouterConfig(num_experts=32, max_group_size=64,
                                group_rule="flaxformer").group_shape(33 * 32) == (32, 33)
     # Two replicas of each expert: G is a multiple of 64.
-    replicated = router.RouterConfig(num_experts=32, expert_replicas=2, group_rule="flaxformer")
+    replicated = router_lib.RouterConfig(num_experts=32, expert_replicas=2, group_rule="flaxformer")
     assert replicated.group_shape(4096) == (64, 64)
     with pytest.raises(ValueError, match="multiple of 32"):
         cfg.group_shape(100)  # the layer pads first (see `padding`); unpadded, a clear error
 
 
 def test_flaxformer_padding_appends_the_cheaper_of_rows_or_positions():
-    cfg = router.RouterConfig(num_experts=8, group_rule="flaxformer")
+    cfg = router_lib.RouterConfig(num_experts=8, group_rule="flaxformer")
     assert cfg.padding(2, 16) == (0, 0)  # 32 tokens: already a multiple of 8
     assert cfg.padding(1, 5) == (0, 3)  # 3 positions (3 tokens) beat 7 rows (35 tokens)
     assert cfg.padding(7, 2) == (1, 0)  # 1 row (2 tokens) beats 4 positions (28 tokens)
     assert cfg.padding(3, 6) == (0, 2)  # a tie (1 row or 2 positions, 6 tokens): positions
-    assert router.RouterConfig(num_experts=8).padding(1, 5) == (0, 0)  # "divisor" never pads
+    assert router_lib.RouterConfig(num_experts=8).padding(1, 5) == (0, 0)  # "divisor" never pads
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_load_balance_loss_is_k_for_uniform_routing(top_k):
     logits_GTE = jnp.zeros((2, 32, 8))
-    routing = router.route(logits_GTE, top_k=top_k, capacity=4)
-    assert np.isclose(router.load_balance_loss(logits_GTE, routing.expert_GTA), top_k)
+    routing = router_lib.route(logits_GTE, top_k=top_k, capacity=4)
+    assert np.isclose(router_lib.load_balance_loss(logits_GTE, routing.expert_GTA), top_k)
 
 
 def test_load_balance_loss_by_hand():
     logits_GTE = jax.random.normal(jax.random.key(1), (2, 16, 4))
-    routing = router.route(logits_GTE, top_k=2, capacity=1)  # drops do not change f_e
+    routing = router_lib.route(logits_GTE, top_k=2, capacity=1)  # drops do not change f_e
     probs = np.asarray(jax.nn.softmax(logits_GTE))
     expected = []
     for g in range(2):
@@ -140,18 +143,19 @@ def test_load_balance_loss_by_hand():
             for e in np.asarray(routing.expert_GTA[g, t]):
                 f[e] += 1 / 16
         expected.append(4 * np.sum(f * probs[g].mean(0)))
-    assert np.isclose(router.load_balance_loss(logits_GTE, routing.expert_GTA), np.mean(expected))
+    loss = router_lib.load_balance_loss(logits_GTE, routing.expert_GTA)
+    assert np.isclose(loss, np.mean(expected))
 
 
 def test_z_loss_by_hand():
     logits = np.asarray(jax.random.normal(jax.random.key(2), (2, 8, 4))) * 3
     log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-    assert np.isclose(router.router_z_loss(jnp.asarray(logits)), np.mean(log_z**2), rtol=1e-5)
+    assert np.isclose(router_lib.router_z_loss(jnp.asarray(logits)), np.mean(log_z**2), rtol=1e-5)
 
 
 def test_router_module_f32_logical_axes_and_gradients():
-    cfg = router.RouterConfig(d_model=16, num_experts=4, max_group_size=32)
-    layer = router.Router(cfg, rngs=nnx.Rngs(0))
+    cfg = router_lib.RouterConfig(d_model=16, num_experts=4, max_group_size=32)
+    layer = router_lib.Router(cfg, rngs=nnx.Rngs(0))
     assert layer.kernel.logical_axes == ("embed", "unmodeled")
     assert layer.kernel[...].dtype == jnp.float32
     assert 0.01 < float(jnp.std(layer.kernel[...])) < 0.03
@@ -171,9 +175,9 @@ def test_router_module_f32_logical_axes_and_gradients():
 def test_jitter_only_with_a_key():
     kernel_DE = jax.random.normal(jax.random.key(0), (8, 4))
     x_GTD = jax.random.normal(jax.random.key(1), (1, 8, 8))
-    plain = router.router_logits(x_GTD, kernel_DE)
-    assert np.array_equal(router.router_logits(x_GTD, kernel_DE, jitter_noise=0.1), plain)
-    jittered = router.router_logits(x_GTD, kernel_DE, jitter_noise=0.1, key=jax.random.key(2))
+    plain = router_lib.router_logits(x_GTD, kernel_DE)
+    assert np.array_equal(router_lib.router_logits(x_GTD, kernel_DE, jitter_noise=0.1), plain)
+    jittered = router_lib.router_logits(x_GTD, kernel_DE, jitter_noise=0.1, key=jax.random.key(2))
     assert not np.allclose(jittered, plain)
 
 
@@ -187,14 +191,14 @@ def test_jitter_only_with_a_key():
 ])
 def test_bad_config_is_a_clear_error(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        router.RouterConfig(**kwargs)
+        router_lib.RouterConfig(**kwargs)
 
 
 def test_bad_call_is_a_clear_error():
-    cfg = router.RouterConfig(d_model=8, num_experts=4)
+    cfg = router_lib.RouterConfig(d_model=8, num_experts=4)
     with pytest.raises(ValueError, match="capacity_factor"):
         cfg.capacity(64, 0.0)
-    layer = router.Router(cfg, rngs=nnx.Rngs(0))
+    layer = router_lib.Router(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="float"):
         layer(jnp.ones((1, 4, 8), jnp.int32), capacity=4)
     with pytest.raises(ValueError, match="D=8"):
