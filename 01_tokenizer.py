@@ -390,9 +390,6 @@ class Tokenizer:
                 run.append(token if 0 <= token < self.piece_count else self.unk_id)
         return "".join(text) + self.processor.decode(run)
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
-
     def pieces(self, text: str) -> list[str]:
         """The pieces a string is cut into: what a reader wants to see in a worked example."""
         return self.processor.encode(text, out_type=str)
@@ -507,14 +504,17 @@ if __name__ == "__main__":
         megabytes = sum(map(len, train[source]["text"])) / 1e6
         print(f"  {source:8}{len(train[source]):>14,}{len(validation[source]):>12,}{megabytes:>10.1f}")
     train_ids = {i.split("#")[0] for ds in train.values() for i in ds["id"]}
-    assert not train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}
+    leaked = train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}
+    if leaked:
+        sys.exit(f"self-test FAILED: {len(leaked)} documents are in both splits, e.g. {min(leaked)}")
 
     # 2. The 50/50 mixture, as phase I of OpenMoE drew its documents.
     mixture = mix(train, mixture_probabilities("embedded"), seed=0)
     first = mixture.select(range(2000))["source"]
     print(f"\nMixture 'embedded': first 12 draws {first[:12]}; "
           f"text share of 2000 draws = {first.count('text') / 2000:.3f} (expected 0.5)")
-    assert abs(first.count("text") / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000)
+    if abs(first.count("text") / 2000 - 0.5) >= 4 * math.sqrt(0.25 / 2000):
+        sys.exit("self-test FAILED: the text share is more than 4 standard errors from 0.5")
 
     # 3. The tokenizer: trained once, then loaded from the cache.
     start = time.time()
@@ -524,8 +524,11 @@ if __name__ == "__main__":
           f"{tokenizer.vocab_size:,} embedding rows (a multiple of 128)")
     print(f"  pad={tokenizer.pad_id} eos={tokenizer.eos_id} unk={tokenizer.unk_id}  "
           f"<extra_id_0>={tokenizer.sentinel_id(0)}  <extra_id_299>={tokenizer.sentinel_id(299)}")
-    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) == (0, 1, 2)
-    assert tokenizer.vocab_size % 128 == 0 and tokenizer.decode([tokenizer.sentinel_id(0)]) == "<extra_id_0>"
+    if ((tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) != (0, 1, 2)
+            or tokenizer.vocab_size % 128
+            or tokenizer.decode([tokenizer.sentinel_id(0)]) != "<extra_id_0>"):
+        sys.exit("self-test FAILED: the ids are not T5's layout (pad 0, eos 1, unk 2, sentinels "
+                 "on top, rows a multiple of 128)")
 
     # 4. Worked examples: a sentence, a line of code, and text the corpus never saw.
     for label, text in [("sentence", "The quick brown fox jumps over the lazy dog."),
@@ -533,13 +536,15 @@ if __name__ == "__main__":
                         ("unseen", "東京は晴れ 🙂")]:
         ids = tokenizer.encode(text)
         print(f"\n  {label}: {text!r}\n    pieces {tokenizer.pieces(text)}\n    ids    {ids}")
-        assert tokenizer.decode(ids) == text and tokenizer.unk_id not in ids
+        if tokenizer.decode(ids) != text or tokenizer.unk_id in ids:
+            sys.exit(f"self-test FAILED: {text!r} does not round-trip without <unk>")
     print("  (unseen characters fall back to their UTF-8 bytes, <0xE6> ..., never to <unk>)")
 
     # 5. Compression by domain, the measure of the paper's Table 10, on held-out documents.
     for source in validation:
         sample = validation[source]["text"][:200]
         print(f"\n  tokens per byte, {source} (validation): {tokenizer.tokens_per_byte(sample):.3f}")
-        assert all(tokenizer.decode(ids) == text
-                   for ids, text in zip(tokenizer.encode_batch(sample), sample))
+        if any(tokenizer.decode(ids) != text
+               for ids, text in zip(tokenizer.encode_batch(sample), sample)):
+            sys.exit(f"self-test FAILED: a held-out {source} document does not round-trip")
     print("\nAll round trips exact, no <unk>: OK")
