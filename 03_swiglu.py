@@ -139,11 +139,11 @@ def swiglu(x_D, wi_0, wi_1_DF, wo_FD, variant: str = "double_gated", dtype=jnp.f
     stacked expert axis turns them into batched matmuls.
 
     `one_gate_matmul` picks how the double-gated pair is computed; the numbers are the same.
-    False (the dense FFN): two matmuls on the halves wi_0[:, 0] and wi_0[:, 1], which stay whole
-    when F is split over devices. True (05's experts): one matmul on wi_0 viewed as the [D, 2F]
-    matrix it is in memory, then a and b are split off the output, so no half of E experts'
-    kernels is ever copied. Use True only where F is whole on the device: under GSPMD the
-    [D, 2F] view interleaves the shards of a split F, and XLA moves the kernel to undo that.
+    False (the dense FFN): two matmuls, on the halves wi_0[:, 0] and wi_0[:, 1]. True (05's
+    experts): one matmul on wi_0 viewed as the [D, 2F] matrix it is in memory, then a and b are
+    split off the output, so E experts' kernels are never copied in halves. Use True only where
+    F is whole on the device: if F is split over devices, the [D, 2F] view interleaves its
+    shards, and XLA moves the kernel to put them back in order.
     `matmul(x, kernel)` is every product; 05's ragged experts pass a grouped matmul, whose
     kernels carry a leading expert axis ([E, D, F]) and whose rows come in expert order.
     """
