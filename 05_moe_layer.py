@@ -1,4 +1,4 @@
-"""The mixture-of-experts layer: route each token to k experts, run them, mix their outputs.
+"""Chapter 5: the mixture-of-experts layer: route each token to k experts, run them, mix outputs.
 
 E copies of 03's FFN ("experts") are stacked into single [E, ...] parameters. 04's router gives
 every (token, choice) assignment an expert, a slot in that expert's fixed-size buffer of C slots,
@@ -15,8 +15,10 @@ let GSPMD insert the all-to-all. Four dispatch paths compute the same function:
   gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
   ragged - rows sorted by expert and grouped matmuls, no buffers (MaxText): for accelerators.
 `dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
-Letters as in 06, plus A for one of a token's k choices. Left out: the mesh and all-to-all
-(07_sharding.py), shared experts, and the extra dense FFN (06).
+Where the groups run is the layer's one seam: `MoELayer(cfg, rngs=..., run_groups=...)` takes a
+runner, by default `run_groups_here` (every group on the devices that hold it); 07_sharding.py
+passes one that moves tokens to their experts' devices by all-to-all. Shapes: 02_rope.py's legend.
+Left out: the mesh and all-to-all (07), shared experts, and the extra dense FFN (06).
 Self-test: `python 05_moe_layer.py` dispatches 04's 8-token example into its [E, C] buffers and
 combines two tokens by hand, then runs the four paths and checks outputs and gradients agree.
 """
@@ -24,8 +26,9 @@ combines two tokens by hand, then runs the four paths and checks outputs and gra
 import argparse
 import functools
 import importlib
+import sys
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,19 +61,16 @@ class MoEConfig(router_lib.RouterConfig):
 
 
 def apply_experts(buffers_GECD, experts, variant: str, dtype):
-    """Expert e runs 03's FFN on its slots from every group: rows [E, G·C, D], vmapped over E.
+    """Expert e runs 03's FFN on its slots from every group, [G, C, D] as G·C rows; vmapped over E.
 
     [E, G·C, D] is the layout flaxformer reaches after its all-to-all. Batched matmuls keep E an
-    array axis that 07 can shard, and on XLA:CPU beat a `lax.map` over experts (E=32, the
-    experts alone: 1.7× vs 2.0× one dense FFN's forward+backward on the same tokens). The gate
-    pair runs as one matmul per expert (03's `one_gate_matmul`), which never copies the
+    array axis that 07 can shard, and run faster than a `lax.map` over experts. The gate pair
+    runs as one matmul per expert (03's `one_gate_matmul`), which never copies the
     [E, D, 2, F] kernel: the kernels here are whole or, in 07, local to `shard_map`.
     """
-    num_groups, num_experts, capacity, dim = buffers_GECD.shape
-    rows_EMD = jnp.swapaxes(buffers_GECD, 0, 1).reshape(num_experts, num_groups * capacity, dim)
     run = functools.partial(ffn.swiglu, variant=variant, dtype=dtype, one_gate_matmul=True)
-    out_EMD = jax.vmap(run)(rows_EMD, *experts)
-    return jnp.swapaxes(out_EMD.reshape(num_experts, num_groups, capacity, dim), 0, 1)
+    out_EGCD = jax.vmap(run)(jnp.swapaxes(buffers_GECD, 0, 1), *experts)
+    return jnp.swapaxes(out_EGCD, 0, 1)
 
 
 def dispatch_loop(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str, dtype,
@@ -101,23 +101,25 @@ def dispatch_einsum(x_GTD, routing, experts, num_experts: int, capacity: int, va
 
 
 @jax.custom_vjp
-def take_rows(rows_GND, index_GM, inverse_GN):
-    """out[g, m] = rows[g, index[g, m]], and 0 where index[g, m] = N (nothing there).
+def take_rows(rows, index, inverse):
+    """out[g, j] = rows[g, index[g, j]], and 0 where index[g, j] = n (nothing there).
 
-    Valid when no row is taken twice and `inverse` maps each taken row n back to its m (and the
-    rest to M). Then the transpose is again a gather, `take_rows(d_out, inverse, index)`, instead
+    rows [G, n, D], index [G, m] and inverse [G, n], both with values in [0, n] and [0, m].
+    Valid when no row is taken twice and `inverse` maps each taken row i back to its j (and the
+    rest to m). Then the transpose is again a gather, `take_rows(d_out, inverse, index)`, instead
     of the scatter-add autodiff would emit, which is slow on CPU and serializes on accelerators.
+    05 uses it both ways: assignments into slots (dispatch) and slots back to assignments.
     """
-    return jnp.take_along_axis(rows_GND, index_GM[..., None], axis=1, mode="fill", fill_value=0)
+    return jnp.take_along_axis(rows, index[..., None], axis=1, mode="fill", fill_value=0)
 
 
-def _take_rows_forward(rows_GND, index_GM, inverse_GN):
-    return take_rows(rows_GND, index_GM, inverse_GN), (index_GM, inverse_GN)
+def _take_rows_forward(rows, index, inverse):
+    return take_rows(rows, index, inverse), (index, inverse)
 
 
-def _take_rows_backward(residuals, d_out_GMD):
-    index_GM, inverse_GN = residuals
-    return take_rows(d_out_GMD, inverse_GN, index_GM), None, None
+def _take_rows_backward(residuals, d_out):
+    index, inverse = residuals
+    return take_rows(d_out, inverse, index), None, None
 
 
 take_rows.defvjp(_take_rows_forward, _take_rows_backward)
@@ -126,24 +128,25 @@ take_rows.defvjp(_take_rows_forward, _take_rows_backward)
 def slot_maps(routing, num_experts: int, capacity: int):
     """Two index maps, each the other's inverse, between assignments and buffer slots.
 
-    target_GN: the flat slot e·C + c of assignment n = t·k + a (E·C where dropped);
-    source_GS: the assignment n that fills slot s = e·C + c (T·k where the slot is empty).
+    target_GM: the flat slot e·C + c of assignment m = t·k + a (E·C where dropped);
+    source_GEC: the assignment m that fills slot c of expert e (T·k where the slot is empty).
     Both are static-shaped int arrays, so the whole path is jit-friendly.
     """
     num_groups, tokens, top_k = routing.expert_GTA.shape
     slots = num_experts * capacity
-    target_GN = jnp.where(routing.kept_GTA, routing.expert_GTA * capacity + routing.slot_GTA,
+    target_GM = jnp.where(routing.kept_GTA, routing.expert_GTA * capacity + routing.slot_GTA,
                           slots).reshape(num_groups, tokens * top_k)
     # Kept assignments have distinct slots, so this integer scatter has no collisions. It is
     # written per group and vmapped, so a compiler splitting groups over devices sees that each
     # group's scatter stays on its own device.
-    assignment_N = jnp.arange(tokens * top_k, dtype=jnp.int32)
+    assignment_M = jnp.arange(tokens * top_k, dtype=jnp.int32)
 
-    def sources(target_N):
-        empty_S = jnp.full((slots,), tokens * top_k, jnp.int32)
-        return empty_S.at[target_N].set(assignment_N, mode="drop")
+    def sources(target_M):
+        empty = jnp.full((slots,), tokens * top_k, jnp.int32)  # the E·C slots, flat
+        return empty.at[target_M].set(assignment_M, mode="drop")
 
-    return target_GN, jax.vmap(sources)(target_GN)
+    source_GEC = jax.vmap(sources)(target_GM).reshape(num_groups, num_experts, capacity)
+    return target_GM, source_GEC
 
 
 def dispatch_gather(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
@@ -151,31 +154,31 @@ def dispatch_gather(x_GTD, routing, experts, num_experts: int, capacity: int, va
     """Index-based dispatch and combine: each a gather whose gradient is a gather too."""
     num_groups, tokens, dim = x_GTD.shape
     top_k = routing.expert_GTA.shape[-1]
-    target_GN, source_GS = slot_maps(routing, num_experts, capacity)
+    target_GM, source_GEC = slot_maps(routing, num_experts, capacity)
+    source_flat = source_GEC.reshape(num_groups, num_experts * capacity)  # [G, E·C]: slots, flat
 
     # Dispatch: one row per assignment (token t repeated k times), gathered into the slots.
-    rows_GND = jnp.repeat(x_GTD.astype(dtype), top_k, axis=1)
-    buffers_GSD = take_rows(rows_GND, source_GS, target_GN)
-    buffers_GECD = buffers_GSD.reshape(num_groups, num_experts, capacity, dim)
+    rows_GMD = jnp.repeat(x_GTD.astype(dtype), top_k, axis=1)
+    buffers_GECD = take_rows(rows_GMD, source_flat, target_GM).reshape(source_GEC.shape + (dim,))
     out_GECD = run_experts(buffers_GECD, experts, variant, dtype)
 
     # Combine: every assignment reads its slot back (0 if dropped), weighted, summed over k.
-    out_GSD = out_GECD.reshape(num_groups, num_experts * capacity, dim)
-    out_GTAD = take_rows(out_GSD, target_GN, source_GS).reshape(num_groups, tokens, top_k, dim)
+    out_GMD = take_rows(out_GECD.reshape(num_groups, -1, dim), target_GM, source_flat)
+    out_GTAD = out_GMD.reshape(num_groups, tokens, top_k, dim)
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
-def grouped_experts(rows_ND, expert_N, experts, variant: str, dtype):
-    """Each row through its own expert with grouped matmuls (`jax.lax.ragged_dot`): rows are
-    sorted by expert, every expert runs on its contiguous run, and the results are unsorted.
-    Rows whose expert is E (none) sort last, outside every group, and come out as zeros."""
+def grouped_experts(rows, row_expert, experts, variant: str, dtype):
+    """Each row (rows [n, D]) through its own expert `row_expert` [n] with grouped matmuls
+    (`jax.lax.ragged_dot`): rows are sorted by expert, every expert runs on its contiguous run,
+    and the results are unsorted. Rows whose expert is E (none) sort last, outside every group,
+    and come out as zeros."""
     num_experts = experts[0].shape[0]
-    order_N = jnp.argsort(expert_N, stable=True)
+    order = jnp.argsort(row_expert, stable=True)
     grouped = functools.partial(jax.lax.ragged_dot,
-                                group_sizes=jnp.bincount(expert_N, length=num_experts))
-    out_ND = ffn.swiglu(rows_ND[order_N], *experts, variant, dtype, one_gate_matmul=True,
-                        matmul=grouped)
-    return out_ND[jnp.argsort(order_N)]  # row i of out_ND belongs to row order_N[i]
+                                group_sizes=jnp.bincount(row_expert, length=num_experts))
+    out = ffn.swiglu(rows[order], *experts, variant, dtype, one_gate_matmul=True, matmul=grouped)
+    return out[jnp.argsort(order)]  # row i of the sorted output belongs to row order[i]
 
 
 def apply_experts_grouped(buffers_GECD, experts, variant: str, dtype):
@@ -185,12 +188,13 @@ def apply_experts_grouped(buffers_GECD, experts, variant: str, dtype):
     all-zero row as empty changes no output; it only saves the work of the padding to C.
     """
     num_groups, num_experts, capacity, dim = buffers_GECD.shape
-    rows_ND = buffers_GECD.reshape(-1, dim)
-    slot_expert_N = jnp.broadcast_to(jnp.arange(num_experts)[None, :, None],
-                                     (num_groups, num_experts, capacity)).reshape(-1)
-    expert_N = jnp.where(jnp.any(rows_ND != 0, axis=-1), slot_expert_N, num_experts)
-    out_ND = grouped_experts(rows_ND, expert_N, experts, variant, dtype)
-    return out_ND.reshape(buffers_GECD.shape)
+    expert_GEC = jnp.broadcast_to(jnp.arange(num_experts)[None, :, None],
+                                  (num_groups, num_experts, capacity))
+    # Every slot of every group is a row, [G·E·C, D]; an empty one goes to expert E (none).
+    row_expert = jnp.where(jnp.any(buffers_GECD != 0, axis=-1), expert_GEC, num_experts)
+    out = grouped_experts(buffers_GECD.reshape(-1, dim), row_expert.reshape(-1), experts,
+                          variant, dtype)
+    return out.reshape(buffers_GECD.shape)
 
 
 def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, variant: str,
@@ -210,11 +214,11 @@ def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, va
                                grouped_runner)
     num_groups, tokens, dim = x_GTD.shape
     top_k = routing.expert_GTA.shape[-1]
-    # One row per assignment n = (g, t, a); dropped ones get the expert E, which is no expert.
-    expert_N = jnp.where(routing.kept_GTA, routing.expert_GTA, num_experts).reshape(-1)
-    rows_ND = jnp.repeat(x_GTD.reshape(-1, dim).astype(dtype), top_k, axis=0)
-    out_ND = grouped_experts(rows_ND, expert_N, experts, variant, dtype)
-    out_GTAD = out_ND.reshape(num_groups, tokens, top_k, dim)
+    # One row per assignment m = (g, t, a); dropped ones get the expert E, which is no expert.
+    expert_M = jnp.where(routing.kept_GTA, routing.expert_GTA, num_experts).reshape(-1)
+    rows_MD = jnp.repeat(x_GTD.reshape(-1, dim).astype(dtype), top_k, axis=0)
+    out_MD = grouped_experts(rows_MD, expert_M, experts, variant, dtype)
+    out_GTAD = out_MD.reshape(num_groups, tokens, top_k, dim)
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
@@ -223,16 +227,22 @@ DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": disp
 
 
 def run_groups_here(layer_fn, x_GTD, kernel_DE, experts):
-    """Route and run every group on the devices that hold it, experts included (one device, or
-    GSPMD's choice). `layer_fn(x_GTD, kernel_DE, experts, run_experts)` is the layer's math;
-    07_sharding.py's runner calls it on each device's own groups inside `shard_map` instead."""
+    """MoELayer's default runner: route and run every group on the devices that hold it,
+    experts included (one device, or GSPMD's choice). `layer_fn(x_GTD, kernel_DE, experts,
+    run_experts)` is the layer's math, and a runner decides where it runs and with which
+    `run_experts`; 07_sharding.py's runner calls it on each device's own groups in `shard_map`."""
     return layer_fn(x_GTD, kernel_DE, experts, apply_experts)
 
 
 class MoELayer(nnx.Module):
-    """x [B, L, D] → (y [B, L, D], stats): router losses, routing metrics and decisions."""
+    """x [B, L, D] → (y [B, L, D], stats): router losses, routing metrics and decisions.
 
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+    `run_groups` is where the groups are routed and the experts run: `run_groups_here` on the
+    devices that hold the tokens, or 07's `expert_parallel_runner(mesh)`, which routes each
+    device's groups locally and moves tokens to their experts' devices by all-to-all.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, run_groups: Callable = run_groups_here):
         self.cfg = cfg
         self.router = router_lib.Router(cfg, rngs=rngs)
         # One [E, ...] parameter per kernel, named ("expert", ...); fan-in excludes E, so each
@@ -241,10 +251,7 @@ class MoELayer(nnx.Module):
                                    leading=(cfg.num_experts,), scale=cfg.init_scale,
                                    distribution="normal")
         self.wi_0, self.wi_1, self.wo = kernels["wi_0"], kernels["wi_1"], kernels["wo"]
-        # Where groups are routed and experts run: here, on the devices that hold the tokens.
-        # 07_sharding.py swaps in a runner that routes each device's groups locally and moves
-        # tokens to their experts' devices by all-to-all.
-        self.run_groups = run_groups_here
+        self.run_groups = run_groups
 
     def __call__(self, x_BLD, *, train: bool = True, capacity_factor: float | None = None,
                  key=None):
@@ -317,25 +324,26 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="Self-test of the MoE layer: runs the loop (oracle), einsum and gather "
                     "dispatch paths on the same input, prints their largest differences and the "
-                    "drop statistics, and asserts equal outputs and gradients, with and without "
+                    "drop statistics, and checks equal outputs and gradients, with and without "
                     "drops, and zero output for tokens that every expert dropped.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and input")
     args = parser.parse_args()
 
     # 1. Dispatch and combine by hand: 04's 8-token example (4 experts, capacity 2). Each slot
-    # of an expert's buffer is filled by one assignment n = token·k + choice, or stays empty.
+    # of an expert's buffer is filled by one assignment m = token·k + choice, or stays empty.
     _, example = router_lib.worked_example(capacity=2)
-    target_GN, source_GS = slot_maps(example, num_experts=4, capacity=2)
+    target_GM, source_GEC = slot_maps(example, num_experts=4, capacity=2)
     print("Dispatch of 04's worked example into buffers [E=4, C=2] (token in each slot, · empty):")
-    for expert, slots in enumerate(np.asarray(source_GS[0]).reshape(4, 2)):
-        print(f"  e{expert}: " + " ".join(f"t{n // 2}" if n < 16 else " ·" for n in slots))
+    for expert, slots in enumerate(np.asarray(source_GEC[0])):
+        print(f"  e{expert}: " + " ".join(f"t{m // 2}" if m < 16 else " ·" for m in slots))
     # Combine: token t reads back the slot of each kept choice, weighted by its router prob.
     # Stand-in expert outputs make the mix visible: slot e[c] outputs the number 10·e + c.
-    out_GSD = jnp.array([10.0 * e + c for e in range(4) for c in range(2)]).reshape(1, 8, 1)
-    mixed_GTAD = take_rows(out_GSD, target_GN, source_GS).reshape(1, 8, 2, 1)
+    out_GECD = jnp.array([[10.0 * e + c for c in range(2)] for e in range(4)]).reshape(1, 4, 2, 1)
+    mixed_GTAD = take_rows(out_GECD.reshape(1, 8, 1), target_GM,
+                           source_GEC.reshape(1, 8)).reshape(1, 8, 2, 1)
     print("Combine, with stand-in outputs 10·e + c from slot e[c]:")
     for token in (1, 6):
-        slots = [int(target_GN[0, 2 * token + a]) for a in range(2)]
+        slots = [int(target_GM[0, 2 * token + a]) for a in range(2)]
         weights = [float(example.weight_GTA[0, token, a]) for a in range(2)]
         parts = [f"{w:.3f}·{10 * (s // 2) + s % 2} (e{s // 2}[{s % 2}])" if s < 8 else "0 (dropped)"
                  for w, s in zip(weights, slots)]
@@ -343,7 +351,7 @@ if __name__ == "__main__":
         print(f"  token {token}: {' + '.join(parts)} = {total:.3f}")
         by_hand = sum(w * (10 * (s // 2) + s % 2) for w, s in zip(weights, slots) if s < 8)
         if not np.isclose(total, by_hand):
-            raise SystemExit(f"combine of token {token} is {total}, by hand {by_hand}")
+            sys.exit(f"self-test FAILED: combine of token {token} gives {total}, by hand {by_hand}")
     print()
 
     # 2. Small enough to read, big enough to drop: 2 rows of 32 tokens in groups of 32, 4 experts.
@@ -371,16 +379,20 @@ if __name__ == "__main__":
             grad_gap = max(relative_gap(a, b) for a, b in zip(grads, grads_oracle))
             print(f"  {name:6s} vs loop: largest difference relative to the oracle's largest value"
                   f": outputs {output_gap:.1e}, gradients {grad_gap:.1e}")
-            assert output_gap < 1e-5 and grad_gap < 1e-5, f"{name} must equal the loop oracle"
+            if not (output_gap < 1e-5 and grad_gap < 1e-5):
+                sys.exit(f"self-test FAILED: {name} differs from the loop oracle by more than 1e-5")
         # A token that every expert dropped gets exactly zero from the layer.
         left_behind_BL = ~stats["kept_BLA"].any(axis=-1)
-        assert jnp.all(results["gather"][0][left_behind_BL] == 0)
+        if not jnp.all(results["gather"][0][left_behind_BL] == 0):
+            sys.exit("self-test FAILED: a token that every expert dropped got a nonzero output")
         if capacity_factor == 1.25:
-            assert left_behind_BL.any() and float(stats["fraction_dropped"]) > 0.3
+            if not (left_behind_BL.any() and float(stats["fraction_dropped"]) > 0.3):
+                sys.exit("self-test FAILED: capacity factor 1.25 should drop over 30% of the "
+                         "assignments and leave some token with no expert")
             print("  drop rate by position (mean of each quarter of the 32 positions): "
                   + ", ".join(f"{q:.0%}" for q in
                               np.asarray(stats["drop_rate_by_position"]).reshape(4, -1).mean(1)))
-        else:
-            assert float(stats["fraction_dropped"]) == 0.0
+        elif float(stats["fraction_dropped"]) != 0.0:
+            sys.exit(f"self-test FAILED: capacity factor {capacity_factor} should drop nothing")
     print("\nOK: loop, einsum, gather and ragged agree on outputs and gradients; dropped tokens "
           "get 0.")

@@ -198,10 +198,12 @@ def test_ragged_through_a_buffer_runner_equals_the_oracle():
     def runner(buffers_GECD, experts, variant, dtype, compute=moe.apply_experts):
         return compute(buffers_GECD, experts, variant, dtype)
 
+    def run_groups(layer_fn, *arrays):
+        return layer_fn(*arrays, runner)
+
     for name, dropless in (("ragged", False), ("ragged", True), ("loop", False)):
         layer = moe.MoELayer(dataclasses.replace(CFG, dispatch=name, dropless=dropless),
-                             rngs=nnx.Rngs(0))
-        layer.run_groups = lambda layer_fn, *arrays: layer_fn(*arrays, runner)
+                             rngs=nnx.Rngs(0), run_groups=run_groups)
         if name == "loop":
             with pytest.raises(ValueError, match="loop"):
                 layer(X_BLD)
