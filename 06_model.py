@@ -14,13 +14,12 @@ z-losses averaged over MoE layers (§2.3 Eq. 8; weights 0.001, 0.01, 0.0001 from
 `t5x_padding` adds T5X's treatment of padding for the released weights (chapter 10): a logit
 mask zeroes pad tokens before every sublayer, and attention skips queries and keys whose target
 is padding, their scores set to −1e10 (flaxformer `get_decoder_logit_mask`, `make_decoder_mask`).
-
-Shape legend, used in every chapter: B batch, L sequence length, S key/cache length,
-D d_model, H heads, K head_dim, F d_ff, E experts, C expert capacity, G groups,
-T tokens per group, V vocab.
+Shape letters (x_BLD is [B, L, D]) follow the legend in 02_rope.py's docstring.
 
 Left out: dropout (0 in pretraining), multi-query attention (OpenMoE reverted to MHA), and any
-mesh: parameters carry logical axis names only, which 07_sharding.py maps onto devices.
+mesh: parameters carry logical axis names only, which 07_sharding.py maps onto devices, and
+`OpenMoE(cfg, rngs=..., run_groups=...)` hands every MoE layer 05's runner, where 07 plugs in
+expert parallelism.
 Self-test: `python 06_model.py` (preset table, a few training steps, KV-cache decoding).
 """
 
@@ -30,6 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -49,9 +49,9 @@ moe = importlib.import_module("05_moe_layer")
 # ------------------------------------------------------------------------------------------------
 
 # What each rematerialized block saves for the backward pass. "dots" keeps the outputs of the
-# matmuls without batch axes (projections and dense FFNs: 03 flattens tokens to [T, D]) and
-# recomputes the rest; on a v3-512 it took OpenMoE-8B's estimated step from 2.92 s to 2.67 s
-# (MFU 49% → 53.5%) for 1.9 GiB more per core (8.0 of 16). "full" keeps only block inputs.
+# matmuls without batch axes (projections and dense FFNs: 03 flattens tokens to [N, D]) and
+# recomputes the rest, trading some memory for not running those matmuls twice; "full" keeps
+# only block inputs.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -230,7 +230,7 @@ class Attention(nnx.Module):
         # Scores and softmax in f32. Masked scores become -1e10, not -inf: a fully masked row (a
         # padding query) stays finite and attends uniformly. T5X adds a bias of -1e10 instead;
         # in f32, score − 1e10 rounds to −1e10 for any |score| < 512, so the softmax is the same,
-        # and a select is cheaper (the add measured 5% of OpenMoE-8B's step time on a v3-512).
+        # and a select on the boolean mask is cheaper than building and adding an f32 bias.
         scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK).astype(jnp.float32)
         scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, -1e10)
         probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1).astype(cfg.dtype)
@@ -243,13 +243,14 @@ class Block(nnx.Module):
     MoE (sequential, as released): x + Attn(N(x)), then + MoE(N(.)), then + ExtraFFN(N(.)).
     MoE (parallel, paper Eq. 4):   x + Attn(N(x)), then h = N(.); + MoE(h) + ExtraFFN(h)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, run_groups=None):
         self.cfg, self.is_moe = cfg, cfg.is_moe_layer(layer)
         self.pre_self_attention_norm = RMSNorm(cfg.d_model)
         self.self_attention = Attention(cfg, rngs=rngs)
         self.pre_mlp_norm = RMSNorm(cfg.d_model)
         if self.is_moe:
-            self.mlp = moe.MoELayer(cfg.moe_config(), rngs=rngs)
+            self.mlp = moe.MoELayer(cfg.moe_config(), rngs=rngs,
+                                    run_groups=run_groups or moe.run_groups_here)
             self.extra_mlp = ffn.FeedForward(cfg.ffn_config(), rngs=rngs)
             if cfg.moe_wiring == "sequential":
                 self.pre_extra_mlp_norm = RMSNorm(cfg.d_model)
@@ -325,14 +326,20 @@ def t5x_padding_masks(tokens_BL, targets_BL=None):
 
 
 class OpenMoE(nnx.Module):
-    """Token ids [B, L] → next-token logits [B, L, V] (f32), plus each MoE layer's routing."""
+    """Token ids [B, L] → next-token logits [B, L, V] (f32), plus each MoE layer's stats.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    `run_groups` goes to every MoE layer: where it routes its groups and runs its experts
+    (05's `MoELayer`). None is 05's `run_groups_here`, on the devices that hold the tokens;
+    07's `sharded_model` passes `expert_parallel_runner(mesh)`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, run_groups=None):
         self.cfg = cfg
         embed_init = jax.nn.initializers.normal(1.0)
         self.token_embedder = nnx.Param(embed_init(rngs.params(), (cfg.vocab_size, cfg.d_model)),
                                         logical_axes=("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, layer, rngs=rngs, run_groups=run_groups)
+                                for layer in range(cfg.num_layers)])
         self.decoder_norm = RMSNorm(cfg.d_model)
         logits_init = jax.nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
         self.logits_dense = nnx.Param(logits_init(rngs.params(), (cfg.d_model, cfg.vocab_size)),
@@ -340,7 +347,7 @@ class OpenMoE(nnx.Module):
 
     def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, targets_BL=None,
                  train: bool = True, cache: "DecodeCache | None" = None):
-        """Logits for every position, the routing of each MoE layer, and the updated cache.
+        """Logits for every position, each MoE layer's stats (05), and the updated cache.
 
         Packed rows pass `segment_ids_BL` so tokens attend only within their own document.
         With a `cache`, the tokens are written at `cache.index` and attend to every valid slot
@@ -372,7 +379,7 @@ class OpenMoE(nnx.Module):
             mask_BLS = (slot_S[None, None, :] <= query_slot_L[None, :, None]) & valid_BS[:, None, :]
 
         x_BLD = jnp.take(self.token_embedder[...], tokens_BL, axis=0).astype(cfg.dtype)
-        routings, layer_caches = [], []
+        moe_stats, layer_caches = [], []
         for index, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[index]
 
@@ -384,10 +391,10 @@ class OpenMoE(nnx.Module):
             # Rematerialization keeps, of each block, only what the policy saves for the backward.
             if cfg.remat:
                 run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat_policy])
-            x_BLD, layer_cache, routing = run(block, x_BLD)
+            x_BLD, layer_cache, stats = run(block, x_BLD)
             layer_caches.append(layer_cache)
-            if routing is not None:
-                routings.append(routing)
+            if stats is not None:
+                moe_stats.append(stats)
 
         x_BLD = self.decoder_norm(x_BLD)
         if logit_mask_BL1 is not None:
@@ -395,7 +402,7 @@ class OpenMoE(nnx.Module):
         logits_BLV = x_BLD.astype(jnp.float32) @ self.logits_dense[...]
         if cache is not None:
             cache = DecodeCache(tuple(layer_caches), valid_BS, cache.index + l)
-        return logits_BLV, routings, cache
+        return logits_BLV, moe_stats, cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,9 +419,9 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
     over MoE layers. Returns (total loss, metrics).
     """
     cfg = model.cfg
-    logits_BLV, routings, _ = model(batch["inputs"], positions_BL=batch.get("positions"),
-                                    segment_ids_BL=batch.get("segment_ids"),
-                                    targets_BL=batch["targets"], train=train)
+    logits_BLV, moe_stats, _ = model(batch["inputs"], positions_BL=batch.get("positions"),
+                                     segment_ids_BL=batch.get("segment_ids"),
+                                     targets_BL=batch["targets"], train=train)
     mask_BL = batch["loss_mask"].astype(jnp.float32)
     num_tokens = jnp.maximum(mask_BL.sum(), 1.0)
 
@@ -427,7 +434,9 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
 
     # The router losses and metrics, averaged over MoE layers (zero for a dense model).
     def layer_mean(name):
-        return jnp.mean(jnp.stack([r[name] for r in routings])) if routings else jnp.float32(0)
+        if not moe_stats:
+            return jnp.float32(0)
+        return jnp.mean(jnp.stack([stats[name] for stats in moe_stats]))
 
     load_balance, router_z = layer_mean("load_balance_loss"), layer_mean("router_z_loss")
     total = (cross_entropy + cfg.z_loss_weight * z_loss + cfg.aux_loss_weight * load_balance
@@ -436,8 +445,9 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
                "load_balance_loss": load_balance, "router_z_loss": router_z,
                "accuracy": accuracy, "num_tokens": num_tokens,
                "fraction_dropped": layer_mean("fraction_dropped")}
-    if routings:
-        metrics["drop_rate_by_position"] = jnp.stack([r["drop_rate_by_position"] for r in routings])
+    if moe_stats:
+        metrics["drop_rate_by_position"] = jnp.stack([stats["drop_rate_by_position"]
+                                                      for stats in moe_stats])
     return total, metrics
 
 
@@ -607,7 +617,10 @@ if __name__ == "__main__":
               f"{paper_text:>23}{train_flops_per_token(cfg) / 1e9:>19.2f}")
     print("  active = non-embedding parameters one token uses. Totals exceed the paper's because the\n"
           "  released FFN is double-gated (4·D·F, not 3·D·F) and embeddings are untied (2·V·D).")
-    assert round(parameter_counts(PRESETS["openmoe-base"])["active_non_embedding"] / 1e6) == 142
+    base_active = parameter_counts(PRESETS["openmoe-base"])["active_non_embedding"]
+    if round(base_active / 1e6) != 142:
+        sys.exit(f"self-test FAILED: OpenMoE-Base has {base_active:,} active non-embedding "
+                 "parameters; the paper (Table 11) says 142M")
 
     # 2. A small model on one batch of real text: initial loss ≈ ln V, then it falls.
     tokenizer = tok.embedded_tokenizer()
@@ -639,7 +652,9 @@ if __name__ == "__main__":
     print(f"\nsmall model, {args.steps} Adam steps on one batch: cross-entropy {losses[0]:.3f} "
           f"(ln V = {math.log(cfg.vocab_size):.3f}) -> {losses[-1]:.3f}; "
           f"drops {float(metrics['fraction_dropped']):.1%}")
-    assert abs(losses[0] - math.log(cfg.vocab_size)) < 1.0 and losses[-1] < losses[0] - 2.0
+    if not (abs(losses[0] - math.log(cfg.vocab_size)) < 1.0 and losses[-1] < losses[0] - 2.0):
+        sys.exit("self-test FAILED: the initial cross-entropy should be within 1 of ln V and fall "
+                 "by more than 2 on one repeated batch")
 
     # 3. KV-cache decoding must equal recomputing the whole sequence when nothing is dropped.
     model = nnx.merge(graph, params, rest)
@@ -648,5 +663,6 @@ if __name__ == "__main__":
     full_BL = jnp.array([prompt + continuation], jnp.int32)
     greedy = jnp.argmax(model(full_BL, train=False)[0][0, len(prompt) - 1:-1], axis=-1)
     print(f"\nprompt:       {tokenizer.decode(prompt)!r}\ncontinuation: {tokenizer.decode(continuation)!r}")
-    assert list(np.asarray(greedy)) == continuation, "KV-cache decoding differs from recomputation"
+    if list(np.asarray(greedy)) != continuation:
+        sys.exit("self-test FAILED: KV-cache decoding differs from recomputing the whole sequence")
     print("\nOK: counts match the paper's 142M, the loss falls from ln V, KV-cache decoding is exact.")

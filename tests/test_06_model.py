@@ -12,10 +12,10 @@ from flax import nnx
 
 from conftest import load
 
-m06 = load("06_model")
+model_lib = load("06_model")
 
 # A tiny MoE model: 2 blocks (the second is MoE), 4 experts. Used by most tests.
-TINY = dataclasses.replace(m06.PRESETS["small"], vocab_size=97, num_layers=2, d_model=32,
+TINY = dataclasses.replace(model_lib.PRESETS["small"], vocab_size=97, num_layers=2, d_model=32,
                            num_heads=2, head_dim=16, d_ff=48, num_experts=4, moe_interval=2,
                            max_seq_len=32)
 # Capacity for every token at evaluation: no assignment can be dropped, so decoding is exact.
@@ -33,12 +33,12 @@ def forward(model, tokens_BL, positions_BL=None, segment_ids_BL=None, train=Fals
                  cache=cache)
 
 
-loss = jax.jit(m06.loss_fn, static_argnames="train")
+loss = jax.jit(model_lib.loss_fn, static_argnames="train")
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return m06.OpenMoE(NO_DROPS, rngs=nnx.Rngs(0))
+    return model_lib.OpenMoE(NO_DROPS, rngs=nnx.Rngs(0))
 
 
 # --- Presets and counting --------------------------------------------------------------------
@@ -49,27 +49,27 @@ def tiny_model():
     ("openmoe-34b", 32, list(range(3, 32, 4)), 32),
 ])
 def test_presets_match_the_released_configs(name, layers, moe_layers, experts):
-    cfg = m06.PRESETS[name]
+    cfg = model_lib.PRESETS[name]
     assert (cfg.num_layers, cfg.moe_layers, cfg.num_experts, cfg.top_k) == (layers, moe_layers, experts, 2)
     assert cfg.vocab_size == 256_384 and cfg.max_seq_len == 2048
-    assert m06.PRESETS[f"{name}-dense"].moe_layers == []
+    assert model_lib.PRESETS[f"{name}-dense"].moe_layers == []
 
 
 def _abstract_params(cfg):
-    abstract = nnx.eval_shape(lambda: m06.OpenMoE(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_flat_state(nnx.state(abstract, nnx.Param))
 
 
-@pytest.mark.parametrize("name", sorted(m06.PRESETS))
+@pytest.mark.parametrize("name", sorted(model_lib.PRESETS))
 def test_parameter_counts_equal_an_independent_count_from_shapes(name):
     # Build every preset abstractly (no memory) and count its real parameter shapes.
-    cfg = m06.PRESETS[name]
+    cfg = model_lib.PRESETS[name]
     flat = _abstract_params(cfg)
     total = sum(math.prod(v.shape) for _, v in flat)
     experts = sum(math.prod(v.shape) for path, v in flat if "expert" in v.logical_axes
                   and v.logical_axes[0] == "expert")
     embedding = sum(math.prod(v.shape) for path, v in flat if "vocab" in v.logical_axes) + cfg.d_model
-    counts = m06.parameter_counts(cfg)
+    counts = model_lib.parameter_counts(cfg)
     assert counts["total"] == total
     assert counts["embedding"] == embedding
     # Active: a token uses top_k of the E experts in each MoE block.
@@ -78,10 +78,10 @@ def test_parameter_counts_equal_an_independent_count_from_shapes(name):
 
 
 def test_base_active_parameters_are_the_papers_142m():
-    counts = m06.parameter_counts(m06.PRESETS["openmoe-base"])
+    counts = model_lib.parameter_counts(model_lib.PRESETS["openmoe-base"])
     assert round(counts["active_non_embedding"] / 1e6) == 142
     # The real 8B shapes: 11.86B total, 2.75B active non-embedding (counted from the released weights' shapes).
-    counts_8b = m06.parameter_counts(m06.PRESETS["openmoe-8b"])
+    counts_8b = model_lib.parameter_counts(model_lib.PRESETS["openmoe-8b"])
     assert round(counts_8b["total"] / 1e7) == 1186 and round(counts_8b["active_non_embedding"] / 1e7) == 275
 
 
@@ -146,7 +146,7 @@ def test_moe_block_passes_fully_dropped_tokens_through_attention_and_extra_ffn()
     # Capacity 1 per expert: most tokens lose both choices. For them the MoE sublayer must add
     # exactly nothing, so the block is attention + residual, then the extra FFN + residual.
     cfg = dataclasses.replace(TINY, min_capacity=1, train_capacity_factor=1e-6)
-    block = m06.Block(cfg, layer=1, rngs=nnx.Rngs(1))
+    block = model_lib.Block(cfg, layer=1, rngs=nnx.Rngs(1))
     assert block.is_moe
     x_BLD = jax.random.normal(jax.random.key(0), (2, 8, cfg.d_model))
     positions_BL = jnp.broadcast_to(jnp.arange(8), (2, 8))
@@ -154,13 +154,13 @@ def test_moe_block_passes_fully_dropped_tokens_through_attention_and_extra_ffn()
 
     @jax.jit
     def block_and_expected(block, x_BLD):
-        y_BLD, _, routing = block(x_BLD, positions_BL, mask_BLS, train=True)
+        y_BLD, _, stats = block(x_BLD, positions_BL, mask_BLS, train=True)
         h_BLD = x_BLD + block.self_attention(block.pre_self_attention_norm(x_BLD), positions_BL,
                                              mask_BLS)[0]
-        return y_BLD, h_BLD + block.extra_mlp(block.pre_extra_mlp_norm(h_BLD)), routing
+        return y_BLD, h_BLD + block.extra_mlp(block.pre_extra_mlp_norm(h_BLD)), stats
 
-    y_BLD, expected_BLD, routing = block_and_expected(block, x_BLD)
-    dropped_BL = ~np.asarray(routing["kept_BLA"]).any(axis=-1)
+    y_BLD, expected_BLD, stats = block_and_expected(block, x_BLD)
+    dropped_BL = ~np.asarray(stats["kept_BLA"]).any(axis=-1)
     assert dropped_BL.sum() >= 8  # 16 tokens, at most 4 assignments kept
     np.testing.assert_allclose(np.asarray(y_BLD)[dropped_BL], np.asarray(expected_BLD)[dropped_BL],
                                atol=1e-6)
@@ -171,18 +171,18 @@ def test_moe_block_passes_fully_dropped_tokens_through_attention_and_extra_ffn()
 
 def test_t5x_logit_mask_keeps_start_tokens_and_drops_padding():
     # flaxformer's own example: id 0 is padding and the start token of each packed sequence.
-    logit_mask_BL1, valid_BL = m06.t5x_padding_masks(jnp.array([[0, 3, 9, 0, 4, 8, 0, 0]]))
+    logit_mask_BL1, valid_BL = model_lib.t5x_padding_masks(jnp.array([[0, 3, 9, 0, 4, 8, 0, 0]]))
     np.testing.assert_array_equal(logit_mask_BL1[0, :, 0], [1, 1, 1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(valid_BL, logit_mask_BL1[..., 0])
     targets_BL = jnp.array([[3, 9, 1, 4, 8, 1, 0, 0]])
-    np.testing.assert_array_equal(m06.t5x_padding_masks(targets_BL * 0, targets_BL)[1][0],
+    np.testing.assert_array_equal(model_lib.t5x_padding_masks(targets_BL * 0, targets_BL)[1][0],
                                   [1, 1, 1, 1, 1, 1, 0, 0])
 
 
 def test_fully_masked_query_attends_uniformly_like_t5x():
     # With T5X's additive -1e10, a query that may see no key gets equal scores everywhere, so
     # its output is the mean of all values (future ones included), not NaN and not zero.
-    attention = m06.Attention(TINY, rngs=nnx.Rngs(0))
+    attention = model_lib.Attention(TINY, rngs=nnx.Rngs(0))
     x_BLD = jax.random.normal(jax.random.key(1), (1, 4, TINY.d_model))
     positions_BL = jnp.arange(4)[None]
     mask_BLS = jnp.tril(jnp.ones((1, 4, 4), bool)).at[0, 1].set(False)  # query 1 sees nothing
@@ -197,7 +197,7 @@ def test_t5x_padding_leaves_real_positions_unchanged_and_zeroes_padded_logits():
     # sees (capacity for every token, so the zero tokens cannot crowd anyone out), and the
     # logit mask zeroes the padded positions' final activations, hence their logits.
     cfg = dataclasses.replace(NO_DROPS, t5x_padding=True)
-    model = m06.OpenMoE(cfg, rngs=nnx.Rngs(0))
+    model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))
     real_BL = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), _tokens((1, 9))], axis=1)
     padded_BL = jnp.pad(real_BL, ((0, 0), (0, 6)))
     logits_real_BLV = forward(model, real_BL)[0]
@@ -207,8 +207,9 @@ def test_t5x_padding_leaves_real_positions_unchanged_and_zeroes_padded_logits():
 
 
 def test_parallel_wiring_shares_one_norm_and_differs_from_sequential():
-    sequential = m06.Block(TINY, layer=1, rngs=nnx.Rngs(2))
-    parallel = m06.Block(dataclasses.replace(TINY, moe_wiring="parallel"), layer=1, rngs=nnx.Rngs(2))
+    sequential = model_lib.Block(TINY, layer=1, rngs=nnx.Rngs(2))
+    parallel = model_lib.Block(dataclasses.replace(TINY, moe_wiring="parallel"), layer=1,
+                               rngs=nnx.Rngs(2))
     assert not hasattr(parallel, "pre_extra_mlp_norm")
     x_BLD = jax.random.normal(jax.random.key(1), (1, 8, TINY.d_model))
     positions_BL, mask_BLS = jnp.arange(8)[None], jnp.tril(jnp.ones((8, 8), bool))[None]
@@ -233,9 +234,10 @@ def test_rematerialization_gives_the_same_gradients():
     grads = []
     for remat, policy in ((False, "dots"), (True, "full"), (True, "dots")):
         cfg = dataclasses.replace(TINY, remat=remat, remat_policy=policy)
-        model = m06.OpenMoE(cfg, rngs=nnx.Rngs(3))
+        model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(3))
         graph, params, rest = nnx.split(model, nnx.Param, ...)
-        grad = jax.jit(jax.grad(lambda p: m06.loss_fn(nnx.merge(graph, p, rest), batch)[0]))(params)
+        grad = jax.jit(jax.grad(
+            lambda p: model_lib.loss_fn(nnx.merge(graph, p, rest), batch)[0]))(params)
         grads.append(jax.tree.leaves(grad))
     for a, b, c in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -243,8 +245,8 @@ def test_rematerialization_gives_the_same_gradients():
 
 
 def test_bf16_activations_keep_f32_logits_and_stay_close():
-    model32 = m06.OpenMoE(NO_DROPS, rngs=nnx.Rngs(4))
-    model16 = m06.OpenMoE(dataclasses.replace(NO_DROPS, dtype=jnp.bfloat16), rngs=nnx.Rngs(4))
+    model32 = model_lib.OpenMoE(NO_DROPS, rngs=nnx.Rngs(4))
+    model16 = model_lib.OpenMoE(dataclasses.replace(NO_DROPS, dtype=jnp.bfloat16), rngs=nnx.Rngs(4))
     tokens_BL = _tokens((2, 8))
     logits32, logits16 = forward(model32, tokens_BL)[0], forward(model16, tokens_BL)[0]
     assert logits16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits16)))
@@ -256,7 +258,7 @@ def test_bf16_activations_keep_f32_logits_and_stay_close():
 def test_kv_cache_decoding_equals_full_recomputation(tiny_model):
     # Two prompts of different lengths (left padding), greedy decoding.
     prompts = [list(np.asarray(_tokens((5,), seed=1))), list(np.asarray(_tokens((9,), seed=2)))]
-    outputs = m06.generate(tiny_model, prompts, max_new_tokens=8, eos_id=-1)
+    outputs = model_lib.generate(tiny_model, prompts, max_new_tokens=8, eos_id=-1)
     for prompt, continuation in zip(prompts, outputs):
         assert len(continuation) == 8
         full_BL = jnp.array([prompt + continuation], jnp.int32)
@@ -268,7 +270,7 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_model):
 def test_cached_logits_equal_full_logits(tiny_model):
     tokens_BL = _tokens((2, 10), seed=3)
     full_BLV = forward(tiny_model, tokens_BL)[0]
-    cache = m06.init_cache(NO_DROPS, 2, 10)
+    cache = model_lib.init_cache(NO_DROPS, 2, 10)
     step_logits = []
     for start, stop in [(0, 4), (4, 5), (5, 10)]:  # a prefill, one step, then a chunk
         chunk = tokens_BL[:, start:stop]
@@ -280,10 +282,11 @@ def test_cached_logits_equal_full_logits(tiny_model):
 
 def test_sampling_respects_top_p():
     logits_BV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    draws = {int(m06.sample_token(logits_BV, jax.random.key(i), temperature=1.0, top_p=0.7)[0])
+    draws = {int(model_lib.sample_token(logits_BV, jax.random.key(i), temperature=1.0,
+                                        top_p=0.7)[0])
              for i in range(200)}
     assert draws == {0, 1}  # 0.5 < 0.7 ≤ 0.5 + 0.3: exactly the two most likely tokens
-    assert int(m06.sample_token(logits_BV, jax.random.key(0))[0]) == 0
+    assert int(model_lib.sample_token(logits_BV, jax.random.key(0))[0]) == 0
 
 
 # --- Bad input -------------------------------------------------------------------------------
@@ -310,8 +313,8 @@ def test_bad_tokens_are_clear_errors(tiny_model):
     with pytest.raises(ValueError, match="integer ids"):
         tiny_model(jnp.ones((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
-        m06.generate(tiny_model, [[1] * 30], max_new_tokens=5)
+        model_lib.generate(tiny_model, [[1] * 30], max_new_tokens=5)
     with pytest.raises(ValueError, match="max_new_tokens=-3 must be >= 0"):
-        m06.generate(tiny_model, [[1, 2]], max_new_tokens=-3)
+        model_lib.generate(tiny_model, [[1, 2]], max_new_tokens=-3)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=97\)"):
-        m06.generate(tiny_model, [[1, 97]], max_new_tokens=2)
+        model_lib.generate(tiny_model, [[1, 97]], max_new_tokens=2)
