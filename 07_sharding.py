@@ -12,7 +12,10 @@ expert, and a second all-to-all brings the results back (GShard §3.2). T5X coax
 those all-to-alls with sharding constraints; here they are written out with `jax.shard_map` and
 `jax.lax.all_to_all`, so a reader can see them and the compiled program must contain them.
 This file also builds models already sharded, feeds each host its slice of the global batch,
-and estimates memory per device for any preset and mesh.
+and estimates memory per device for any preset and mesh. Its last section plans for a pod this
+machine does not have: a model of shapes and shardings only (`sharded_model(abstract=True)`),
+compiled for a TPU topology (`topology_devices`, with libtpu), and the compiler's account of
+the step (`compile_report`: memory per device, FLOPs, collectives, and time and MFU on TPUs).
 Left out: pipeline parallelism, multi-slice (DCN) meshes, and ragged all-to-all (dropless MoE).
 Self-test: `python 07_sharding.py` simulates 8 CPU devices (about 30 s).
 """
@@ -24,6 +27,7 @@ import dataclasses
 import importlib
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -124,16 +128,23 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=RULES):
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(constructor: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules=RULES):
+def create_sharded(constructor: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules=RULES,
+                   *, abstract: bool = False):
     """Build a module whose parameters are born sharded: never whole on any one device.
 
     The constructor runs once abstractly (`nnx.eval_shape`: shapes and names, no memory), the
     rules turn names into shardings, and then the constructor runs again under `jax.jit` with
     those output shardings, so each device computes only its own shards of the initial values.
+    With `abstract`, it stops before that: every value is a `jax.ShapeDtypeStruct` carrying its
+    NamedSharding, enough to compile a step for the module, and nothing is allocated.
     """
     graphdef, abstract_state = nnx.split(nnx.eval_shape(constructor))
     shardings = state_shardings(abstract_state, mesh, rules)
-    state = jax.jit(lambda: nnx.split(constructor())[1], out_shardings=shardings)()
+    if abstract:
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             abstract_state, shardings)
+    else:
+        state = jax.jit(lambda: nnx.split(constructor())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
@@ -182,8 +193,8 @@ def config_for_mesh(cfg, mesh: jax.sharding.Mesh):
 
 
 def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
-    """05's `run_groups`, distributed: each device routes its own groups, and tokens travel to
-    their experts' devices and back by all-to-all.
+    """A runner for 05's `MoELayer(run_groups=...)`: each device routes its own groups, and
+    tokens travel to their experts' devices and back by all-to-all.
 
     Outside, the groups [G, T, D] are split over ('expert', 'data') like the batch; the router
     kernel is whole on every device; the expert kernels [E, ...] are split over 'expert', their
@@ -225,20 +236,15 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
     return run_groups
 
 
-def use_expert_parallelism(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Switch every MoE layer of `model` to the all-to-all runner (in place; returns model)."""
-    runner = expert_parallel_runner(mesh)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, moe.MoELayer):
-            node.run_groups = runner
-    return model
-
-
-def sharded_model(cfg, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=RULES):
-    """An OpenMoE for this mesh: config checked and adjusted, born sharded, experts parallel."""
+def sharded_model(cfg, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=RULES,
+                  abstract: bool = False):
+    """An OpenMoE for this mesh: config checked and adjusted, born sharded, and every MoE layer
+    built with the all-to-all runner. `abstract`: parameters are shapes and shardings only
+    (see `create_sharded`), for compiling a step on hardware this machine does not have."""
     cfg = config_for_mesh(cfg, mesh)
-    model = create_sharded(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
-    return use_expert_parallelism(model, mesh)
+    runner = expert_parallel_runner(mesh)
+    return create_sharded(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(seed), run_groups=runner),
+                          mesh, rules, abstract=abstract)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,11 +292,11 @@ def memory_per_device(cfg, mesh_shape: dict[str, int], *, batch: int, seq_len: i
 
     Parameters and gradients are exact: each parameter's f32 bytes divided by the number of
     devices that split it. Activations are an estimate of what the backward pass keeps, per
-    token on this device: with remat (06's `remat_policy="full"`; "dots" keeps more, which the
-    compiled dry run of 09 measures), each block's input (D) plus one block's working set;
-    without, every block's working set (attention: x, q, k, v, output and the L×L scores per
-    head; FFN: x and its 4 hidden vectors; MoE blocks add cf·k expert slots, router and extra
-    FFN). Optimizer state is 08's business (Adafactor: about 0; AdamW: 2 × parameters).
+    token on this device: with remat (06's `remat_policy="full"`; "dots" keeps more, which
+    `compile_report` measures on the compiled step), each block's input (D) plus one block's
+    working set; without, every block's working set (attention: x, q, k, v, output and the L×L
+    scores per head; FFN: x and its 4 hidden vectors; MoE blocks add cf·k expert slots, router
+    and extra FFN). Optimizer state is 08's business (Adafactor: about 0; AdamW: 2 × parameters).
     """
     mesh = jax.sharding.AbstractMesh(tuple(mesh_shape[a] for a in MESH_AXES), MESH_AXES)
     abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)))
@@ -343,6 +349,72 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, float]]:
                     for shapes in found for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shapes))
         result[kind] = {"count": len(found), "mib": total / 2**20}
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning for a pod: compile without the hardware
+# ------------------------------------------------------------------------------------------------
+
+# bf16 peak TFLOP/s of one JAX device, by `device_kind` prefix. A TPU v3 device is one core
+# (123 TFLOP/s per chip, 2 cores); on later TPUs a device is a chip.
+TPU_PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 137.5, "TPU v5 lite": 197.0, "TPU v5": 229.5}
+
+
+def peak_tflops(device, override: float = 0.0) -> float | None:
+    """One device's peak TFLOP/s, for MFU: `override` when > 0, else TPU_PEAK_TFLOPS by the
+    longest prefix of its `device_kind` ("TPU v5 lite" before "TPU v5"); None when unknown."""
+    if override > 0:
+        return override
+    kind = getattr(device, "device_kind", "")
+    return next((TPU_PEAK_TFLOPS[prefix] for prefix in sorted(TPU_PEAK_TFLOPS, key=len, reverse=True)
+                 if kind.startswith(prefix)), None)
+
+
+def topology_devices(topology: str):
+    """Devices of a TPU topology such as "v3:4x4", for compiling without the hardware (libtpu).
+
+    A mesh over them is as good as a real one for `jax.jit(...).lower(...).compile()`: XLA's TPU
+    compiler partitions, schedules and sizes the program; only running it needs the chips.
+    """
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as error:
+        raise ValueError(f"--topology {topology!r} needs libtpu (pip install -r requirements-tpu.txt) "
+                         f"and a name like 'v3:4x4': {error}") from error
+
+
+def compile_report(compiled, mesh: jax.sharding.Mesh, *, model_flops: float, loop_trips: int = 1,
+                   peak: float | None = None) -> dict:
+    """What the compiler knows of one step on this mesh, without running it: GiB per device
+    (arguments, outputs, temporaries; total = arguments + temporaries), FLOPs per device as the
+    compiler counts them and as the model needs them, and each collective's count and MiB.
+
+    `compiled`: `jax.jit(step).lower(*args).compile()`, args possibly abstract (ShapeDtypeStructs
+    with shardings, see `sharded_model(abstract=True)`). `model_flops`: the step's useful FLOPs
+    on all devices together (06's `train_flops_per_token` × tokens). Where the compiler also
+    estimates the step's time (TPU, not CPU) and `peak` (TFLOP/s per device) is known, the
+    report adds "estimated_step_s" and "estimated_mfu" = model FLOPs per device / time / peak.
+    """
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    # XLA's cost analysis counts a loop body once, but the step runs a scan's body (over
+    # microbatches) `loop_trips` times (measured: 2 microbatches report half the FLOPs of 1).
+    report = {"mesh": dict(mesh.shape), "devices": mesh.size,
+              "device_kind": mesh.devices.flat[0].device_kind}
+    for kind in ("argument", "output", "temp"):
+        report[f"{kind}_gib"] = getattr(memory, f"{kind}_size_in_bytes", 0) / 2**30
+    report["total_gib"] = report["argument_gib"] + report["temp_gib"]
+    report["compiler_flops_per_device"] = float(cost.get("flops", 0.0)) * loop_trips
+    report["model_flops_per_device"] = model_flops / mesh.size
+    # As written in the program: those inside the microbatch loop run once per trip.
+    report["collectives"] = collective_bytes(compiled.as_text())
+    seconds = cost.get("optimal_seconds") or cost.get("estimated_seconds")
+    if seconds and seconds > 0 and peak:
+        report["estimated_step_s"] = float(seconds) * loop_trips
+        report["estimated_mfu"] = (report["model_flops_per_device"] / report["estimated_step_s"]
+                                   / (peak * 1e12))
+    return report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,18 +501,26 @@ if __name__ == "__main__":
         jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(single_grads))))
     print(f"\nloss sharded {float(loss):.6f} vs one device {float(single_loss):.6f}; largest "
           f"gradient difference {grad_gap:.1e} (relative); drops {float(metrics['fraction_dropped']):.1%}")
-    assert abs(float(loss) - float(single_loss)) < 1e-5 and grad_gap < 1e-4
+    if not (abs(float(loss) - float(single_loss)) < 1e-5 and grad_gap < 1e-4):
+        sys.exit("self-test FAILED: the sharded loss or gradients differ from one device's "
+                 "(tolerances 1e-5 absolute on the loss, 1e-4 relative on gradients)")
 
     # 4. The compiled program moves tokens by all-to-all, and never gathers expert weights: every
     # all-gather in it is smaller than one device's shard of the smallest expert kernel.
     compiled_text = lowered.compile().as_text()
     collectives = count_collectives(compiled_text)
-    shard = min(v.get_value().addressable_shards[0].data.size
-                for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if v.logical_axes[0] == "expert")
+    expert_shard = min(v.get_value().addressable_shards[0].data.size
+                       for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                       if v.logical_axes[0] == "expert")
     gathered = all_gather_sizes(compiled_text)
     print(f"collectives in the compiled train step: {collectives}\n"
-          f"largest all-gather {max(gathered, default=0)} values; one expert-kernel shard {shard}")
-    assert count_collectives(lowered.as_text())["all-to-all"] == 4 and max(gathered, default=0) < shard
+          f"largest all-gather {max(gathered, default=0)} values; one expert-kernel shard "
+          f"{expert_shard}")
+    if count_collectives(lowered.as_text())["all-to-all"] != 4:
+        sys.exit("self-test FAILED: the train step should name 4 all-to-alls (2 forward, 2 backward)")
+    if max(gathered, default=0) >= expert_shard:
+        sys.exit("self-test FAILED: the compiled step all-gathers something as large as an "
+                 "expert-kernel shard, so it gathers weights")
 
     # 5. Why OpenMoE-8B needs expert and model parallelism on 16 GiB TPU v3 cores.
     cfg = model_lib.PRESETS["openmoe-8b"]
