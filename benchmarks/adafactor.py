@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-model = importlib.import_module("06_model")
+model_lib = importlib.import_module("06_model")
 ada = importlib.import_module("08_adafactor")
 
 
@@ -49,13 +49,13 @@ def compiled_update(tx, params, grads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small", "openmoe-base"],
-                        choices=list(model.PRESETS))
+                        choices=list(model_lib.PRESETS))
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
     args = parser.parse_args()
 
     results = {}
     for name in args.presets:
-        abstract = ada.abstract_params(model.PRESETS[name])
+        abstract = ada.abstract_params(model_lib.PRESETS[name])
         params, grads = random_like(abstract, 0, 0.05), random_like(abstract, 1, 1e-3)
         schedule = ada.openmoe_schedule()
         steps = {}
