@@ -97,6 +97,12 @@ class ModelConfig:
                      "num_experts", "max_group_size", "max_seq_len", "min_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
+        # Capacity factors, loss weights, RoPE base and init scale: a NaN or inf would only
+        # surface as NaN losses, so every float field must be a finite number >= 0.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float" and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ModelConfig.{field.name}={value!r}: must be a finite number >= 0")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even: RoPE rotates "
                              "pairs of features, so num_heads × head_dim must split into pairs")

@@ -1,20 +1,21 @@
 """Chapter 9: the training program: data pipeline, objective, sharded step, checkpoints, eval.
 
-OpenMoE pretrained with T5X (arXiv 2402.01739 §2.4, App. B, Table 12; the gins of Fuzhao Xue's
-t5x fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): documents from a 50% text / 50% code mixture, packed into 2,048-token rows; Adafactor with
-lr = 1/√max(step, 10⁴) (flat 0.01 for 10K steps); batch 1,024 (8B: 8 microbatches); load-balance,
-z and router-z losses 0.01 / 0.001 / 0.0001; capacity factor 1.25 training, 2.0 evaluating. The
+OpenMoE pretrained with T5X (arXiv 2402.01739 §2.3–2.5, App. B, Table 12; Fuzhao Xue's t5x
+fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): documents from a 50% text / 50% code
+mixture packed into 2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K
+steps); batch 1,024 (8B: 8 microbatches); capacity factor 1.25 training, 2.0 evaluating. The
 objective was UL2's mixture of denoisers on a causal decoder (50% PrefixLM "[S2S] ", span
-corruption "[NLU] " µ=3,8 r=0.15 and "[NLG] " µ=3,8,64 r=0.5, loss on targets only), then plain
-next-token prediction after 390K steps. This file is that program, one readable loop:
-  data:  texts → tokens (+eos) → packed rows (LM: one causal stream, as OpenMoE's full_lm;
-         UL2: one example per segment, with segment ids and positions, as T5X packs);
-  step:  one jitted function on 07's mesh: grads (optionally over microbatches) → 08's Adafactor;
-  loop:  tqdm, metrics.jsonl, per-domain eval, orbax checkpoints, exact resume, NaN stop;
-  run directory: one run each (locked), resumable after any kill, nothing deleted unasked.
+corruption "[NLU] " µ=3,8 r=0.15 and "[NLG] " µ=3,8,64 r=0.5, loss on targets only), then
+plain next-token prediction after 390K steps. This file is that program, read top to bottom:
+  config: TrainConfig holds 06's ModelConfig and adds the data, schedule and bookkeeping;
+  data:   texts → tokens (+eos) → packed rows (LM: one causal stream, as OpenMoE's full_lm;
+          UL2: one example per segment, with segment ids and positions, as T5X packs);
+  step:   one jitted function on 07's mesh: grads (over microbatches) → 08's Adafactor;
+  run:    orbax checkpoints and a run directory that loses nothing when a run is killed;
+  loop:   tqdm, metrics.jsonl, per-domain eval, exact resume, NaN stop.
 `python 09_train.py` trains the small preset on the embedded corpus (~10 min on 2 CPU cores);
-`--config openmoe-8b --mesh ... --mixture openmoe_v1` is the same program on a TPU v3 pod, and
-`--dry-run [--topology v3:16x16]` compiles that step without running it (memory, FLOPs, MFU).
+`--config openmoe-8b` is the same program on a TPU v3 pod, and `--dry-run [--topology
+v3:16x16]` compiles that step with 07's pod planning, running nothing (memory, FLOPs, MFU).
 Left out: T5X's "NaN skipping", data-loader state beyond "rows consumed" (resume replays the
 stream), pipeline parallelism. Self-test: `python 09_train.py --quick` (about a minute).
 """
@@ -56,7 +57,7 @@ ada = importlib.import_module("08_adafactor")
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration: one frozen dataclass, named starting points, command-line overrides
+# Configuration: the model (06) plus everything about the run, in one frozen dataclass
 # ------------------------------------------------------------------------------------------------
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -72,74 +73,73 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 OBJECTIVES = ("lm", "ul2")
-DTYPES = ("float32", "bfloat16")
+
+
+def on_tpu(preset: str) -> "model_lib.ModelConfig":
+    """06's preset as OpenMoE pretrained it on TPUs: bf16 activations, every block rematerialized
+    (the preset's capacity factors and loss weights are already the released ones)."""
+    return dataclasses.replace(model_lib.PRESETS[preset], dtype=jnp.bfloat16, remat=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are OpenMoE's (T5X gins, paper Table 12); CONFIGS scales them."""
+    """One training run. Defaults are OpenMoE-8B's (T5X gins, paper Table 12); CONFIGS scales them.
 
-    preset: str = "openmoe-8b"           # a model preset of 06_model.PRESETS
+    The network, its routing (capacity factors), its loss weights, dtype and remat are 06's
+    ModelConfig, held whole in `model`: nothing here copies them. The command line sets its
+    fields by name too (`--train-capacity-factor 2`), and `--preset` swaps its architecture.
+    """
+
+    model: model_lib.ModelConfig = on_tpu("openmoe-8b")  # the network, routing, losses, dtype, remat (06)
     run_dir: str = "runs/openmoe-8b"     # config.json, metrics.jsonl and checkpoints/ live here
     mixture: str = "openmoe_v1"          # "embedded" (offline 50/50) or a hub mixture of 01.MIXTURES
     tokenizer: str = ""                  # a SentencePiece .model (umT5's); "" = 01's embedded one
     objective: str = "ul2"               # "lm" (next token) or "ul2" (mixture of denoisers)
     ul2_until_step: int = 390_000        # with "ul2": plain LM from this step on (8B: 390K); 0 = never
-    seq_len: int = 2048                  # tokens per row (UL2: inputs + targets together)
+    seq_len: int = 2048                  # tokens per row (UL2: inputs + targets); the model's max
     batch_size: int = 1024               # rows per step, over all hosts (paper says 2048; gins 1024)
     microbatches: int = 8                # gradient accumulation: the batch in this many slices
     steps: int = 500_000                 # optimizer steps
     peak_lr: float = 0.01                # lr on the warmup plateau, then peak·√(warmup/step)
     warmup_steps: int = 10_000           # the plateau's length (T5X: flat, no ramp)
-    train_capacity_factor: float = 1.25  # expert capacity while training
-    eval_capacity_factor: float = 2.0    # ... while evaluating and sampling
-    aux_loss_weight: float = 0.01        # load-balance loss
-    z_loss_weight: float = 0.001         # output z-loss (paper; released gin: 1e-4)
-    router_z_loss_weight: float = 0.0001  # router z-loss
-    dtype: str = "bfloat16"              # activations: bfloat16 on TPU, float32 on CPU
-    remat: bool = True                   # recompute blocks in the backward pass (memory for FLOPs)
     mesh: str = "data=2,expert=32,model=8"  # 8B on a v3-512 (gin); "" = all devices on data
     seed: int = 0                        # model init, data order and UL2 noise
     eval_every: int = 5_000              # steps between evaluations (0 = only at the end)
     eval_batches: int = 4                # validation batches per domain (text, code)
     checkpoint_every: int = 1_000        # steps between checkpoints
     keep_last: int = 3                   # newest checkpoints kept ...
-    keep_period: int = 50_000            # ... plus every step divisible by this (for 10's analysis)
-    peak_tflops_per_device: float = 0.0  # for MFU; 0 = known accelerators only (TPU v3 core: 61.5)
+    keep_period: int = 50_000            # ... plus every step divisible by this (for 11's analysis)
+    peak_tflops_per_device: float = 0.0  # for MFU; 0 = known accelerators only (07.TPU_PEAK_TFLOPS)
     sample_tokens: int = 48              # tokens generated at the end (0 = none)
 
     def __post_init__(self):
-        # A NaN or inf in any float field would only surface at the first step (or never: an
-        # infinite learning rate trains NaNs), so every float must be a finite number.
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "float" and not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{field.name}={value!r}: must be a finite number")
-        checks = {
-            "preset": (self.preset in model_lib.PRESETS, f"one of {sorted(model_lib.PRESETS)}"),
-            "mixture": (self.mixture in tok.MIXTURES, f"one of {sorted(tok.MIXTURES)}"),
-            "objective": (self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
-            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
-            "seq_len": (self.seq_len >= 32, "an int >= 32 (UL2 needs room for prefix and spans)"),
-            "seed": (0 <= self.seed < 2**32, "an int from 0 to 2**32 - 1"),
-            "peak_lr": (self.peak_lr > 0, "> 0 (OpenMoE: 0.01)"),
-            "train_capacity_factor": (self.train_capacity_factor > 0, "> 0 (OpenMoE: 1.25)"),
-            "eval_capacity_factor": (self.eval_capacity_factor > 0, "> 0 (OpenMoE: 2.0)"),
-            "run_dir": (bool(self.run_dir), "a directory path"),
+        # Every field's rule in one table, checked before anything is built; the error names
+        # the field, its value and what is allowed. (ModelConfig checks its own fields.)
+        def at_least(low):
+            return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def finite_at_least(low, above=False):
+            return lambda v: isinstance(v, (int, float)) and math.isfinite(v) and (v > low if above else v >= low)
+
+        rules = {
+            "model": (lambda v: isinstance(v, model_lib.ModelConfig), "a 06_model.ModelConfig"),
+            "mixture": (lambda v: v in tok.MIXTURES, f"one of {sorted(tok.MIXTURES)}"),
+            "objective": (lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}"),
+            "run_dir": (bool, "a directory path"),
+            "seq_len": (at_least(32), "an int >= 32 (UL2 needs room for prefix and spans)"),
+            "seed": (lambda v: at_least(0)(v) and v < 2**32, "an int from 0 to 2**32 - 1"),
+            "peak_lr": (finite_at_least(0, above=True), "a finite number > 0 (OpenMoE: 0.01)"),
+            "peak_tflops_per_device": (finite_at_least(0), "a finite number >= 0"),
+            "batch_size": (lambda v: at_least(1)(v) and v % max(self.microbatches, 1) == 0,
+                           f"an int >= 1 divisible by microbatches={self.microbatches}"),
+            **{name: (at_least(1), "an int >= 1") for name in (
+                "microbatches", "steps", "warmup_steps", "checkpoint_every", "keep_last",
+                "keep_period")},
+            **{name: (at_least(0), "an int >= 0") for name in (
+                "ul2_until_step", "eval_every", "eval_batches", "sample_tokens")},
         }
-        for name in ("batch_size", "microbatches", "steps", "warmup_steps", "checkpoint_every",
-                     "keep_last", "keep_period"):
-            checks[name] = (getattr(self, name) >= 1, "an int >= 1")
-        for name in ("ul2_until_step", "eval_every", "eval_batches", "sample_tokens"):
-            checks[name] = (getattr(self, name) >= 0, "an int >= 0")
-        for name in ("aux_loss_weight", "z_loss_weight", "router_z_loss_weight",
-                     "peak_tflops_per_device"):
-            checks[name] = (getattr(self, name) >= 0, ">= 0")
-        checks["batch_size "] = (self.batch_size % self.microbatches == 0,
-                                 f"divisible by microbatches={self.microbatches}")
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                name = name.strip()
+        for name, (valid, allowed) in rules.items():
+            if not valid(getattr(self, name)):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be {allowed}")
         parse_mesh(self.mesh)
 
@@ -147,45 +147,72 @@ class TrainConfig:
 # Named starting points. "laptop" is the default run: the small preset, scaled so that 2 CPU
 # cores see the loss fall within ~10 minutes. Its schedule keeps OpenMoE's shape (flat plateau,
 # then 1/√step) with warmup a tenth of the run; peak 0.03 (3× OpenMoE's) because a 4-layer
-# model seeing only ~1M tokens needs bigger steps: measured at step 80, train loss 5.97 with 0.03
-# against 7.18 with 0.01. Every 80th step's checkpoint is kept (7 of 57 MB) for the early-routing
-# curve of 11_routing_analysis.py. "quick" is the test suite's self-test: UL2, then LM, microbatches.
+# model seeing only ~1M tokens needs bigger steps (at step 80: train loss 5.97 against 7.18 with
+# 0.01). Every 80th step's checkpoint is kept for the early-routing curve of chapter 11.
 OPENMOE = TrainConfig()
 CONFIGS: dict[str, TrainConfig] = {
     "laptop": dataclasses.replace(
-        OPENMOE, preset="small", run_dir="runs/laptop", mixture="embedded", objective="lm",
-        ul2_until_step=0, seq_len=128, batch_size=16, microbatches=1, steps=480, peak_lr=0.03,
-        warmup_steps=48, dtype="float32", remat=False, mesh="", eval_every=120, eval_batches=4,
+        OPENMOE, model=model_lib.PRESETS["small"], run_dir="runs/laptop", mixture="embedded",
+        objective="lm", ul2_until_step=0, seq_len=128, batch_size=16, microbatches=1, steps=480,
+        peak_lr=0.03, warmup_steps=48, mesh="", eval_every=120, eval_batches=4,
         checkpoint_every=40, keep_last=2, keep_period=80),
-    "quick": dataclasses.replace(
-        OPENMOE, preset="small", run_dir="runs/quick", mixture="embedded", objective="ul2",
-        ul2_until_step=15, seq_len=64, batch_size=8, microbatches=2, steps=30, peak_lr=0.03,
-        warmup_steps=5, dtype="float32", remat=False, mesh="", eval_every=15, eval_batches=1,
-        checkpoint_every=10, keep_last=2, keep_period=20, sample_tokens=8),
-    "openmoe-base": dataclasses.replace(OPENMOE, preset="openmoe-base", run_dir="runs/openmoe-base",
-                                        microbatches=1, mesh="data=8,expert=16,model=1"),
+    "openmoe-base": dataclasses.replace(
+        OPENMOE, model=on_tpu("openmoe-base"),
+        run_dir="runs/openmoe-base", microbatches=1, mesh="data=8,expert=16,model=1"),
     "openmoe-8b": OPENMOE,
-    "openmoe-34b": dataclasses.replace(OPENMOE, preset="openmoe-34b", run_dir="runs/openmoe-34b",
-                                       mixture="openmoe_v3", ul2_until_step=25_000, microbatches=16,
-                                       mesh="data=1,expert=32,model=16"),
+    "openmoe-34b": dataclasses.replace(
+        OPENMOE, model=on_tpu("openmoe-34b"),
+        run_dir="runs/openmoe-34b", mixture="openmoe_v3", ul2_until_step=25_000, microbatches=16,
+        mesh="data=1,expert=32,model=16"),
 }
+# `--quick`, the self-test: a short laptop run through both objectives with two microbatches.
+QUICK = dataclasses.replace(
+    CONFIGS["laptop"], run_dir="runs/quick", objective="ul2", ul2_until_step=15, seq_len=64,
+    batch_size=8, microbatches=2, steps=30, warmup_steps=5, eval_every=15, eval_batches=1,
+    checkpoint_every=10, keep_period=20, sample_tokens=8)
 # Fields that may change when a run is resumed: its length, the learning-rate schedule (the cure
 # for a divergence), how often it evaluates, saves and reports, and how the same math is laid out
-# on devices. Everything else (model shape, data, objective, seed, precision, losses) is the run's
+# on devices. Everything else (model, data, objective, seed, precision, losses) is the run's
 # identity and stays locked; the run directory's name is not part of it (a run may be moved).
 RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches",
                     "sample_tokens", "checkpoint_every", "keep_last", "keep_period",
-                    "peak_tflops_per_device", "mesh", "microbatches", "remat"}
+                    "peak_tflops_per_device", "mesh", "microbatches", "model.remat",
+                    "model.remat_policy"}
 
 
 def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
-    """The preset with the run's sequence length, capacity factors, loss weights and dtype."""
-    return dataclasses.replace(
-        model_lib.PRESETS[cfg.preset], max_seq_len=cfg.seq_len,
-        train_capacity_factor=cfg.train_capacity_factor,
-        eval_capacity_factor=cfg.eval_capacity_factor, aux_loss_weight=cfg.aux_loss_weight,
-        z_loss_weight=cfg.z_loss_weight, router_z_loss_weight=cfg.router_z_loss_weight,
-        dtype=jnp.dtype(cfg.dtype), remat=cfg.remat)
+    """The model the run trains: cfg.model, built for rows of cfg.seq_len tokens."""
+    return dataclasses.replace(cfg.model, max_seq_len=cfg.seq_len)
+
+
+def config_json(cfg: TrainConfig) -> dict:
+    """The run's config.json: one flat record, the model's fields as "model.<name>"."""
+    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    for field in dataclasses.fields(cfg.model):
+        value = getattr(cfg.model, field.name)
+        record[f"model.{field.name}"] = jnp.dtype(value).name if field.name == "dtype" else value
+    return record
+
+
+def config_from_json(record: dict) -> TrainConfig:
+    """The inverse of config_json, also for a config.json written before the model moved into
+    TrainConfig: that one named a `preset` and carried seven of the model's fields flat."""
+    record = dict(record)
+    if "preset" in record:
+        model = model_lib.PRESETS[record.pop("preset")]
+        for name in ("train_capacity_factor", "eval_capacity_factor", "aux_loss_weight",
+                     "z_loss_weight", "router_z_loss_weight", "dtype", "remat"):
+            record[f"model.{name}"] = record.pop(name)
+    else:
+        model = model_lib.ModelConfig()
+    fields = {k[len("model."):]: record.pop(k) for k in list(record) if k.startswith("model.")}
+    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+    return TrainConfig(model=dataclasses.replace(model, **fields), **record)
+
+
+def read_run_config(path: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig of the run whose config.json is at `path`."""
+    return config_from_json(json.loads(pathlib.Path(path).read_text()))
 
 
 def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
@@ -195,40 +222,22 @@ def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
     if sizes and math.prod(sizes.values()) != len(devices):
         raise ValueError(f"TrainConfig.mesh={cfg.mesh!r} has {math.prod(sizes.values())} devices "
                          f"but there are {len(devices)}; the axes' product must equal the count")
-    if sizes:
-        mesh = shard.make_mesh(model=sizes.get("model", 1), expert=sizes.get("expert", 1),
-                               data=sizes.get("data", 1), devices=devices)
-    else:
-        mesh = shard.make_mesh(devices=devices)
-    shards = shard.batch_shards(mesh) * cfg.microbatches
-    if cfg.batch_size % shards:
+    mesh = shard.make_mesh(**sizes, devices=devices) if sizes else shard.make_mesh(devices=devices)
+    if cfg.batch_size % (shard.batch_shards(mesh) * cfg.microbatches):
         raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the batch "
                          f"shards × microbatches = {shard.batch_shards(mesh)} × {cfg.microbatches}")
     shard.config_for_mesh(model_config(cfg), mesh)  # raises if experts/heads/vocab do not divide
     return mesh
 
 
-def keep_freed_memory_mapped() -> bool:
-    """On a CPU, ask glibc to keep freed memory for reuse rather than hand it back to the OS.
-
-    XLA:CPU allocates and frees buffers of many MiB every step, and glibc returns blocks that
-    large to the OS at once, so every step page-faults fresh memory. With no block served by
-    mmap and trimming off, the pages stay and are reused: a `small` train step takes about 0.8×
-    the time. Set OPENMOE_MALLOC=default to turn it off. Returns whether it was applied.
-    """
-    if os.environ.get("OPENMOE_MALLOC", "keep") == "default" or jax.default_backend() != "cpu":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 # ------------------------------------------------------------------------------------------------
 # Data, part 1: documents → a stream of token ids → packed next-token rows
 # ------------------------------------------------------------------------------------------------
+
+# The arrays of every row, as 06's loss_fn reads them.
+ROW_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
+              "segment_ids": np.int32, "positions": np.int32}
+
 
 def document_texts(sources: dict, probabilities: dict, seed: int) -> Iterator[str]:
     """Endless texts from 01's mixture. Each pass reshuffles every source (seed + pass number),
@@ -303,19 +312,12 @@ def span_corruption(tokens: np.ndarray, mask: np.ndarray, sentinel_ids: list[int
     by the span it hides. E.g. [a b c d e] with c d noisy → inputs [a b <0> e], targets [<0> c d]."""
     inputs, targets, span = [], [], -1
     for index, (token, noisy) in enumerate(zip(tokens, mask)):
-        starts = noisy and (index == 0 or not mask[index - 1])
-        if starts:
+        if noisy and (index == 0 or not mask[index - 1]):  # a span starts
             span += 1
             inputs.append(sentinel_ids[span])
             targets.append(sentinel_ids[span])
         (targets if noisy else inputs).append(int(token))
     return np.array(inputs, np.int32), np.array(targets, np.int32)
-
-
-def prefix_lm(tokens: np.ndarray, rng: np.random.Generator):
-    """PrefixLM: a random split point; the model reads the prefix and predicts the rest."""
-    split = int(rng.integers(1, len(tokens)))
-    return tokens[:split], tokens[split:]
 
 
 def raw_length(denoiser: Denoiser, seq_len: int, prefix_len: int) -> int:
@@ -329,9 +331,11 @@ def raw_length(denoiser: Denoiser, seq_len: int, prefix_len: int) -> int:
 
 def ul2_example(tokens: np.ndarray, denoiser: Denoiser, prefix_ids: list[int], tokenizer,
                 rng: np.random.Generator):
-    """One denoising example: (inputs = prefix + corrupted text, targets + eos)."""
+    """One denoising example: (inputs = prefix + corrupted text, targets + eos). PrefixLM splits
+    at a random point: the model reads the prefix and predicts the rest."""
     if denoiser.mean_span == 0:
-        inputs, targets = prefix_lm(tokens, rng)
+        split = int(rng.integers(1, len(tokens)))
+        inputs, targets = tokens[:split], tokens[split:]
     else:
         mask = noise_mask(len(tokens), denoiser.density, denoiser.mean_span, rng)
         sentinels = [tokenizer.sentinel_id(i) for i in range(int(mask.sum()) + 1)]
@@ -340,28 +344,11 @@ def ul2_example(tokens: np.ndarray, denoiser: Denoiser, prefix_ids: list[int], t
             np.concatenate([targets, np.array([tokenizer.eos_id], np.int32)]))
 
 
-def reconstruct(inputs: np.ndarray, targets: np.ndarray, prefix_len: int, tokenizer) -> list[int]:
-    """The inverse of span corruption (and of PrefixLM): the original tokens. Used by the tests."""
-    inputs, targets = list(inputs[prefix_len:]), list(targets[:-1])  # drop prefix and eos
-    sentinel_ids = {tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)}
-    if not any(t in sentinel_ids for t in inputs):
-        return inputs + targets
-    spans, current = {}, None
-    for token in targets:
-        if token in sentinel_ids:
-            current = spans.setdefault(token, [])
-        else:
-            current.append(token)
-    return [t for token in inputs for t in (spans[token] if token in sentinel_ids else [token])]
-
-
 def decoder_row(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict:
     """Pack (inputs, targets) examples into one decoder row, as seqio's DecoderFeatureConverter:
     each example is the sequence inputs+targets, its decoder inputs shifted right by one with the
     start token 0, loss on targets only, its own segment id and positions from 0; zeros pad."""
-    row = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-           "loss_mask": np.zeros(seq_len, np.float32), "segment_ids": np.zeros(seq_len, np.int32),
-           "positions": np.zeros(seq_len, np.int32)}
+    row = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_DTYPES.items()}
     start = 0
     for segment, (inputs, targets) in enumerate(examples, start=1):
         sequence = np.concatenate([inputs, targets])
@@ -402,12 +389,6 @@ def pack_ul2_rows(tokens: Iterator[int], seq_len: int, tokenizer, rng: np.random
 # Data, part 3: sources, per-step batches (with the objective switch), validation sets
 # ------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def embedded_corpus(split: str) -> dict:
-    """01's embedded corpus, built once per process (it takes seconds)."""
-    return tok.embedded_corpus(split)
-
-
 def load_tokenizer(cfg: TrainConfig):
     return tok.Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else tok.embedded_tokenizer()
 
@@ -415,30 +396,34 @@ def load_tokenizer(cfg: TrainConfig):
 def training_sources(cfg: TrainConfig, process_index: int = 0, process_count: int = 1) -> dict:
     """This host's share of every source of the mixture (hub sources stream; errors come early)."""
     if cfg.mixture == "embedded":
-        corpus = embedded_corpus("train")
-        return {name: ds.shard(process_count, process_index) for name, ds in corpus.items()}
+        return {name: ds.shard(process_count, process_index)
+                for name, ds in tok.embedded_corpus("train").items()}
     return {name: tok.load_hub_source(name, process_index=process_index, process_count=process_count)
             for name in tok.mixture_probabilities(cfg.mixture)}
 
 
-def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int = 0,
-                  local_rows: int | None = None) -> Iterator[dict]:
+def stack_rows(rows: list[dict]) -> dict:
+    """Rows of ROW_DTYPES arrays → one batch of arrays [rows, seq_len]."""
+    return {name: np.stack([row[name] for row in rows]) for name in ROW_DTYPES}
+
+
+def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int = 0) -> Iterator[dict]:
     """This host's batch for every step from `start_step` on, a pure function of (seed, step).
 
     The data position saved in a checkpoint is the step: resuming replays the stream from the
     start and drops the batches already trained on (seconds for the laptop run; at pod scale a
     loader with saved state, e.g. datasets' state_dict, would skip the replay).
     """
-    local_rows = local_rows or cfg.batch_size // jax.process_count()
-    probabilities = tok.mixture_probabilities(cfg.mixture)
-    tokens = token_stream(document_texts(sources, probabilities, cfg.seed), tokenizer)
+    local_rows = cfg.batch_size // jax.process_count()
+    tokens = token_stream(document_texts(sources, tok.mixture_probabilities(cfg.mixture), cfg.seed),
+                          tokenizer)
     lm_rows = pack_lm_rows(tokens, cfg.seq_len)
     ul2_rows = pack_ul2_rows(tokens, cfg.seq_len, tokenizer, np.random.default_rng(cfg.seed))
     for step in itertools.count():
         use_ul2 = cfg.objective == "ul2" and (cfg.ul2_until_step == 0 or step < cfg.ul2_until_step)
         rows = list(itertools.islice(ul2_rows if use_ul2 else lm_rows, local_rows))
         if step >= start_step:
-            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            yield stack_rows(rows)
 
 
 def validation_batches(cfg: TrainConfig, tokenizer, rows: int) -> dict[str, list[dict]]:
@@ -447,11 +432,10 @@ def validation_batches(cfg: TrainConfig, tokenizer, rows: int) -> dict[str, list
     if cfg.eval_batches == 0:
         return {}
     batches = {}
-    for domain, ds in embedded_corpus("validation").items():
+    for domain, ds in tok.embedded_corpus("validation").items():
         packed = pack_lm_rows(token_stream(iter(ds["text"]), tokenizer), cfg.seq_len)
         flat = list(itertools.islice(packed, rows * cfg.eval_batches))
-        batches[domain] = [{k: np.stack([r[k] for r in flat[i:i + rows]]) for k in flat[0]}
-                           for i in range(0, len(flat) - rows + 1, rows)]
+        batches[domain] = [stack_rows(flat[i:i + rows]) for i in range(0, len(flat) - rows + 1, rows)]
     return batches
 
 
@@ -467,7 +451,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, rest, tx, microbatches: int):
-    """grads of 06's loss (summed over microbatches, T5X-style) → Adafactor → new params.
+    """grads of 06's loss (averaged over microbatches, T5X-style) → Adafactor → new params.
 
     Microbatch i takes rows i, i+M, i+2M, … so that every device keeps its own rows; gradients
     and metrics are averaged over the M slices with a `lax.scan`, one slice in memory at a time.
@@ -518,10 +502,8 @@ class Trainer:
     model_cfg: "model_lib.ModelConfig"
     mesh: jax.sharding.Mesh
     graphdef: object
-    rest: object
     params: object
     opt_state: object
-    tx: optax.GradientTransformation
     train_step: object
     eval_step: object
 
@@ -530,101 +512,45 @@ def schedule_config(cfg: TrainConfig) -> "ada.ScheduleConfig":
     return ada.ScheduleConfig(peak=cfg.peak_lr, warmup_steps=cfg.warmup_steps)
 
 
-def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Trainer:
-    """Model born sharded (07), Adafactor state sharded like the params (08 + 07), jitted steps."""
-    model_cfg = shard.config_for_mesh(model_config(cfg), mesh)
-    with jax.set_mesh(mesh):
-        model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        tx = ada.openmoe_adafactor(params, schedule_config(cfg))
-        opt_state = jax.jit(tx.init, out_shardings=shard.infer_shardings(tx.init, params, mesh=mesh))(params)
-    train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(graphdef, rest))
-    return Trainer(cfg, model_cfg, mesh, graphdef, rest, params, opt_state, tx, train_step, eval_step)
-
-
-def abstract_train_args(cfg: TrainConfig, mesh: jax.sharding.Mesh):
-    """The step's function and its arguments as shapes + shardings only: nothing is allocated, so
+def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool = False) -> Trainer:
+    """Model born sharded with experts parallel (07), Adafactor state sharded like the params
+    (08 + 07), jitted steps. `abstract`: shapes and shardings only, nothing allocated, so that
     OpenMoE-8B's step can be compiled on a laptop (`--dry-run`)."""
     model_cfg = shard.config_for_mesh(model_config(cfg), mesh)
-    abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(0)))
-    shard.use_expert_parallelism(abstract, mesh)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    shardings = shard.state_shardings(params, mesh)
-    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          params, shardings)
-    tx = ada.openmoe_adafactor(params, schedule_config(cfg))
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                             opt_shapes, shard.infer_shardings(tx.init, params, mesh=mesh))
-    batch_sharding = jax.NamedSharding(mesh, jax.P(shard.BATCH_AXES))
-    shapes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-              "segment_ids": jnp.int32, "positions": jnp.int32}
-    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), d, sharding=batch_sharding)
-             for k, d in shapes.items()}
-    step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
-    return step, (params, opt_state, batch)
-
-
-# ------------------------------------------------------------------------------------------------
-# Dry run: compile the exact step, report memory, FLOPs and (on a TPU topology) time and MFU
-# ------------------------------------------------------------------------------------------------
-
-TPU_PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 137.5, "TPU v5 lite": 197.0, "TPU v5": 229.5}
-
-
-def peak_tflops(cfg: TrainConfig, device) -> float | None:
-    """bf16 peak of one JAX device (a TPU v3 device is one core: 123 TFLOP/s per chip / 2)."""
-    if cfg.peak_tflops_per_device:
-        return cfg.peak_tflops_per_device
-    return next((v for k, v in sorted(TPU_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0]))
-                 if getattr(device, "device_kind", "").startswith(k)), None)
-
-
-def topology_devices(topology: str):
-    """Devices of a TPU topology such as "v3:4x4", for compiling without the hardware (libtpu)."""
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    except Exception as error:
-        raise ValueError(f"--topology {topology!r} needs libtpu (pip install -r requirements-tpu.txt) "
-                         f"and a name like 'v3:4x4': {error}") from error
+    with jax.set_mesh(mesh):
+        model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed, abstract=abstract)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = ada.openmoe_adafactor(params, schedule_config(cfg))
+        opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
+        if abstract:
+            opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                     jax.eval_shape(tx.init, params), opt_shardings)
+        else:
+            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(graphdef, rest))
+    return Trainer(cfg, model_cfg, mesh, graphdef, params, opt_state, train_step, eval_step)
 
 
 def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
-    """Lower and compile the train step for the configured preset and mesh; run nothing."""
-    devices = topology_devices(topology) if topology else None
-    mesh = build_mesh(cfg, devices)
+    """Compile the train step for the configured model and mesh, on this machine's devices or a
+    TPU topology's (libtpu), and report 07's plan of it: memory, FLOPs, collectives, MFU."""
+    mesh = build_mesh(cfg, shard.topology_devices(topology) if topology else None)
+    trainer = build_trainer(cfg, mesh, abstract=True)
+    rows = jax.NamedSharding(mesh, jax.P(shard.BATCH_AXES))
+    batch = {name: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dtype, sharding=rows)
+             for name, dtype in ROW_DTYPES.items()}
     with jax.set_mesh(mesh):
-        step, args = abstract_train_args(cfg, mesh)
-        compiled = step.lower(*args).compile()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # XLA's cost analysis counts a loop body once, but the step runs the microbatch scan's body
-    # `microbatches` times (measured: 2 microbatches report half the FLOPs of 1); scale for it.
-    loop_trips = cfg.microbatches
-    model_flops = model_lib.train_flops_per_token(model_config(cfg), cfg.seq_len) * cfg.batch_size * cfg.seq_len
-    report = {"preset": cfg.preset, "mesh": dict(mesh.shape), "devices": mesh.size,
-              "device_kind": mesh.devices.flat[0].device_kind,
-              "argument_gib": getattr(memory, "argument_size_in_bytes", 0) / 2**30,
-              "output_gib": getattr(memory, "output_size_in_bytes", 0) / 2**30,
-              "temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30,
-              "compiler_flops_per_device": float(cost.get("flops", 0.0)) * loop_trips,
-              "model_flops_per_device": model_flops / mesh.size,
-              # As written in the program: those inside the microbatch loop run once per trip.
-              "collectives": shard.collective_bytes(compiled.as_text())}
-    report["total_gib"] = report["argument_gib"] + report["temp_gib"]
-    seconds = cost.get("optimal_seconds") or cost.get("estimated_seconds")
-    peak = peak_tflops(cfg, mesh.devices.flat[0])
-    if seconds and seconds > 0 and peak:
-        report["estimated_step_s"] = float(seconds) * loop_trips
-        report["estimated_mfu"] = model_flops / mesh.size / report["estimated_step_s"] / (peak * 1e12)
-    return report
+        compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, batch).compile()
+    tokens = cfg.batch_size * cfg.seq_len
+    return shard.compile_report(
+        compiled, mesh, loop_trips=cfg.microbatches,
+        model_flops=model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len) * tokens,
+        peak=shard.peak_tflops(mesh.devices.flat[0], cfg.peak_tflops_per_device))
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: orbax, atomic, last N plus every K-th, with step, data position and RNG
+# Checkpoints: orbax, atomic, last N plus every K-th; a damaged one is set aside
 # ------------------------------------------------------------------------------------------------
 
 def checkpoint_manager(cfg: TrainConfig):
@@ -637,22 +563,18 @@ def checkpoint_manager(cfg: TrainConfig):
     return ocp.CheckpointManager(pathlib.Path(cfg.run_dir).absolute() / "checkpoints", options=options)
 
 
-def save_checkpoint(manager, step: int, trainer: Trainer, rng_key) -> None:
-    """Params and Adafactor state (as leaves: every host writes its shards), plus step, data
-    position (= rows consumed) and the RNG key. Orbax writes to a temporary name and renames,
-    so a run killed mid-save leaves the previous checkpoint intact.
-
-    A disk without room for the state is an OSError before orbax starts writing; a write that
-    fails anyway (a quota, a file-size limit) raises orbax's error.
-    """
+def save_checkpoint(manager, step: int, trainer: Trainer) -> None:
+    """Params and Adafactor state (as leaves: every host writes its shards), plus the step and the
+    data position (rows consumed). Orbax writes to a temporary name and renames, so a run killed
+    mid-save leaves the previous checkpoint intact. A disk without room for the state is an
+    OSError before orbax starts writing."""
     import orbax.checkpoint as ocp
     state = {"params": jax.tree.leaves(trainer.params), "opt_state": jax.tree.leaves(trainer.opt_state)}
     needed, free = sum(x.nbytes for x in jax.tree.leaves(state)), shutil.disk_usage(manager.directory).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"the checkpoint needs about {needed / 2**20:.0f} MiB, "
                                     f"{free / 2**20:.0f} MiB are free")
-    meta = {"step": step, "data_rows_consumed": step * trainer.cfg.batch_size,
-            "rng": np.asarray(jax.random.key_data(rng_key)).tolist()}
+    meta = {"step": step, "data_rows_consumed": step * trainer.cfg.batch_size}
     with orbax_errors_reported_once():
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))
@@ -663,60 +585,51 @@ def save_checkpoint(manager, step: int, trainer: Trainer, rng_key) -> None:
 def orbax_errors_reported_once():
     """Around an orbax save or restore whose failure the caller reports in one line.
 
-    Orbax logs such an error with its traceback (absl), and its abandoned reads and writes
-    report it again when collected, once per array (asyncio's "exception was never retrieved",
-    tensorstore's "Event loop is closed"). All are silenced while it works and, if it fails,
-    for the rest of the process: the caller stops the run or moves on to another checkpoint,
-    and the one line it prints carries the cause.
+    Orbax logs such an error with its traceback (absl), and its abandoned reads and writes report
+    it again when collected, once per array (asyncio's "exception was never retrieved",
+    tensorstore's "Event loop is closed"). All are silenced while it works and, if it fails, for
+    the rest of the process: the one line the caller prints carries the cause.
     """
     logs = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels, report_unraisable = [log.level for log in logs], sys.unraisablehook
+
+    def drop_closed_loop_reports(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            report_unraisable(unraisable)
+
     for log in logs:
         log.setLevel(logging.CRITICAL)
-    sys.unraisablehook = functools.partial(drop_closed_loop_reports, report_unraisable)
+    sys.unraisablehook = drop_closed_loop_reports
     yield
     for log, level in zip(logs, levels):  # reached only on success: nothing was abandoned
         log.setLevel(level)
     sys.unraisablehook = report_unraisable
 
 
-def drop_closed_loop_reports(report_next, unraisable) -> None:
-    """An unraisable-exception hook that drops "Event loop is closed": after a failed save or
-    restore, orbax's abandoned tensorstore operations report into its closed event loop."""
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-        report_next(unraisable)
-
-
 def read_checkpoint(manager, trainer: Trainer, step: int):
-    """Checkpoint `step` as (params, opt_state, RNG key), sharded like the trainer's fresh state."""
+    """Checkpoint `step` as (params, opt_state), sharded like the trainer's fresh state."""
     import orbax.checkpoint as ocp
     params_leaves, params_def = jax.tree.flatten(trainer.params)
     opt_leaves, opt_def = jax.tree.flatten(trainer.opt_state)
-
-    def abstract(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-    target = {"params": [abstract(x) for x in params_leaves],
-              "opt_state": [abstract(x) for x in opt_leaves]}
+    target = {name: [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
+              for name, leaves in (("params", params_leaves), ("opt_state", opt_leaves))}
     with orbax_errors_reported_once():
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    key = jax.random.wrap_key_data(np.array(restored["meta"]["rng"], np.uint32))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return (jax.tree.unflatten(params_def, restored["state"]["params"]),
-            jax.tree.unflatten(opt_def, restored["state"]["opt_state"]), key)
+            jax.tree.unflatten(opt_def, restored["state"]["opt_state"]))
 
 
 def one_line(error: BaseException) -> str:
-    """An exception as one short line: its type and message on one line, the middle cut out
-    when long (orbax puts the cause, e.g. "File too large", at the end)."""
+    """An exception as one short line: its type and message, the middle cut out when long
+    (orbax puts the cause, e.g. "File too large", at the end)."""
     line = " ".join(str(error).split())
     return f"{type(error).__name__}: {line if len(line) <= 300 else line[:150] + ' ... ' + line[-150:]}"
 
 
-def restore_newest_readable(cfg: TrainConfig, manager, trainer: Trainer):
+def restore_newest_readable(cfg: TrainConfig, manager, trainer: Trainer) -> int:
     """Load the newest checkpoint that reads back whole and finite into the trainer; return its
-    step and RNG key, or (0, the seed's key) when there is none.
+    step (0 when there is none).
 
     A checkpoint that fails to restore, or holds NaN or inf (written by an older version of
     this program), is moved to run_dir/unreadable_checkpoints/ and the one before it is tried:
@@ -724,13 +637,13 @@ def restore_newest_readable(cfg: TrainConfig, manager, trainer: Trainer):
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            params, opt_state, key = read_checkpoint(manager, trainer, step)
+            params, opt_state = read_checkpoint(manager, trainer, step)
             problem = None if bool(jax.jit(all_finite)((params, opt_state))) else "holds NaN or inf"
         except Exception as error:  # orbax and tensorstore raise many types for a damaged file
             problem = f"cannot be read ({one_line(error)})"
         if problem is None:
             trainer.params, trainer.opt_state = params, opt_state
-            return step, key
+            return step
         aside = pathlib.Path(cfg.run_dir) / "unreadable_checkpoints" / f"{step}-{time.time():.0f}"
         if jax.process_index() == 0:
             aside.parent.mkdir(exist_ok=True)
@@ -738,7 +651,7 @@ def restore_newest_readable(cfg: TrainConfig, manager, trainer: Trainer):
         print(f"warning: checkpoint step {step} {problem}; moved it to {aside} and trying the "
               "one before it", file=sys.stderr)
         manager.reload()
-    return 0, jax.random.key(cfg.seed)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -757,18 +670,6 @@ class RunError(RuntimeError):
 
 class TrainingDiverged(RunError):
     """The loss, gradient or new state became NaN or inf; no checkpoint holds such a state."""
-
-
-def create_run_dir(run_dir: pathlib.Path) -> None:
-    """Create run_dir (and its parents), or say in one line why it cannot be used."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"TrainConfig.run_dir={str(run_dir)!r} is a file, not a directory; "
-                         "pass a directory path to --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"TrainConfig.run_dir={str(run_dir)!r} cannot be created "
-                         f"({error.strerror}); choose a writable --run-dir") from error
 
 
 @contextlib.contextmanager
@@ -798,10 +699,13 @@ def run_lock(run_dir: pathlib.Path):
                   "process trains in this directory", file=sys.stderr)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "
-                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {now()}\n")
         handle.flush()
         yield
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def replace_file(path: pathlib.Path, text: str) -> None:
@@ -811,17 +715,22 @@ def replace_file(path: pathlib.Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def saved_config(run_dir: pathlib.Path) -> dict | None:
+    """The config.json of the run in run_dir, as config_json writes it today (None if absent)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return config_json(read_run_config(path))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} cannot be read ({one_line(error)}); restore it, or choose "
+                         "another --run-dir") from error
+
+
 def identity_differences(saved: dict, cfg: TrainConfig) -> dict:
     """{field: (saved, now)} for the fields of a run's identity that `cfg` changes."""
-    return {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+    return {k: (saved.get(k), v) for k, v in config_json(cfg).items()
             if k not in RESUMABLE_FIELDS | {"run_dir"} and saved.get(k) != v}
-
-
-def last_eval(metrics_path: pathlib.Path) -> dict[str, float]:
-    """The newest evaluation recorded in metrics.jsonl ({} if there is none)."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
-    return next((e for e in reversed(evals) if e), {})
 
 
 def finished_summary(cfg: TrainConfig) -> dict | None:
@@ -830,15 +739,16 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
     train() will report)."""
     run_dir = pathlib.Path(cfg.run_dir)
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = saved_config(run_dir)
         steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-        evaluation = last_eval(run_dir / "metrics.jsonl")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError):
         return None
-    if identity_differences(saved, cfg) or not steps or steps[-1] < cfg.steps:
+    if not saved or identity_differences(saved, cfg) or not steps or steps[-1] < cfg.steps:
         return None
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
     return {"run_dir": cfg.run_dir, "steps": steps[-1], "complete": True, "losses": {},
-            "eval": evaluation, "checkpoints": steps}
+            "eval": next((e for e in reversed(evals) if e), {}), "checkpoints": steps}
 
 
 def prepare_run_dir(cfg: TrainConfig, overwrite: bool, write: bool = True) -> None:
@@ -850,43 +760,35 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool, write: bool = True) -> No
     (RUN_FILES) and says so. Every check comes before the first change to the directory.
     """
     run_dir = pathlib.Path(cfg.run_dir)
-    config_path, now = run_dir / "config.json", dataclasses.asdict(cfg)
-    saved = None
-    if config_path.exists() and not overwrite:
-        try:
-            saved = json.loads(config_path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{config_path} cannot be read ({one_line(error)}); restore it, "
-                             "or choose another --run-dir") from error
-        locked = identity_differences(saved, cfg)
-        if locked:
-            raise ValueError(
-                f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
-                f"only {sorted(RESUMABLE_FIELDS)} may change when resuming. Choose another "
-                "--run-dir, or pass --overwrite to delete this run's files "
-                f"({', '.join(RUN_FILES)}) and start again here")
-    for path in (config_path, run_dir / "metrics.jsonl"):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"TrainConfig.run_dir={cfg.run_dir!r} is a file, not a directory; "
+                         "pass a directory path to --run-dir")
+    saved = None if overwrite else saved_config(run_dir)
+    if saved and (locked := identity_differences(saved, cfg)):
+        raise ValueError(
+            f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
+            f"only {sorted(RESUMABLE_FIELDS)} may change when resuming. Choose another "
+            "--run-dir, or pass --overwrite to delete this run's files "
+            f"({', '.join(RUN_FILES)}) and start again here")
+    for path in (run_dir / "config.json", run_dir / "metrics.jsonl"):
         if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
             raise ValueError(f"cannot write {path}: it is a directory or read-only; move it "
                              "away or choose another --run-dir")
     if not write:
         return
 
-    if overwrite:
-        removed = [name for name in RUN_FILES if (run_dir / name).exists()]
-        for name in removed:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if removed:
-            print(f"--overwrite: deleted {', '.join(removed)} from {run_dir} (nothing else)")
-    changed = {k: [saved.get(k), v] for k, v in now.items() if saved and saved.get(k) != v}
-    if changed:
+    removed = [name for name in RUN_FILES if overwrite and (run_dir / name).exists()]
+    for path in (run_dir / name for name in removed):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        print(f"--overwrite: deleted {', '.join(removed)} from {run_dir} (nothing else)")
+    record = config_json(cfg)
+    if changed := {k: [saved.get(k), v] for k, v in record.items() if saved and saved.get(k) != v}:
         with open(run_dir / "config_history.jsonl", "a") as history:
-            history.write(json.dumps({"time": datetime.datetime.now().isoformat(
-                timespec="seconds"), "changed": changed}) + "\n")
+            history.write(json.dumps({"time": now(), "changed": changed}) + "\n")
         print(f"resuming {run_dir} with changed settings (recorded in config_history.jsonl): "
               + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    replace_file(config_path, json.dumps(now, indent=2) + "\n")
+    replace_file(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
 
 
 def cut_metrics(path: pathlib.Path, last_step: int) -> None:
@@ -941,8 +843,7 @@ def sample_text(trainer: Trainer, tokenizer, prompt: str, max_new_tokens: int) -
     """Greedy continuation from an unsharded copy of the model (one prompt cannot be split)."""
     plain_cfg = dataclasses.replace(trainer.model_cfg, group_multiple=1)
     graphdef, _, rest = nnx.split(model_lib.OpenMoE(plain_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    params = jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), trainer.params)
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), trainer.params), rest)
     prompt_ids = [tokenizer.pad_id] + tokenizer.encode(prompt)
     room = min(max_new_tokens, plain_cfg.max_seq_len - len(prompt_ids))
     out = model_lib.generate(model, [prompt_ids], max_new_tokens=room, eos_id=tokenizer.eos_id)[0]
@@ -970,17 +871,40 @@ def divergence_message(cfg: TrainConfig, step: int, metrics: dict, saved_step: i
             f"of this step was saved. {advice}. Using --dtype float32 or checking the data can also help")
 
 
-def write_failed(what: str, error: BaseException, resume_step: int | None) -> RunError:
-    """The error for a write that failed mid-run (a full disk, say): what, why, how to go on."""
-    return RunError(f"could not write {what} ({one_line(error)}); make room or fix permissions, "
-                    f"then run the same command again: it resumes from step {resume_step or 0}, "
-                    "the newest complete checkpoint")
+def check_health(cfg: TrainConfig, step: int, metrics: dict, manager, stalled_since: int | None,
+                 write) -> int | None:
+    """Stop the run at a NaN or inf in the loss, the gradient or the new state, before this step
+    reaches the metrics file or a checkpoint, so every checkpoint holds finite values. An exactly
+    zero gradient leaves every parameter where it is: say so once. Returns the step such a stall
+    began (None while the parameters move)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["state_finite"])):
+        raise TrainingDiverged(divergence_message(cfg, step, metrics, manager.latest_step()))
+    stalled_since = (stalled_since or step) if grad_norm == 0 else None
+    if stalled_since and step - stalled_since + 1 == STALL_STEPS:
+        write(f"warning: the gradient has been exactly zero since step {stalled_since} (loss "
+              f"{loss:.3f}): training has stalled, the parameters are not changing. A learning "
+              "rate far too high does this: lower --peak-lr")
+    return stalled_since
+
+
+@contextlib.contextmanager
+def resumable_write(what, manager):
+    """Around a write that may fail mid-run (a full disk, a quota): one line saying what, why,
+    and that the same command resumes from the newest complete checkpoint."""
+    saved_step = manager.latest_step()
+    try:
+        yield
+    except Exception as error:  # a full disk surfaces from orbax in several types
+        raise RunError(f"could not write {what} ({one_line(error)}); make room or fix permissions, "
+                       f"then run the same command again: it resumes from step {saved_step or 0}, "
+                       "the newest complete checkpoint") from error
 
 
 def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
-    """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the process's
-    work after that step as if it were killed there (used to test exact resume)."""
+    """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the work
+    after that step as if the process were killed there (a later run resumes)."""
     # A finished run is reported at once, before any data, model or compile.
     if not overwrite and (finished := finished_summary(cfg)):
         return finished
@@ -988,17 +912,21 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     # Everything that can be wrong is checked before anything is compiled or written.
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
-    if tokenizer.vocab_size > model_config(cfg).vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but preset {cfg.preset!r} only "
-                         f"{model_config(cfg).vocab_size} embedding rows; pick a matching --tokenizer")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{cfg.model.vocab_size} embedding rows; pick a matching --tokenizer")
     sources = training_sources(cfg, jax.process_index(), jax.process_count())
-
-    # One process per run directory: the first host holds its lock for the whole run. The run
-    # directory is checked before the lock file is made, and again holding it, then written.
     run_dir, first_host = pathlib.Path(cfg.run_dir), jax.process_index() == 0
     prepare_run_dir(cfg, overwrite, write=False)
+
+    # One process per run directory: the first host holds its lock for the whole run, checks
+    # the directory again holding it, then writes.
     if first_host:
-        create_run_dir(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"TrainConfig.run_dir={cfg.run_dir!r} cannot be created "
+                             f"({error.strerror}); choose a writable --run-dir") from error
     with run_lock(run_dir) if first_host else contextlib.nullcontext():
         prepare_run_dir(cfg, overwrite, write=first_host)
         manager = checkpoint_manager(cfg)
@@ -1014,21 +942,20 @@ def train_steps(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     from tqdm import tqdm
 
     trainer = build_trainer(cfg, mesh)
-    start_step, rng_key = restore_newest_readable(cfg, manager, trainer)
-    if start_step:
+    if start_step := restore_newest_readable(cfg, manager, trainer):
         print(f"resuming {cfg.run_dir} from step {start_step}")
     eval_sets = validation_batches(cfg, tokenizer, cfg.batch_size // jax.process_count())
     schedule = ada.openmoe_schedule(schedule_config(cfg))
-    flops_per_token = model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len)
-    peak = peak_tflops(cfg, jax.devices()[0])
+    speed = (model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len),
+             shard.peak_tflops(jax.devices()[0], cfg.peak_tflops_per_device), mesh.size)
     # The metrics file holds one line per step: the lines of steps this run will redo go first.
-    metrics_path = pathlib.Path(cfg.run_dir) / "metrics.jsonl"
-    if jax.process_index() == 0:
+    metrics_path, first_host = pathlib.Path(cfg.run_dir) / "metrics.jsonl", jax.process_index() == 0
+    if first_host:
         cut_metrics(metrics_path, start_step)
     batches = train_batches(cfg, tokenizer, sources, start_step=start_step)
     last_step = min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(start_step, last_step), initial=start_step, total=cfg.steps,
-               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+               disable=not progress or not first_host, dynamic_ncols=True)
     losses, evals, started, stalled_since = {}, {}, time.time(), None
 
     with contextlib.closing(bar):
@@ -1036,53 +963,32 @@ def train_steps(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
             # One step: this host's rows become global arrays, then the jitted step runs.
             tick = time.time()
             with jax.set_mesh(mesh):
-                batch = shard.global_batch(next(batches), mesh)
                 trainer.params, trainer.opt_state, metrics = trainer.train_step(
-                    trainer.params, trainer.opt_state, batch)
-            done, loss, grad_norm = step + 1, float(metrics["loss"]), float(metrics["grad_norm"])
-            rng_key = jax.random.fold_in(rng_key, step)
-            record = step_record(done, metrics, cfg, float(schedule(step)), time.time() - tick,
-                                 flops_per_token, peak, mesh.size)
-
-            # A NaN or inf in the loss, the gradient or the new state stops the run before this
-            # step reaches the metrics file or a checkpoint: every checkpoint holds finite values.
-            if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["state_finite"])):
-                raise TrainingDiverged(divergence_message(cfg, done, metrics, manager.latest_step()))
-            # An exactly zero gradient leaves every parameter where it is: say so, once.
-            stalled_since = (stalled_since or done) if grad_norm == 0 else None
-            if stalled_since and done - stalled_since + 1 == STALL_STEPS:
-                bar.write(f"warning: the gradient has been exactly zero since step {stalled_since} "
-                          f"(loss {loss:.3f}): training has stalled, the parameters are not changing. "
-                          "A learning rate far too high does this: lower --peak-lr")
-            losses[done] = loss
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    trainer.params, trainer.opt_state, shard.global_batch(next(batches), mesh))
+            done = step + 1
+            record = step_record(done, metrics, cfg, float(schedule(step)), time.time() - tick, *speed)
+            stalled_since = check_health(cfg, done, metrics, manager, stalled_since, bar.write)
+            losses[done] = record["loss"]
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             drop=f"{record['fraction_dropped']:.1%}")
 
             # Periodic evaluation per domain, the step's metrics line, and checkpoints.
             if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                evals[done] = evaluate(trainer, eval_sets)
-                record.update(evals[done])
+                record.update(evals.setdefault(done, evaluate(trainer, eval_sets)))
                 bar.write(f"step {done}: " + ", ".join(
                     f"{k[5:]} {v:.1%}" if k.endswith("accuracy") else f"{k[5:]} {v:.3f}"
                     for k, v in evals[done].items()))
-            if jax.process_index() == 0:
-                try:
-                    with open(metrics_path, "a") as metrics_file:
-                        metrics_file.write(json.dumps(record) + "\n")
-                except OSError as error:
-                    raise write_failed(metrics_path, error, manager.latest_step()) from error
+            if first_host:
+                with resumable_write(metrics_path, manager), open(metrics_path, "a") as metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                saved_step = manager.latest_step()
-                try:
-                    save_checkpoint(manager, done, trainer, rng_key)
-                except Exception as error:  # a full disk surfaces from orbax in several types
-                    raise write_failed(f"checkpoint step {done} in {manager.directory}", error,
-                                       saved_step) from error
+                with resumable_write(f"checkpoint step {done} in {manager.directory}", manager):
+                    save_checkpoint(manager, done, trainer)
 
     summary = {"run_dir": cfg.run_dir, "steps": last_step, "seconds": time.time() - started,
-               "losses": losses, "eval": evals.get(max(evals)) if evals else {},
+               "losses": losses, "eval": evals[max(evals)] if evals else {},
                "checkpoints": list(manager.all_steps()), "stalled_since": stalled_since}
-    if last_step == cfg.steps and cfg.sample_tokens and jax.process_index() == 0:
+    if last_step == cfg.steps and cfg.sample_tokens and first_host:
         summary["sample"] = sample_text(trainer, tokenizer, "def ", cfg.sample_tokens)
     return summary
 
@@ -1091,43 +997,66 @@ def train_steps(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def parse_bool(text: str) -> bool:
-    """A boolean flag's value: true/false, yes/no or 1/0 (any case); anything else is an error."""
-    forms = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if text.lower() not in forms:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: write true or false")
-    return forms[text.lower()]
+def parse_value(kind: str, text: str):
+    """A flag's value by its field's type; booleans are true/false, yes/no or 1/0 (any case)."""
+    if kind == "bool":
+        forms = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if text.lower() not in forms:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: write true or false")
+        return forms[text.lower()]
+    try:
+        return {"int": int, "float": float}.get(kind, str)(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind == 'int' else 'a number'}") from None
 
 
-def positive_int(text: str) -> int:
-    """A step number: an int >= 1."""
+def step_number(text: str) -> int:
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a step: write an int >= 1")
     return int(text)
 
 
+def add_field_flags(parser, fields, prefix: str = "") -> None:
+    """One --flag per dataclass field, whose value replaces the chosen --config's."""
+    choices = {"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
+               "dtype": ("float32", "bfloat16")}
+    for field in fields:
+        kind = "str" if field.name == "dtype" else str(field.type)
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=prefix + field.name,
+                            type=functools.partial(parse_value, kind), default=argparse.SUPPRESS,
+                            choices=choices.get(field.name),
+                            metavar="{true,false}" if kind == "bool" else
+                            None if field.name in choices else field.name.upper(),
+                            help=f"{kind}; laptop: {field_value(CONFIGS['laptop'], prefix + field.name)!r}, "
+                                 f"OpenMoE-8B: {field_value(OPENMOE, prefix + field.name)!r}")
+
+
+def field_value(cfg: TrainConfig, name: str):
+    return config_json(cfg)[name]
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    """The chosen --config with every TrainConfig field given on the command line replacing its
-    value; `args` keeps only the fields that were given (as attributes) and the other flags."""
+    """The chosen --config (or --quick's) with --preset's architecture and every field flag
+    given on the command line replacing its value."""
     parser = argparse.ArgumentParser(
         description="Train OpenMoE. With no arguments: the small preset on the embedded 50/50 "
                     "text/code corpus on this machine's devices (~10 min on 2 CPU cores). "
-                    "Every TrainConfig field below overrides the chosen --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Every field flag below overrides the chosen --config.")
     parser.add_argument("--config", default="laptop", choices=sorted(CONFIGS),
-                        help="starting point: laptop (default run), quick (self-test), or an "
-                             "OpenMoE pretraining recipe")
+                        help="starting point: laptop (the default run) or an OpenMoE recipe")
     parser.add_argument("--quick", action="store_true",
-                        help="short self-test run (= --config quick) in a temporary directory "
-                             "that is removed afterwards; with --run-dir, it trains there instead")
+                        help="the self-test: a short run (UL2 then LM, 2 microbatches) in a "
+                             "temporary directory, removed afterwards; with --run-dir, it trains there")
+    parser.add_argument("--preset", choices=sorted(model_lib.PRESETS), default=None,
+                        help="06's model preset: its architecture, keeping the config's dtype and remat")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run's own files in --run-dir (config.json, metrics, "
                              "checkpoints; nothing else) and start again")
     parser.add_argument("--dry-run", action="store_true",
-                        help="compile the train step for the preset and mesh, report memory/FLOPs, exit")
+                        help="compile the train step for the model and mesh, report memory/FLOPs, exit")
     parser.add_argument("--topology", default="", help="with --dry-run: compile for a TPU topology "
                         "such as v3:4x4 on this CPU machine (needs requirements-tpu.txt)")
-    parser.add_argument("--stop-after", type=positive_int, default=None,
+    parser.add_argument("--stop-after", type=step_number, default=None,
                         help="stop after this step as if killed (a later run resumes)")
     parser.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port "
                         "(on a Cloud TPU pod use --multihost-auto instead)")
@@ -1135,39 +1064,36 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host's index")
     parser.add_argument("--multihost-auto", action="store_true",
                         help="multi-host on a Cloud TPU pod: discover the hosts automatically")
-    fields = parser.add_argument_group("TrainConfig fields (default: the chosen --config's value)")
-    choices = {"preset": sorted(model_lib.PRESETS), "mixture": sorted(tok.MIXTURES),
-               "objective": OBJECTIVES, "dtype": DTYPES}
-    for field in dataclasses.fields(TrainConfig):
-        kind = {"bool": parse_bool, "int": int, "float": float}.get(str(field.type), str)
-        fields.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                            choices=choices.get(field.name), default=argparse.SUPPRESS,
-                            metavar="{true,false}" if kind is parse_bool else None,
-                            help=f"{field.type}; laptop: {getattr(CONFIGS['laptop'], field.name)!r}, "
-                                 f"OpenMoE-8B: {getattr(OPENMOE, field.name)!r}")
+    add_field_flags(parser.add_argument_group("run fields (TrainConfig)"),
+                    [f for f in dataclasses.fields(TrainConfig) if f.name != "model"])
+    # The model's length is --seq-len's, and its group layout 07's (from the mesh).
+    add_field_flags(parser.add_argument_group("model fields (06's ModelConfig)"),
+                    [f for f in dataclasses.fields(model_lib.ModelConfig)
+                     if f.name not in ("max_seq_len", "group_multiple", "expert_replicas")],
+                    prefix="model.")
     args = parser.parse_args(argv)
-    base = CONFIGS["quick" if args.quick else args.config]
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if hasattr(args, f.name)}
-    return dataclasses.replace(base, **overrides), args
+    base = QUICK if args.quick else CONFIGS[args.config]
+    model = base.model
+    if args.preset:
+        model = dataclasses.replace(model_lib.PRESETS[args.preset], dtype=model.dtype, remat=model.remat)
+    record = {**config_json(dataclasses.replace(base, model=model)), **vars(args)}
+    return config_from_json({k: record[k] for k in config_json(base)}), args
 
 
 def summary_lines(summary: dict) -> list[str]:
     """The end-of-run report: train loss smoothed over ten steps, validation loss and accuracy."""
+    lines, losses = [], list(summary["losses"].items())
     if summary.get("complete"):
-        lines = [f"{summary['run_dir']} is complete: {summary['steps']} steps. Its loss curve is "
-                 f"{summary['run_dir']}/metrics.jsonl; pass a larger --steps to train further."]
-    else:
-        lines = []
-        losses = list(summary["losses"].items())
-        if losses:
-            window = max(1, min(10, len(losses) // 2))
-            first, last = (f"step{'s' * (window > 1)} {part[0][0]}"
-                           + (f"-{part[-1][0]}" if window > 1 else "")
-                           + f": {np.mean([loss for _, loss in part]):.3f}"
-                           for part in (losses[:window], losses[-window:]))
-            lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss"
-                         f"{f' (mean of {window} steps)' if window > 1 else ''}, {first} -> {last}")
+        lines.append(f"{summary['run_dir']} is complete: {summary['steps']} steps. Its loss curve "
+                     f"is {summary['run_dir']}/metrics.jsonl; pass a larger --steps to train further.")
+    elif losses:
+        window = max(1, min(10, len(losses) // 2))
+        first, last = (f"step{'s' * (window > 1)} {part[0][0]}"
+                       + (f"-{part[-1][0]}" if window > 1 else "")
+                       + f": {np.mean([loss for _, loss in part]):.3f}"
+                       for part in (losses[:window], losses[-window:]))
+        lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss"
+                     f"{f' (mean of {window} steps)' if window > 1 else ''}, {first} -> {last}")
     lines += [f"  {name:24} " + (f"{value:.1%}" if name.endswith("accuracy") else f"{value:.3f}")
               for name, value in summary["eval"].items()]
     if summary.get("stalled_since"):
@@ -1179,6 +1105,24 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def keep_freed_memory_mapped() -> bool:
+    """On a CPU, ask glibc to keep freed memory for reuse rather than hand it back to the OS.
+
+    XLA:CPU allocates and frees buffers of many MiB every step, and glibc returns blocks that
+    large to the OS at once, so every step page-faults fresh memory. With no block served by
+    mmap and trimming off, the pages stay and are reused (benchmarks/README.md has the figure).
+    Set OPENMOE_MALLOC=default to turn it off. Returns whether it was applied.
+    """
+    if os.environ.get("OPENMOE_MALLOC", "keep") == "default" or jax.default_backend() != "cpu":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def main(argv=None) -> None:
     try:
         cfg, args = parse_args(argv)
@@ -1187,18 +1131,16 @@ def main(argv=None) -> None:
         if args.dry_run:
             report = dry_run(cfg, args.topology)
             print(json.dumps(report, indent=2))
-            fits = report["total_gib"] <= 16 if "v3" in args.topology else None
-            if fits is not None:
-                print(f"fits a 16 GiB TPU v3 core: {fits}")
+            if "v3" in args.topology:
+                print(f"fits a 16 GiB TPU v3 core: {report['total_gib'] <= 16}")
             return
-        keep_freed_memory_mapped()  # CPU only; OPENMOE_MALLOC=default turns it off
-        if args.quick and not hasattr(args, "run_dir"):
-            # The self-test trains in a directory of its own and leaves nothing behind.
-            with tempfile.TemporaryDirectory(prefix="openmoe-quick-") as scratch:
-                summary = train(dataclasses.replace(cfg, run_dir=scratch),
-                                overwrite=args.overwrite, stop_after=args.stop_after)
-        else:
-            summary = train(cfg, overwrite=args.overwrite, stop_after=args.stop_after)
+        keep_freed_memory_mapped()
+        # The self-test trains in a directory of its own and leaves nothing behind.
+        scratch = (tempfile.TemporaryDirectory(prefix="openmoe-quick-")
+                   if args.quick and not hasattr(args, "run_dir") else contextlib.nullcontext())
+        with scratch as scratch_dir:
+            summary = train(dataclasses.replace(cfg, run_dir=scratch_dir or cfg.run_dir),
+                            overwrite=args.overwrite, stop_after=args.stop_after)
     except (ValueError, RunError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # Ctrl-C: the lock is released, a half-written checkpoint ignored
@@ -1208,7 +1150,8 @@ def main(argv=None) -> None:
     print("\n".join(summary_lines(summary)))
     if args.quick:
         values = list(summary["losses"].values())
-        assert values and values[-1] < values[0], f"quick run: loss did not fall ({values})"
+        if not (values and values[-1] < values[0]):
+            sys.exit(f"self-test FAILED: the quick run's loss did not fall ({values})")
         print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled."
               + ("" if hasattr(args, "run_dir") else " Its directory was temporary and is now "
                  "removed; pass --run-dir to keep the run."))

@@ -299,6 +299,9 @@ def test_sampling_respects_top_p():
     ({"head_dim": 15}, "head_dim=15"),
     ({"moe_wiring": "interleaved"}, "moe_wiring"),
     ({"dtype": jnp.int32}, "dtype"),
+    ({"train_capacity_factor": float("inf")}, "train_capacity_factor=inf: must be a finite"),
+    ({"z_loss_weight": float("nan")}, "z_loss_weight=nan: must be a finite number >= 0"),
+    ({"aux_loss_weight": -0.01}, "aux_loss_weight=-0.01"),
 ])
 def test_bad_configs_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):

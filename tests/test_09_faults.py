@@ -25,12 +25,14 @@ import pytest
 
 from conftest import REPO_ROOT, load
 
+tok = load("01_tokenizer")
+model_lib = load("06_model")
 train_lib = load("09_train")
 
 
 def small_run(run_dir: pathlib.Path, **overrides) -> "train_lib.TrainConfig":
     base = dataclasses.replace(
-        train_lib.CONFIGS["quick"], preset="tiny", run_dir=str(run_dir), objective="lm",
+        train_lib.QUICK, model=model_lib.PRESETS["tiny"], run_dir=str(run_dir), objective="lm",
         ul2_until_step=0, seq_len=32, batch_size=8, microbatches=1, steps=8, warmup_steps=2,
         eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=5, keep_period=100,
         sample_tokens=0, mesh="")
@@ -38,9 +40,11 @@ def small_run(run_dir: pathlib.Path, **overrides) -> "train_lib.TrainConfig":
 
 
 def flags(cfg: "train_lib.TrainConfig") -> list[str]:
-    """The command line that gives exactly `cfg` (every field spelled out)."""
-    return [f"--{field.name.replace('_', '-')}={getattr(cfg, field.name)}"
-            for field in dataclasses.fields(cfg)]
+    """The command line that gives exactly `cfg`: every field spelled out, the model's too (but
+    its length, which is --seq-len, and its group layout, which 07 sets from the mesh)."""
+    return [f"--{name.removeprefix('model.').replace('_', '-')}={value}"
+            for name, value in train_lib.config_json(cfg).items()
+            if name not in ("model.max_seq_len", "model.group_multiple", "model.expert_replicas")]
 
 
 # 09_train.py's main() behind a prelude that injects a fault. The first: the first checkpoint
@@ -77,7 +81,7 @@ def child_env(tmp_path_factory):
     one persistent compilation cache (the first process compiles, the others load the same
     executables: the same computation, in a quarter of the time)."""
     directory = tmp_path_factory.mktemp("children")
-    for name, dataset in train_lib.embedded_corpus("train").items():
+    for name, dataset in tok.embedded_corpus("train").items():
         dataset.save_to_disk(directory / "corpus" / name)
     return dict(os.environ, JAX_NUM_CPU_DEVICES="1", SAVED_CORPUS=str(directory / "corpus"),
                 JAX_COMPILATION_CACHE_DIR=str(directory / "compiled"),
@@ -248,7 +252,8 @@ def refused(argv: list[str], capsys) -> str:
     (["--remat", "maybe"], "argument --remat: 'maybe' is not a boolean"),
     (["--stop-after", "0"], "argument --stop-after: '0' is not a step: write an int >= 1"),
     (["--stop-after", "-3"], "argument --stop-after: '-3' is not a step"),
-    (["--train-capacity-factor", "inf"], "TrainConfig.train_capacity_factor=inf: must be a finite"),
+    (["--train-capacity-factor", "inf"], "ModelConfig.train_capacity_factor=inf: must be a finite"),
+    (["--z-loss-weight", "nan"], "ModelConfig.z_loss_weight=nan: must be a finite number >= 0"),
     (["--peak-lr", "inf"], "TrainConfig.peak_lr=inf: must be a finite number"),
     (["--peak-lr", "nan"], "TrainConfig.peak_lr=nan: must be a finite number"),
     (["--seed", "-1"], "TrainConfig.seed=-1: must be an int from 0 to 2**32 - 1"),
@@ -267,7 +272,7 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
     (tmp_path / "metrics-is-a-directory" / "metrics.jsonl").mkdir(parents=True)
     other_run = tmp_path / "other-run"
     other_run.mkdir()
-    (other_run / "config.json").write_text(json.dumps(dataclasses.asdict(small_run(other_run, seq_len=64))))
+    (other_run / "config.json").write_text(json.dumps(train_lib.config_json(small_run(other_run, seq_len=64))))
     (other_run / "notes.txt").write_text("the user's own file")
     before = snapshot(tmp_path)
     for run_dir, message in [
@@ -286,7 +291,7 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
 def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(small_run(run_dir, seq_len=64))))
+    (run_dir / "config.json").write_text(json.dumps(train_lib.config_json(small_run(run_dir, seq_len=64))))
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     (run_dir / "notes.txt").write_text("the user's own file")
     train_lib.prepare_run_dir(small_run(run_dir), overwrite=True)

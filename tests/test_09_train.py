@@ -1,8 +1,8 @@
 """Tests for 09_train.py: packing, UL2 denoisers, schedule wiring, exact resume, NaN handling,
 bad inputs, a sharded run on 8 simulated devices, and the dry run.
 
-Training runs use a tiny preset registered for these tests only (2 layers, D 64), so each run
-compiles in seconds; runs share module-scoped fixtures.
+Training runs use a tiny model (2 layers, D 64), so each run compiles in seconds; runs share
+module-scoped fixtures.
 """
 
 import dataclasses
@@ -22,18 +22,32 @@ tok = load("01_tokenizer")
 model_lib = load("06_model")
 train_lib = load("09_train")
 
-model_lib.PRESETS.setdefault("test-tiny", dataclasses.replace(
-    model_lib.PRESETS["small"], num_layers=2, d_model=64, num_heads=4, head_dim=16, d_ff=128,
-    num_experts=8, moe_interval=2))
+TINY_MODEL = dataclasses.replace(model_lib.PRESETS["small"], num_layers=2, d_model=64, num_heads=4,
+                                 head_dim=16, d_ff=128, num_experts=8, moe_interval=2)
 
 
 def tiny(tmp_path, **overrides) -> "train_lib.TrainConfig":
     base = dataclasses.replace(
-        train_lib.CONFIGS["quick"], preset="test-tiny", run_dir=str(tmp_path / "run"),
+        train_lib.QUICK, model=TINY_MODEL, run_dir=str(tmp_path / "run"),
         objective="lm", ul2_until_step=0, seq_len=32, batch_size=8, microbatches=1, steps=6,
         warmup_steps=2, eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=5,
         keep_period=100, sample_tokens=0, mesh="data=8")
     return dataclasses.replace(base, **overrides)
+
+
+def reconstruct(inputs: np.ndarray, targets: np.ndarray, prefix_len: int, tokenizer) -> list[int]:
+    """The inverse of span corruption (and of PrefixLM): the original tokens, as an oracle."""
+    inputs, targets = list(inputs[prefix_len:]), list(targets[:-1])  # drop prefix and eos
+    sentinel_ids = {tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)}
+    spans, current = {}, []
+    for token in targets:
+        if token in sentinel_ids:
+            current = spans.setdefault(token, [])
+        else:
+            current.append(token)
+    if not spans:  # PrefixLM: the targets simply continue the inputs
+        return inputs + current
+    return [t for token in inputs for t in (spans[token] if token in sentinel_ids else [token])]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +88,7 @@ def test_ul2_targets_and_sentinels_reconstruct_the_text(tokenizer, denoiser):
     inputs, targets = train_lib.ul2_example(tokens, denoiser, prefix_ids, tokenizer,
                                             np.random.default_rng(1))
     assert list(inputs[:len(prefix_ids)]) == prefix_ids and targets[-1] == tokenizer.eos_id
-    restored = train_lib.reconstruct(inputs, targets, len(prefix_ids), tokenizer)
+    restored = reconstruct(inputs, targets, len(prefix_ids), tokenizer)
     assert restored == list(tokens) and tokenizer.decode(restored) == text
     if denoiser.mean_span:
         sentinels = [t for t in inputs if t >= tokenizer.piece_count]
@@ -154,8 +168,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_a_stalled_run_is_reported(tmp_path, monkeypatch, capsys):
     # With every loss weight 0 and no target counted, the gradient is exactly zero: nothing moves.
-    cfg = tiny(tmp_path, steps=train_lib.STALL_STEPS + 1, checkpoint_every=100, aux_loss_weight=0.0,
-               z_loss_weight=0.0, router_z_loss_weight=0.0)
+    silent = dataclasses.replace(TINY_MODEL, aux_loss_weight=0.0, z_loss_weight=0.0,
+                                 router_z_loss_weight=0.0)
+    cfg = tiny(tmp_path, steps=train_lib.STALL_STEPS + 1, checkpoint_every=100, model=silent)
     real_batches = train_lib.train_batches
 
     def unlearnable_batches(*args, **kwargs):
@@ -206,6 +221,36 @@ def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_pat
         {"run_dir": [cfg.run_dir, "moved"]},
         {"steps": [cfg.steps, 10], "peak_lr": [cfg.peak_lr, 0.01]}]
     assert json.loads((moved / "config.json").read_text())["peak_lr"] == 0.01
+
+
+def test_config_json_round_trips_and_old_run_directories_still_resume(tmp_path):
+    cfg = tiny(tmp_path, model=dataclasses.replace(model_lib.PRESETS["tiny"], remat=True))
+    record = train_lib.config_json(cfg)
+    assert train_lib.config_from_json(json.loads(json.dumps(record))) == cfg
+    # A config.json written before the model moved into TrainConfig: a preset name and seven of
+    # the model's fields, flat. It reads back as the same run, and resuming rewrites it.
+    old = {k: v for k, v in record.items() if not k.startswith("model.")}
+    old.update(preset="tiny", train_capacity_factor=1.25, eval_capacity_factor=2.0,
+               aux_loss_weight=0.01, z_loss_weight=0.001, router_z_loss_weight=0.0001,
+               dtype="float32", remat=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(old))
+    assert train_lib.read_run_config(run_dir / "config.json") == cfg
+    train_lib.prepare_run_dir(cfg, overwrite=False)
+    assert json.loads((run_dir / "config.json").read_text()) == record
+    assert not (run_dir / "config_history.jsonl").exists()  # nothing about the run changed
+
+
+def test_the_command_line_sets_run_and_model_fields(tmp_path):
+    cfg, _ = train_lib.parse_args(["--preset", "tiny", "--seq-len", "64", "--dtype", "bfloat16",
+                                   "--train-capacity-factor", "1.5", "--steps", "7"])
+    laptop = train_lib.CONFIGS["laptop"]
+    assert cfg == dataclasses.replace(laptop, seq_len=64, steps=7, model=dataclasses.replace(
+        model_lib.PRESETS["tiny"], dtype=jax.numpy.bfloat16, train_capacity_factor=1.5))
+    assert train_lib.model_config(cfg).max_seq_len == 64
+    quick, args = train_lib.parse_args(["--quick"])
+    assert quick == train_lib.QUICK and args.quick
 
 
 def test_a_finished_run_says_so_without_training(uninterrupted, capsys):
