@@ -1,21 +1,20 @@
-"""Chapter 10: the released OpenMoE models, loaded into this code, run and watched while they route.
+"""Chapter 10: the released OpenMoE models, loaded into this code, run, and watched while they route.
 
-OpenMoE's weights are public (arXiv 2402.01739 §1, OpenMoE README): OpenMoE-Base, the 8B with its
-intermediate checkpoints at 200B … 1T tokens, the 8B-Chat and the 34B at 200B tokens, on the
-Hugging Face hub as `OrionZheng/openmoe-*` in ColossalAI's PyTorch layout, and as T5X checkpoints.
-Both hold the same tensors under two naming schemes, so this chapter is mostly a *name table*:
-which of our parameters (06) each checkpoint tensor becomes, and how (PyTorch stores linear
-weights [out, in]: transpose; T5X stores the double-gated wi_0 as [D, 2F]: we view it [D, 2, F]).
-Readers need no torch: a `.bin` is a zip of raw storages plus a pickle that names them, read
-with an unpickler that only accepts the three globals a state dict needs; T5X arrays are zarr
-files read with tensorstore. Tensors are read a block of rows at a time and placed one by one,
-each straight into its shards when a mesh (07) is given, so a 34B loads across a pod.
-The weights were trained in T5X, so a loaded model uses T5X's evaluation semantics (06, 04):
+OpenMoE's weights are public (arXiv 2402.01739 §1; the OpenMoE README): OpenMoE-Base, the 8B
+(with checkpoints at 200B … 1T tokens), the 8B-Chat and the 34B, on the Hugging Face hub as
+`OrionZheng/openmoe-*` in ColossalAI's PyTorch layout, and as T5X checkpoints. Both hold the same
+tensors under two naming schemes, so the chapter's core is a *name table*: which of 06's
+parameters each stored tensor becomes, and how (torch stores a linear weight [out, in], so it is
+transposed; both store the double-gated wi_0 as [D, 2F], which we view as [D, 2, F], as in 03).
+No torch is needed: a `.bin` is a zip of raw storages plus a pickle that names them, unpickled
+here with only the three globals a state dict needs; T5X's arrays are zarr files (tensorstore).
+Each tensor is read a block of rows at a time and goes straight to its device, or with a mesh
+(07) each device receives only its slice, so a 34B loads across a pod with little host memory.
+The weights were trained in T5X, so a loaded model runs T5X's evaluation semantics (04, 06):
 padding masks, flaxformer's routing groups, and id 0 (T5's start token) before every prompt.
-Public API: `config_from_hf`, `hf_config`, `read_checkpoint`, `model_from_t5x`, `model_from_hf`,
-`load_config`, `load_model`, `t5x_params`, `export_hf`; `open_run` / `load_params` / `run_model`
-for 09 runs.
-Left out: training the loaded models (09 does that), and the port's broken loss (ColossalAI).
+Public API: `config_from_hf`, `hf_config`, `name_table`, `read_checkpoint`, `model_from_tensors`,
+`t5x_params`, `load_config`, `load_model`, `export_hf`; `open_run`, `load_params`, `run_model`
+for 09's runs. Left out: training the loaded models (09 does that).
 Run: `python 10_released_models.py` (self-test), `... generate --model OrionZheng/openmoe-base
 --prompt "..." --show-experts`, `... perplexity --model DIR`, `... export --run runs/laptop`.
 """
@@ -32,14 +31,15 @@ import os
 import pathlib
 import pickle
 import struct
+import sys
 import tempfile
 import zipfile
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 tok = importlib.import_module("01_tokenizer")
 model_lib = importlib.import_module("06_model")
@@ -80,48 +80,44 @@ HF_SHAPES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_he
 HF_FIXED = {"hidden_act": "swiglu", "mlp_gated": True, "tie_word_embeddings": False,
             "attention_bias": False, "rope_scaling": None, "rms_norm_eps": 1e-6,
             "router_noisy_policy": None, "pretraining_tp": 1}
+# How T5X evaluated the released weights (06's padding masks, 04's flaxformer groups).
+T5X_SEMANTICS = {"t5x_padding": True, "group_rule": "flaxformer"}
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> Any:
     """06's ModelConfig for a released config.json, with T5X's evaluation semantics on.
 
-    The 34B routed groups of 8192 tokens (T5X gin), which config.json does not record, so a
-    preset whose shapes match supplies what the file leaves out. `overrides` are ModelConfig
-    fields (dtype, eval_capacity_factor, ...). Unknown values are a clear error, not a guess.
+    What config.json leaves out (the 34B's routing groups of 8192 tokens, set in T5X's gin) comes
+    from the 06 preset of the same shapes; `overrides` are ModelConfig fields (dtype, ...).
     """
     missing = [key for key in HF_SHAPES if key not in hf]
     if missing:
         raise ValueError(f"config.json lacks {missing}: it does not describe an OpenMoE model")
-    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
-        raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']} differs "
-                         f"from num_attention_heads={hf['num_attention_heads']}: OpenMoE uses "
-                         "multi-head attention, and so does this code")
-    for key, released in HF_FIXED.items():
+    # OpenMoE uses multi-head attention: one key/value head per query head.
+    fixed = {**HF_FIXED, "num_key_value_heads": hf["num_attention_heads"]}
+    for key, released in fixed.items():
         if key in hf and hf[key] != released:
             raise ValueError(f"config.json {key}={hf[key]!r}: this code implements only the "
                              f"released OpenMoE value {released!r}")
     fields = {field: hf[key] for key, field in HF_FIELDS.items() if key in hf}
-    shapes = [HF_FIELDS[key] for key in HF_SHAPES]
     base = next((cfg for cfg in model_lib.PRESETS.values()
-                 if all(getattr(cfg, name) == fields[name] for name in shapes)),
+                 if all(getattr(cfg, HF_FIELDS[key]) == hf[key] for key in HF_SHAPES)),
                 model_lib.ModelConfig())
-    released = {**fields, "t5x_padding": True, "group_rule": "flaxformer"}
-    return dataclasses.replace(base, **{**released, **overrides})
+    return dataclasses.replace(base, **{**fields, **T5X_SEMANTICS, **overrides})
 
 
 def hf_config(cfg) -> dict:
-    """The config.json ColossalAI's `modeling_openmoe.py` reads, for a model of this code."""
-    if cfg.ffn_variant != "double_gated" or cfg.moe_wiring != "sequential":
-        raise ValueError(f"only the released architecture exports to the HF layout (double-gated "
-                         f"FFN, sequential MoE); got ffn_variant={cfg.ffn_variant!r}, "
+    """The config.json that ColossalAI's `modeling_openmoe.py` reads, for a model of this code."""
+    if cfg.ffn_variant != "double_gated" or cfg.moe_wiring != "sequential" or not cfg.moe_interval:
+        raise ValueError(f"only the released architecture has an HF layout (MoE layers, "
+                         f"double-gated FFN, sequential wiring); got moe_interval="
+                         f"{cfg.moe_interval}, ffn_variant={cfg.ffn_variant!r}, "
                          f"moe_wiring={cfg.moe_wiring!r}")
-    if not cfg.moe_interval:
-        raise ValueError("a dense model (moe_interval=0) has no OpenMoE HF layout")
-    hf = {key: getattr(cfg, field) for key, field in HF_FIELDS.items()}
     return {"architectures": ["OpenMoeForCausalLM"], "model_type": "llama",
             "auto_map": {"AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"},
-            **HF_FIXED, **hf, "num_key_value_heads": cfg.num_heads, "bos_token_id": 0,
-            "eos_token_id": 1, "pad_token_id": 0, "router_drop_tks": True, "dropout_rate": 0.0,
+            **HF_FIXED, **{key: getattr(cfg, field) for key, field in HF_FIELDS.items()},
+            "num_key_value_heads": cfg.num_heads, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 0, "router_drop_tks": True, "dropout_rate": 0.0,
             "torch_dtype": "float32", "use_cache": True}
 
 
@@ -151,8 +147,8 @@ EVERY_BLOCK = [
 
 
 def ffn_names(module: str) -> list[tuple]:
-    """A dense FFN's three kernels, named the same in our model and T5X; torch calls them
-    gate/up/down projections and stores them [out, in]."""
+    """A dense FFN's three kernels: named alike in our model and T5X; torch calls them the
+    gate/up/down projections, stored [out, in]."""
     return [(f"{module}/{ours}", f"{module}/{ours}/kernel", f"{module}.{torch}_proj.weight", True)
             for ours, torch in (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))]
 
@@ -187,53 +183,54 @@ def name_table(cfg) -> list[TensorName]:
     return names
 
 
+def stored_shape(shape: tuple, logical_axes: tuple) -> tuple:
+    """A parameter's shape in both checkpoint formats: the double-gated pair axis folded into
+    the hidden one ([.., D, 2, F] → [.., D, 2F]: a's columns, then b's, as 03 explains)."""
+    if "pair" not in logical_axes:
+        return tuple(shape)
+    pair = logical_axes.index("pair")
+    return (*shape[:pair], shape[pair] * shape[pair + 1], *shape[pair + 2:])
+
+
 # ------------------------------------------------------------------------------------------------
-# Part 3: reading checkpoints without torch, one tensor at a time
+# Part 3: reading the three formats without torch, a tensor's rows at a time
 # ------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
 class Tensor:
-    """A tensor still on disk: shape and dtype now, the values when asked: all of them
-    (`read()`, memory-mapped where the format allows) or a block of rows (`rows`), which is how
-    the loader reads, so that a 4 GB tensor never has to be in memory twice."""
+    """A tensor still on disk: its shape and dtype now, its values when asked, whole (`read`) or
+    rows [start, stop) of its first axis (`rows`), which is how the loader reads it."""
 
-    def __init__(self, shape, dtype, read, read_rows=None):
-        self.shape, self.dtype, self._read, self._read_rows = (tuple(shape), np.dtype(dtype),
-                                                               read, read_rows)
-
-    def read(self) -> np.ndarray:
-        return self._read()
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of the first axis."""
-        if self._read_rows is None:
-            return np.asarray(self.read()[start:stop])
-        return self._read_rows(start, stop)
+    shape: tuple
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+    rows: Callable[[int, int], np.ndarray]
 
     def __array__(self, dtype=None, copy=None):
-        values = np.asarray(self.read())
-        return values if dtype is None else values.astype(dtype)
+        return np.asarray(self.read(), dtype)
 
 
-def _file_rows(path: pathlib.Path, offset: int, shape: tuple, dtype):
-    """A reader of rows [start, stop) of a C-ordered tensor at `offset` in a file, by plain
-    reads: unlike a memory map, no page of a 3 GB file stays counted against the process."""
-    def read_rows(start: int, stop: int) -> np.ndarray:
+def in_memory(array: np.ndarray) -> Tensor:
+    """An array already in memory, as a Tensor."""
+    return Tensor(array.shape, array.dtype, lambda: array, lambda start, stop: array[start:stop])
+
+
+def in_file(path: pathlib.Path, offset: int, shape, dtype) -> Tensor:
+    """A C-ordered tensor at `offset` in a file: whole through a memory map, rows by plain reads
+    (a memory map's pages of a 3 GB file would stay counted against the process)."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+
+    def read() -> np.ndarray:
+        return np.memmap(path, dtype, "r", offset, shape) if math.prod(shape) else np.zeros(shape, dtype)
+
+    def rows(start: int, stop: int) -> np.ndarray:
         block = np.empty((stop - start, *shape[1:]), dtype)
         with open(path, "rb") as file:
             file.seek(offset + start * block[0].nbytes)
             if file.readinto(block.view(np.uint8).reshape(-1)) != block.nbytes:
                 raise ValueError(f"{path} ends inside a tensor: the file is truncated")
         return block
-    return read_rows
-
-
-def _stored_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
-    """Where an uncompressed zip member's bytes start: after its local header (30 bytes, the
-    name and an extra field whose length only the local header knows)."""
-    with open(path, "rb") as file:
-        file.seek(info.header_offset + 26)
-        name_length, extra_length = struct.unpack("<HH", file.read(4))
-    return info.header_offset + 30 + name_length + extra_length
+    return Tensor(shape, dtype, read, rows)
 
 
 class _Storage(NamedTuple):
@@ -244,12 +241,12 @@ class _Storage(NamedTuple):
     numel: int
 
 
-def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
-    """Our stand-in for torch._utils._rebuild_tensor_v2: a strided view of a memory map.
+def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_) -> Tensor:
+    """Our stand-in for torch._utils._rebuild_tensor_v2: a strided view of a storage.
 
-    The view's numbers come from the file, so they are checked: every element it can reach,
-    offset + Σ (size_i − 1)·stride_i, must lie inside its storage (else a read of other data,
-    or a crash past the end of the file)."""
+    Its numbers come from the file, so every element it can reach, offset + Σ (size_i − 1) ·
+    stride_i, must lie inside the storage (else a read of other data, or a crash past the end).
+    """
     size, stride = tuple(map(int, size)), tuple(map(int, stride))
     reach = storage_offset + sum((n - 1) * step for n, step in zip(size, stride))
     if (len(size) != len(stride) or storage_offset < 0 or min(stride, default=0) < 0
@@ -257,20 +254,19 @@ def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_):
         raise ValueError(f"{storage.path}: a tensor viewing {storage.record} (offset "
                          f"{storage_offset}, size {size}, stride {stride}) reaches past its "
                          f"{storage.numel} elements: the file is damaged")
+    itemsize = np.dtype(storage.dtype).itemsize
+    if stride == tuple(math.prod(size[i + 1:]) for i in range(len(size))):  # C order
+        return in_file(storage.path, storage.offset + storage_offset * itemsize, size, storage.dtype)
 
-    def read():
+    def read() -> np.ndarray:
         flat = np.memmap(storage.path, storage.dtype, "r", storage.offset, (storage.numel,))
-        itemsize = flat.dtype.itemsize
-        return np.lib.stride_tricks.as_strided(flat[storage_offset:], tuple(size),
+        return np.lib.stride_tricks.as_strided(flat[storage_offset:], size,
                                                tuple(s * itemsize for s in stride), writeable=False)
-    contiguous = stride == tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
-    start = storage.offset + storage_offset * np.dtype(storage.dtype).itemsize
-    return Tensor(size, storage.dtype, read,
-                  _file_rows(storage.path, start, size, storage.dtype) if contiguous else None)
+    return Tensor(size, np.dtype(storage.dtype), read, lambda start, stop: read()[start:stop])
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict and nothing else: any other global is refused unrun."""
+    """Unpickles a torch state dict and nothing else: any other global is refused, unrun."""
 
     ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
                ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -295,16 +291,19 @@ class _StateDictUnpickler(pickle.Unpickler):
         _, dtype, key, _, numel = pid
         record = f"{self.prefix}data/{key}"
         info = self.archive.getinfo(record)
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"{self.path}: storage {record} is compressed; torch never does that")
-        if numel * np.dtype(dtype).itemsize > info.file_size:
-            raise ValueError(f"{self.path}: storage {record} claims {numel} elements but holds "
-                             f"{info.file_size} bytes: the file is damaged")
-        return _Storage(self.path, record, _stored_offset(self.path, info), dtype, numel)
+        if info.compress_type != zipfile.ZIP_STORED or numel * np.dtype(dtype).itemsize > info.file_size:
+            raise ValueError(f"{self.path}: storage {record} is compressed or holds fewer than "
+                             f"its {numel} elements: the file is damaged")
+        # Its bytes start after the record's local header: 30 bytes, its name, an extra field.
+        with open(self.path, "rb") as file:
+            file.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", file.read(4))
+        offset = info.header_offset + 30 + name_length + extra_length
+        return _Storage(self.path, record, offset, dtype, numel)
 
 
 def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
-    """A `pytorch_model*.bin` (torch's zip format: data.pkl + one raw file per storage)."""
+    """A `pytorch_model*.bin`: torch's zip of a pickle (data.pkl) and one raw file per storage."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as file:
             start = file.read(4)
@@ -319,9 +318,8 @@ def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
         if len(pickles) != 1:
             raise ValueError(f"{path} is a zip but not a torch checkpoint (no single data.pkl)")
-        prefix = pickles[0][: -len("data.pkl")]
         with archive.open(pickles[0]) as file:
-            state = _StateDictUnpickler(file, path, archive, prefix).load()
+            state = _StateDictUnpickler(file, path, archive, pickles[0][:-len("data.pkl")]).load()
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return dict(state)
@@ -331,7 +329,7 @@ SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
-    """A `.safetensors` file: 8 bytes of header length, a JSON header, then raw tensors."""
+    """A `.safetensors` file: 8 bytes of header length, a JSON header, then the raw tensors."""
     with open(path, "rb") as file:
         (header_length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_length))
@@ -342,43 +340,36 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; parameters "
                              f"are one of {sorted(SAFETENSORS_DTYPES)}")
-        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        dtype, shape = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"])
         start, end = entry["data_offsets"]
-        offset, shape = 8 + header_length + start, tuple(entry["shape"])
         if not 0 <= start <= end <= data_bytes or end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {start}..{end}) does "
                              f"not fit its {data_bytes} bytes of data: the file is damaged")
-        tensors[name] = Tensor(shape, dtype, lambda o=offset, s=shape, d=dtype, n=end - start:
-                               np.memmap(path, d, "r", o, s) if n else np.zeros(s, d),
-                               _file_rows(path, offset, shape, dtype))
+        tensors[name] = in_file(path, 8 + header_length + start, shape, dtype)
     return tensors
 
 
 def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
-    """A T5X `checkpoint_N/` directory: `checkpoint` is a msgpack of the train state
-    {"version", "optimizer": {"state", "target"}}, whose parameters ("target") are tensorstore
-    specs of zarr arrays beside it, `target.<dotted path>/` (small ones may be inline)."""
+    """A T5X `checkpoint_N/`: a msgpack of the train state {"optimizer": {"target": ...}} whose
+    parameters are tensorstore specs of zarr arrays beside it (small ones may be inline)."""
     import tensorstore as ts
-    from flax import serialization, traverse_util
+    from flax import serialization
 
     state = serialization.msgpack_restore((directory / "checkpoint").read_bytes())
     state = state.get("optimizer", state)
     if "target" not in state:
         raise ValueError(f"{directory / 'checkpoint'} has no parameters ('target'): not a T5X "
                          "train-state checkpoint")
-    def is_spec(_, value) -> bool:
-        return isinstance(value, dict) and "kvstore" in value
-
+    leaves = traverse_util.flatten_dict(state["target"], sep="/",
+                                        is_leaf=lambda _, v: isinstance(v, dict) and "kvstore" in v)
     tensors = {}
-    for path, leaf in traverse_util.flatten_dict(state["target"], sep="/", is_leaf=is_spec).items():
+    for path, leaf in leaves.items():
         if not isinstance(leaf, dict):  # stored inline in the msgpack
-            leaf = np.asarray(leaf)
-            tensors[path] = Tensor(leaf.shape, leaf.dtype, lambda v=leaf: v)
+            tensors[path] = in_memory(np.asarray(leaf))
             continue
         # Written on GCS or locally, the kvstore path is relative to the checkpoint directory.
-        file = str(directory / leaf["kvstore"]["path"])
-        spec = {**leaf, "kvstore": {"driver": "file", "path": file}}
-        tensors[path] = Tensor(leaf["metadata"]["shape"], jnp.dtype(leaf["dtype"]),
+        spec = {**leaf, "kvstore": {"driver": "file", "path": str(directory / leaf["kvstore"]["path"])}}
+        tensors[path] = Tensor(tuple(leaf["metadata"]["shape"]), jnp.dtype(leaf["dtype"]),
                                lambda s=spec: ts.open(s).result().read().result(),
                                lambda start, stop, s=spec:
                                ts.open(s).result()[start:stop].read().result())
@@ -387,74 +378,40 @@ def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor of a checkpoint under its own names: a directory holding pytorch_model.bin,
-    its sharded `.bin.index.json`, model.safetensors (or its index), or a T5X `checkpoint`."""
+    model.safetensors (or either's sharded `.index.json`) or a T5X `checkpoint`, or one file."""
     path = pathlib.Path(path)
     if path.is_file():
         return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_bin(path)
     if (path / "checkpoint").is_file():
         return read_t5x(path)
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
             return read_checkpoint(path / single)
-        if (path / index).is_file():
-            weight_map = json.loads((path / index).read_text())["weight_map"]
+        index = path / f"{single}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
             shards = {file: read_checkpoint(path / file) for file in set(weight_map.values())}
             absent = [name for name, file in weight_map.items() if name not in shards[file]]
             if absent:
-                raise ValueError(f"{path / index} maps {absent[:3]} to shards that lack them")
+                raise ValueError(f"{index} maps {absent[:3]} to shards that lack them")
             return {name: shards[file][name] for name, file in weight_map.items()}
     raise ValueError(f"{str(path)!r} holds no checkpoint: expected pytorch_model.bin, "
                      "pytorch_model.bin.index.json, model.safetensors or a T5X `checkpoint` file")
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 4: tensors into a model, each straight to its device (or its shards of a mesh)
+# Part 4: tensors into a model, each straight to its device (or its slices of a mesh)
 # ------------------------------------------------------------------------------------------------
 
-def _flat(params: Mapping) -> dict:
-    """flax's nested parameter dict, or an already flat one, as {"a/b/c": value}."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update({f"{key}/{inner}": v for inner, v in _flat(value).items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def _check_names(given: set, expected: set, what: str) -> None:
-    """Every expected name present and nothing else: both lists named, a few examples each."""
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors the config needs, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors the config has no place for, e.g. "
-                        f"{unexpected[:3]}")
-    if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems) + " (does config.json match the "
-                         "checkpoint? moe_layer_interval and num_hidden_layers decide the names)")
-
-
-def stored_shape(shape: tuple, logical_axes: tuple) -> tuple:
-    """A parameter's shape in both checkpoint formats: the double-gated pair axis folded into
-    the hidden one ([.., D, 2, F] → [.., D, 2F], a's columns then b's, as 03 explains)."""
-    if "pair" not in logical_axes:
-        return tuple(shape)
-    pair = logical_axes.index("pair")
-    return tuple(shape[:pair]) + (shape[pair] * shape[pair + 1],) + tuple(shape[pair + 2:])
-
-
-BLOCK_BYTES = 64 * 2**20  # read this much of a tensor at a time
+BLOCK_BYTES = 64 * 2**20  # how much of a tensor is read at a time
 
 
 def host_array(tensor, transposed: bool, dtype) -> np.ndarray:
-    """A tensor in our orientation and `dtype`, in one new 64-byte-aligned array (so the CPU
-    device can use it without a copy), filled block of rows by block of rows: besides the
-    result, at most one block (64 MiB) of the file is ever in memory."""
-    if not isinstance(tensor, Tensor):  # an in-memory array
-        tensor = Tensor(np.shape(tensor), np.asarray(tensor).dtype, lambda t=tensor: np.asarray(t))
+    """A tensor (or an array) in our orientation and `dtype`, in one new 64-byte-aligned array
+    (the CPU device then uses it without a copy), filled a block of rows at a time: besides the
+    result, at most one block of the file is ever in memory."""
+    if not isinstance(tensor, Tensor):
+        tensor = in_memory(np.asarray(tensor))
     shape = tensor.shape[::-1] if transposed else tensor.shape
     size = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(size + 64, np.uint8)
@@ -478,13 +435,16 @@ def _on_device(host: np.ndarray):
 
 
 def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
-    """An OpenMoE whose parameter at each path comes from `sources[path] = (name, tensor,
-    transposed)`. All shapes are checked before any value is read; then each tensor is read
-    in blocks, turned into our layout and cast, and goes straight to its device, or with a mesh,
-    each device receives only its slice."""
+    """An OpenMoE whose parameter at each path is `sources[path] = (name, tensor, transposed)`.
+
+    Every shape is checked before any value is read; then each tensor is read in blocks, put in
+    our layout and dtype, and sent to its device, or with a mesh, each device gets its slice.
+    """
+    run_groups = None  # 05's default; with a mesh, 07's all-to-all runner
     if mesh is not None:
-        cfg = shard.config_for_mesh(cfg, mesh)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))))
+        cfg, run_groups = shard.config_for_mesh(cfg, mesh), shard.expert_parallel_runner(mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0), run_groups=run_groups)))
     variables = list(nnx.to_flat_state(state))
     for path, variable in variables:
         name, tensor, transposed = sources[path]
@@ -494,8 +454,8 @@ def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; a model with this "
                              f"config needs {expected}")
     shardings = dict(nnx.to_flat_state(shard.state_shardings(state, mesh))) if mesh else {}
-    # Largest first: each tensor's host copy is freed before the next is read, so by the time
-    # the model is nearly whole, the copies still to come are small. Peak ≈ model + a little.
+    # Largest first: each host copy is freed before the next is read, so the copies still to
+    # come shrink as the model fills up. Peak ≈ the model + a little.
     variables.sort(key=lambda item: -math.prod(item[1].get_value().shape))
     leaves = []
     for path, variable in variables:
@@ -508,47 +468,45 @@ def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
                                                  lambda index, host=host: host[index])
         del host
         leaves.append((path, variable.replace(value)))
-    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
-    return model if mesh is None else shard.use_expert_parallelism(model, mesh)
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def model_from_t5x(params: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
-    """An OpenMoE from a T5X parameter tree: flax's nested dict (the checkpoint's "target") or a
-    flat dict of "/"-joined paths, values numpy arrays or `Tensor`s. Every name is checked."""
-    flat = _flat(params)
-    table = name_table(cfg)
-    _check_names(set(flat), {n.t5x for n in table}, "T5X parameters")
-    return _build(cfg, {n.ours: (n.t5x, flat[n.t5x], False) for n in table},
-                  param_dtype=param_dtype, mesh=mesh)
-
-
-def model_from_hf(state_dict: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
-    """An OpenMoE from a state dict in ColossalAI's names (torch's layout: linear weights are
-    [out, in]); values numpy arrays or `Tensor`s."""
-    table = name_table(cfg)
-    _check_names(set(state_dict), {n.hf for n in table}, "HF state dict")
-    return _build(cfg, {n.ours: (n.hf, state_dict[n.hf], n.transposed) for n in table},
-                  param_dtype=param_dtype, mesh=mesh)
+def model_from_tensors(tensors: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
+    """An OpenMoE from a checkpoint's tensors under either naming: T5X's "/" paths (flax's nested
+    tree or flat) or ColossalAI's "." names (torch layout: linear weights [out, in]). Values are
+    numpy arrays or `Tensor`s; every name is checked against the name table before any is read."""
+    flat = traverse_util.flatten_dict(dict(tensors), sep="/")  # flax's nested tree, or flat
+    t5x = any("/" in name for name in flat)
+    table = {(n.t5x if t5x else n.hf): n for n in name_table(cfg)}
+    missing, unexpected = sorted(set(table) - set(flat)), sorted(set(flat) - set(table))
+    problems = [f"{what} {len(names)} tensors, e.g. {names[:3]}"
+                for what, names in (("missing", missing), ("no place for", unexpected)) if names]
+    if problems:
+        raise ValueError(f"{'T5X parameters' if t5x else 'HF state dict'}: {'; '.join(problems)} "
+                         "(does config.json match the checkpoint? moe_layer_interval and "
+                         "num_hidden_layers decide the names)")
+    sources = {n.ours: (name, flat[name], n.transposed and not t5x) for name, n in table.items()}
+    return _build(cfg, sources, param_dtype=param_dtype, mesh=mesh)
 
 
 def t5x_params(model) -> dict[str, np.ndarray]:
-    """The model's parameters as a flat T5X dict (the inverse of `model_from_t5x`)."""
+    """The model's parameters as a flat T5X dict: what `model_from_tensors` reads back."""
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     params = {}
     for n in name_table(model.cfg):
         value = np.asarray(variables[n.ours].get_value())
-        axes = variables[n.ours].get_metadata()["logical_axes"]
-        params[n.t5x] = value.reshape(stored_shape(value.shape, axes))
+        params[n.t5x] = value.reshape(stored_shape(value.shape,
+                                                   variables[n.ours].get_metadata()["logical_axes"]))
     return params
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 5: whole models: a directory, a hub name or a 09 run in; the HF layout out
+# Part 5: whole models in (a directory, a hub name, a 09 run), the HF layout out
 # ------------------------------------------------------------------------------------------------
 
 def _local(path_or_name: str | os.PathLike) -> pathlib.Path:
     """A local path as it is; a hub name ("owner/model") downloaded once, weights and configs
-    only (never the repository's Python code). The network is used only here, when asked."""
+    only (never the repository's Python code). Only here is the network used, when asked."""
     path = pathlib.Path(path_or_name)
     if path.exists():
         return path
@@ -561,33 +519,30 @@ def _local(path_or_name: str | os.PathLike) -> pathlib.Path:
                                                                 "*.model"]))
 
 
-def _beside(directory: pathlib.Path, filename: str) -> pathlib.Path | None:
-    """`filename` in the checkpoint's directory or its parent (T5X keeps checkpoint_N/ inside)."""
-    return next((d / filename for d in (directory, directory.parent) if (d / filename).is_file()),
-                None)
-
-
 def load_config(path: str | os.PathLike, *, preset: str | None = None,
                 **overrides) -> tuple[pathlib.Path, Any, Any]:
-    """(directory, ModelConfig, tokenizer or None) of a checkpoint, without reading its weights.
+    """(directory, ModelConfig, tokenizer or None) of a checkpoint, its weights left unread.
 
-    The config comes from config.json beside the weights, or from `preset` (T5X directories
-    carry no config.json); the tokenizer from spiece.model beside them. `overrides` are
+    The config is config.json's (beside the weights or, for T5X's checkpoint_N/, in the parent)
+    or `preset`'s; the tokenizer is spiece.model's, found the same way. `overrides` are
     ModelConfig fields. A hub name is downloaded here.
     """
     directory = _local(path)
-    config_file = _beside(directory, "config.json")
+
+    def beside(filename: str) -> pathlib.Path | None:
+        return next((d / filename for d in (directory, directory.parent)
+                     if (d / filename).is_file()), None)
+
+    config_file, spiece = beside("config.json"), beside("spiece.model")
     if preset is not None:
         if preset not in model_lib.PRESETS:
             raise ValueError(f"preset={preset!r}; choose one of {sorted(model_lib.PRESETS)}")
-        cfg = dataclasses.replace(model_lib.PRESETS[preset],
-                                  **{"t5x_padding": True, "group_rule": "flaxformer", **overrides})
+        cfg = dataclasses.replace(model_lib.PRESETS[preset], **{**T5X_SEMANTICS, **overrides})
     elif config_file is not None:
         cfg = config_from_hf(json.loads(config_file.read_text()), **overrides)
     else:
         raise ValueError(f"{directory} has no config.json (nor has its parent): pass preset= "
                          f"(one of {sorted(model_lib.PRESETS)}) to say which model it holds")
-    spiece = _beside(directory, "spiece.model")
     tokenizer = tok.Tokenizer.load(spiece) if spiece else None
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{spiece} gives {tokenizer.vocab_size} ids but the model has "
@@ -598,35 +553,16 @@ def load_config(path: str | os.PathLike, *, preset: str | None = None,
 def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
                preset: str | None = None, **overrides) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a checkpoint directory or a hub name (see `load_config`).
-
-    Pass dtype=jnp.bfloat16 with param_dtype=jnp.bfloat16 to halve the memory (8B: 24 GB, not 47).
-    """
+    With dtype=param_dtype=jnp.bfloat16 the 8B takes 24 GB, not 47."""
     directory, cfg, tokenizer = load_config(path, preset=preset, **overrides)
-    tensors = read_checkpoint(directory)
-    build = model_from_t5x if any("/" in name for name in tensors) else model_from_hf
-    return build(tensors, cfg, param_dtype=param_dtype, mesh=mesh), tokenizer
-
-
-def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """The safetensors layout `read_safetensors` reads, tagged "pt" as transformers expects."""
-    names = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        for array in tensors.values():
-            file.write(np.ascontiguousarray(array).tobytes())
+    model = model_from_tensors(read_checkpoint(directory), cfg, param_dtype=param_dtype, mesh=mesh)
+    return model, tokenizer
 
 
 def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib.Path:
-    """Write `model` in the released HF layout: config.json, model.safetensors (ColossalAI's
-    names, torch's [out, in]) and spiece.model, so ColossalAI's `modeling_openmoe.py` opens it.
-    Refuses to replace an existing export."""
+    """Write `model` in the released HF layout, so ColossalAI's `modeling_openmoe.py` opens it:
+    config.json, model.safetensors (ColossalAI's names, torch's [out, in]; tagged "pt", as
+    transformers expects) and spiece.model. Refuses to replace an existing export."""
     directory = pathlib.Path(directory)
     existing = [name for name in ("config.json", "model.safetensors", "spiece.model")
                 if (directory / name).exists()]
@@ -634,12 +570,22 @@ def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib
         raise ValueError(f"{directory} already holds {existing}; choose an empty directory")
     config = hf_config(model.cfg)
     params = t5x_params(model)
-    config["torch_dtype"] = {"float16": "float16", "bfloat16": "bfloat16"}.get(
-        str(params["token_embedder/embedding"].dtype), "float32")
+    tensors = {n.hf: params[n.t5x].T if n.transposed else params[n.t5x]
+               for n in name_table(model.cfg)}
+    names = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors",
-                      {n.hf: params[n.t5x].T if n.transposed else params[n.t5x]
-                       for n in name_table(model.cfg)})
+    with open(directory / "model.safetensors", "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            file.write(np.ascontiguousarray(array).tobytes())
+    config["torch_dtype"] = params["token_embedder/embedding"].dtype.name
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None and tokenizer.path:
         (directory / "spiece.model").write_bytes(pathlib.Path(tokenizer.path).read_bytes())
@@ -648,29 +594,28 @@ def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """A 09_train.py run: its saved config and the steps that have a checkpoint, oldest first."""
+    """A 09_train.py run: its TrainConfig and the steps that have a checkpoint, oldest first."""
 
     path: pathlib.Path
-    cfg: Any  # 09's TrainConfig, as written to config.json
+    cfg: Any
     steps: tuple[int, ...]
 
 
 def _run_checkpoints(run_dir: pathlib.Path):
     """Orbax's view of run_dir/checkpoints, read-only: loading a run never changes it."""
     import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    return ocp.CheckpointManager(run_dir.absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(run_dir.absolute() / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def open_run(run_dir: str | os.PathLike) -> Run:
-    """Read config.json and list the checkpoints; say what to do if this is not a 09 run."""
+    """Read a 09 run's config.json and list its checkpoints; say what to do if it is not one."""
     path = pathlib.Path(run_dir)
-    config_path = path / "config.json"
-    if not config_path.is_file():
+    if not (path / "config.json").is_file():
         raise ValueError(f"run_dir={str(path)!r} has no config.json, so it is not a 09_train.py "
                          "run; train one with `python 09_train.py` (writes runs/laptop) or pass "
                          "--run-dir of an existing run")
-    cfg = train_lib.TrainConfig(**json.loads(config_path.read_text()))
+    cfg = train_lib.read_run_config(path / "config.json")
     steps = ()
     if (path / "checkpoints").is_dir():
         with _run_checkpoints(path) as manager:
@@ -683,9 +628,7 @@ def open_run(run_dir: str | os.PathLike) -> Run:
 
 def load_params(run: Run, step: int):
     """The parameters saved at `step`, on one device; step 0 is 09's initialization (same seed).
-
-    Only the parameters are read (orbax partial restore): the optimizer state stays on disk.
-    """
+    Only the parameters are read (orbax's partial restore): the optimizer state stays on disk."""
     model_cfg = train_lib.model_config(run.cfg)
     if step == 0:
         return nnx.state(model_lib.OpenMoE(model_cfg, rngs=nnx.Rngs(run.cfg.seed)), nnx.Param)
@@ -731,7 +674,7 @@ def piece(tokenizer, token: int) -> str:
 
 
 def expert_table(tokenizer, steps: list, moe_layers: list[int]) -> list[str]:
-    """One line per token fed to the model (prompt, then each generated token): the experts
+    """One line per token fed to the model (the prompt, then each generated token): the experts
     each MoE layer sent it to, best first, with ✗ where that expert was already full."""
     lines = [f"{'token':>18} │ " + " │ ".join(f"layer {layer:<6}" for layer in moe_layers)]
     for step in steps:
@@ -744,27 +687,25 @@ def expert_table(tokenizer, steps: list, moe_layers: list[int]) -> list[str]:
     return lines
 
 
-def validation_rows(tokenizer, texts: list[str], rows: int, seq_len: int) -> dict[str, np.ndarray]:
-    """One document per row, as T5X scores it: inputs [0, t1 … t_{L-1}], targets [t1 … t_L],
-    right-padded with 0 (masked by T5X's padding semantics and left out of the loss)."""
-    batch = np.zeros((rows, seq_len + 1), np.int32)
-    for row, ids in enumerate(tokenizer.encode_batch(texts[:rows])):
-        ids = ids[:seq_len]
-        batch[row, 1:len(ids) + 1] = ids
-    return {"inputs": batch[:, :-1], "targets": batch[:, 1:],
-            "loss_mask": (batch[:, 1:] > 0).astype(np.float32)}
-
-
 def perplexity(model, tokenizer, *, rows: int = 16, seq_len: int = 512) -> dict[str, dict]:
-    """Next-token loss and accuracy per domain on 01's validation text and code: a sanity
-    number for a loaded model (a trained model should sit far below ln V)."""
+    """Next-token loss and accuracy per domain of 01's validation split: a sanity number for a
+    loaded model (a trained one sits far below ln V, the uniform guess).
+
+    Each row is one document as T5X scores it: inputs [0, t1 … t_{L-1}], targets [t1 … t_L],
+    right-padded with 0, which T5X's padding masks and the loss leave out.
+    """
     if not 1 <= seq_len <= model.cfg.max_seq_len or rows < 1:
         raise ValueError(f"rows={rows} must be >= 1 and seq_len={seq_len} in "
                          f"[1, max_seq_len={model.cfg.max_seq_len}]")
     evaluate = jax.jit(lambda model, batch: model_lib.loss_fn(model, batch, train=False)[1])
     results = {}
     for domain, dataset in tok.embedded_corpus("validation").items():
-        metrics = evaluate(model, validation_rows(tokenizer, dataset["text"], rows, seq_len))
+        tokens_BL = np.zeros((rows, seq_len + 1), np.int32)  # L + 1: inputs and targets
+        for row, ids in enumerate(tokenizer.encode_batch(dataset["text"][:rows])):
+            ids = ids[:seq_len]
+            tokens_BL[row, 1:len(ids) + 1] = ids
+        metrics = evaluate(model, {"inputs": tokens_BL[:, :-1], "targets": tokens_BL[:, 1:],
+                                   "loss_mask": (tokens_BL[:, 1:] > 0).astype(np.float32)})
         results[domain] = {"loss": float(metrics["cross_entropy"]),
                            "accuracy": float(metrics["accuracy"]),
                            "tokens": int(metrics["num_tokens"])}
@@ -772,57 +713,9 @@ def perplexity(model, tokenizer, *, rows: int = 16, seq_len: int = 512) -> dict[
 
 
 # How a loaded model routes: as T5X ran the weights, or as ColossalAI's port ran them for the
-# paper's drop analysis (§4.4): the whole batch one group, capacity floor(k · cf · T / E), even.
+# paper's drop analysis (§4.4): the whole batch one group, capacity floor(k · cf · T / E).
 ROUTING = {"t5x": {}, "colossalai": {"group_rule": "divisor", "max_group_size": 2**30,
                                      "capacity_rule": "colossalai"}}
-
-
-def _load_for_cli(args) -> tuple[Any, Any]:
-    """The model and tokenizer a command names: --model (directory or hub) or --run (09)."""
-    dtype = jnp.dtype(args.dtype)
-    overrides = dict(ROUTING[args.routing], dtype=dtype, dropless=args.dropless)
-    if args.capacity_factor is not None:
-        overrides["eval_capacity_factor"] = args.capacity_factor
-    if args.run:
-        run = open_run(args.run)
-        return run_model(run, args.step, **overrides), train_lib.load_tokenizer(run.cfg)
-    mesh = shard.make_mesh(**train_lib.parse_mesh(args.mesh)) if args.mesh else None
-    model, tokenizer = load_model(args.model, param_dtype=dtype, mesh=mesh, preset=args.preset,
-                                  **overrides)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no spiece.model; put umT5's spiece.model beside it")
-    return model, tokenizer
-
-
-def command_generate(args) -> None:
-    model, tokenizer = _load_for_cli(args)
-    chat = args.chat or "chat" in str(args.model).lower()
-    prompt = prompt_ids(tokenizer, args.prompt, chat=chat)
-    (continuation,), steps = model_lib.generate(
-        model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, return_routing=True)
-    print(tokenizer.decode(prompt[1:] + continuation))
-    if args.show_experts:
-        print(f"\nWhere each token went (✗: the expert was full, so it gave this token nothing; "
-              f"routing {args.routing}, capacity factor {model.cfg.eval_capacity_factor}):")
-        print("\n".join(expert_table(tokenizer, steps, model.cfg.moe_layers)))
-
-
-def command_perplexity(args) -> None:
-    model, tokenizer = _load_for_cli(args)
-    results = perplexity(model, tokenizer, rows=args.rows, seq_len=args.seq_len)
-    print(f"{'domain':8}{'loss':>8}{'accuracy':>10}{'tokens':>9}   (uniform guess: ln V = "
-          f"{math.log(model.cfg.vocab_size):.2f})")
-    for domain, result in results.items():
-        print(f"{domain:8}{result['loss']:8.3f}{result['accuracy']:10.1%}{result['tokens']:9d}")
-
-
-def command_export(args) -> None:
-    run = open_run(args.run)
-    out = pathlib.Path(args.out or run.path / "hf")
-    export_hf(run_model(run, args.step), out, tokenizer=train_lib.load_tokenizer(run.cfg))
-    print(f"wrote {out}/config.json, model.safetensors and spiece.model "
-          f"(step {args.step or run.steps[-1]} of {run.path})")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -871,12 +764,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def self_test() -> None:
-    """A tiny model: its name table; exported and reloaded exactly; decoded, with its routing."""
-    def check(condition: bool, message: str) -> None:
-        if not condition:
-            raise SystemExit(f"self-test FAILED: {message}")
+def _load_for_cli(args) -> tuple[Any, Any]:
+    """The model and tokenizer a command names: --model (a directory or hub name) or --run (09)."""
+    overrides = dict(ROUTING[args.routing], dtype=jnp.dtype(args.dtype), dropless=args.dropless)
+    if args.capacity_factor is not None:
+        overrides["eval_capacity_factor"] = args.capacity_factor
+    if args.run:
+        run = open_run(args.run)
+        return run_model(run, args.step, **overrides), train_lib.load_tokenizer(run.cfg)
+    mesh = shard.make_mesh(**train_lib.parse_mesh(args.mesh)) if args.mesh else None
+    model, tokenizer = load_model(args.model, param_dtype=jnp.dtype(args.dtype), mesh=mesh,
+                                  preset=args.preset, **overrides)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no spiece.model; put umT5's spiece.model beside it")
+    return model, tokenizer
 
+
+def main(argv=None) -> None:
+    """The command line: the self-test without a command; `export` writes a 09 run in the HF
+    layout; `generate` and `perplexity` load a model (--model or --run) and use it."""
+    args = parse_args(argv)
+    if args.command is None:
+        self_test()
+    elif args.command == "export":
+        run = open_run(args.run)
+        out = pathlib.Path(args.out or run.path / "hf")
+        export_hf(run_model(run, args.step), out, tokenizer=train_lib.load_tokenizer(run.cfg))
+        print(f"wrote {out}/config.json, model.safetensors and spiece.model "
+              f"(step {args.step or run.steps[-1]} of {run.path})")
+    elif args.command == "perplexity":
+        model, tokenizer = _load_for_cli(args)
+        results = perplexity(model, tokenizer, rows=args.rows, seq_len=args.seq_len)
+        print(f"{'domain':8}{'loss':>8}{'accuracy':>10}{'tokens':>9}   (uniform guess: ln V = "
+              f"{math.log(model.cfg.vocab_size):.2f})")
+        for domain, result in results.items():
+            print(f"{domain:8}{result['loss']:8.3f}{result['accuracy']:10.1%}"
+                  f"{result['tokens']:9d}")
+    else:
+        model, tokenizer = _load_for_cli(args)
+        prompt = prompt_ids(tokenizer, args.prompt,
+                            chat=args.chat or "chat" in str(args.model).lower())
+        (continuation,), steps = model_lib.generate(
+            model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, return_routing=True)
+        print(tokenizer.decode(prompt[1:] + continuation))
+        if args.show_experts:
+            print(f"\nWhere each token went (✗: the expert was full, so it gave this token "
+                  f"nothing; routing {args.routing}, capacity factor "
+                  f"{model.cfg.eval_capacity_factor}):")
+            print("\n".join(expert_table(tokenizer, steps, model.cfg.moe_layers)))
+
+
+def self_test() -> None:
+    """A tiny model: its name table; exported and reloaded exactly; decoded, with its routing.
+    The verdict is a `sys.exit`, not an `assert`, so that it holds under `python -O` too."""
     tokenizer = tok.embedded_tokenizer()
     cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size,
                               max_seq_len=64)
@@ -895,17 +836,13 @@ def self_test() -> None:
         export_hf(model, directory, tokenizer=tokenizer)
         loaded, loaded_tokenizer = load_model(directory)
     ours = jax.tree.leaves(nnx.state(model, nnx.Param))
-    theirs = jax.tree.leaves(nnx.state(loaded, nnx.Param))
-    check(all(np.array_equal(a, b) for a, b in zip(ours, theirs)),
-          "exported and reloaded parameters differ")
-    check(loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",
-          "a loaded model must use T5X's evaluation semantics")
-    in_memory = model_from_t5x(t5x_params(model), loaded.cfg)
+    same = all(np.array_equal(a, b) for a, b in zip(ours, jax.tree.leaves(nnx.state(loaded, nnx.Param))))
+    in_memory_model = model_from_tensors(t5x_params(model), loaded.cfg)
     ids = jnp.array([prompt_ids(tokenizer, "def add(a, b):\n    return a + b")])
-    check(np.array_equal(loaded(ids, train=False)[0], in_memory(ids, train=False)[0]),
-          "the safetensors and in-memory paths give different logits")
-    print(f"\nExported to HF safetensors and loaded back: {len(ours)} tensors identical, logits "
-          "identical to the in-memory T5X path.")
+    same_logits = np.array_equal(loaded(ids, train=False)[0], in_memory_model(ids, train=False)[0])
+    print(f"\nExported to HF safetensors and loaded back: {len(ours)} tensors "
+          f"{'identical' if same else 'DIFFERENT'}, logits "
+          f"{'identical' if same_logits else 'DIFFERENT'} to the in-memory T5X path.")
 
     prompt = prompt_ids(loaded_tokenizer, "The experts of a mixture")
     (continuation,), steps = model_lib.generate(loaded, [prompt], max_new_tokens=4,
@@ -913,13 +850,17 @@ def self_test() -> None:
     print(f"\nGreedy continuation (random weights, so nonsense): "
           f"{loaded_tokenizer.decode(continuation)!r}. Each token's experts:")
     print("\n".join(expert_table(loaded_tokenizer, steps, cfg.moe_layers)))
-    check(len(steps) == 1 + len(continuation) and steps[0].tokens_BL.shape == (1, len(prompt)),
-          "the routing record must cover the prompt and every generated token")
+    failures = [message for ok, message in (
+        (same, "exported and reloaded parameters differ"),
+        (loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",
+         "a loaded model must use T5X's evaluation semantics"),
+        (same_logits, "the safetensors and in-memory paths give different logits"),
+        (len(steps) == 1 + len(continuation) and steps[0].tokens_BL.shape == (1, len(prompt)),
+         "the routing record must cover the prompt and every generated token")) if not ok]
+    if failures:
+        sys.exit("self-test FAILED: " + "; ".join(failures))
     print("\nOK: names, export, reload and decoding agree.")
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    commands = {"generate": command_generate, "perplexity": command_perplexity,
-                "export": command_export}
-    commands.get(arguments.command, lambda _: self_test())(arguments)
+    main()

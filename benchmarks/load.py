@@ -233,14 +233,14 @@ def hf_entries(cfg) -> list[tuple[str, str, tuple[int, ...]]]:
     """(HF name, "float32", shape as torch stores it) of every tensor, in chapter 10's table
     order, shapes taken from 06's model built abstractly (no memory)."""
     from flax import nnx
-    rel = importlib.import_module("10_released_models")
+    released = importlib.import_module("10_released_models")
     model_lib = importlib.import_module("06_model")
     abstract = nnx.eval_shape(lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)))
     state = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
     entries = []
-    for name in rel.name_table(cfg):
+    for name in released.name_table(cfg):
         variable = state[name.ours]
-        shape = rel.stored_shape(variable.get_value().shape, variable.get_metadata()["logical_axes"])
+        shape = released.stored_shape(variable.get_value().shape, variable.get_metadata()["logical_axes"])
         entries.append((name.hf, "float32", tuple(shape[::-1] if name.transposed else shape)))
     return entries
 
@@ -248,7 +248,7 @@ def hf_entries(cfg) -> list[tuple[str, str, tuple[int, ...]]]:
 def write_checkpoint(directory: pathlib.Path, preset: str) -> pathlib.Path:
     """config.json + pytorch_model.bin with the preset's shapes and small random values."""
     model_lib = importlib.import_module("06_model")
-    rel = importlib.import_module("10_released_models")
+    released = importlib.import_module("10_released_models")
     cfg = model_lib.PRESETS[preset]
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -259,7 +259,7 @@ def write_checkpoint(directory: pathlib.Path, preset: str) -> pathlib.Path:
                     lambda name: rng.standard_normal(shapes[name], np.float32) * np.float32(0.02))
     # Renamed only when complete, so an interrupted write is never mistaken for a checkpoint.
     (directory / "pytorch_model.bin.partial").rename(directory / "pytorch_model.bin")
-    (directory / "config.json").write_text(json.dumps(rel.hf_config(cfg), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(released.hf_config(cfg), indent=2) + "\n")
     size = (directory / "pytorch_model.bin").stat().st_size
     print(f"wrote {directory / 'pytorch_model.bin'}: {len(entries)} tensors, {size / 1e9:.2f} GB "
           f"in {time.perf_counter() - started:.0f} s")
@@ -294,12 +294,12 @@ def child(directory: str, dtype_name: str) -> None:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    rel = importlib.import_module("10_released_models")
+    released = importlib.import_module("10_released_models")
     jax.devices()   # start the runtime now, so the baseline includes it
     imported = time.perf_counter()
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-    model, _ = rel.load_model(directory, param_dtype=dtype)
+    model, _ = released.load_model(directory, param_dtype=dtype)
     leaves = jax.block_until_ready(jax.tree.leaves(nnx.state(model, nnx.Param)))
     loaded = time.perf_counter()
     print(json.dumps({"import_s": imported - started, "load_s": loaded - imported,

@@ -28,8 +28,10 @@ from flax import nnx
 
 from conftest import REPO_ROOT, load
 
-rel = load("10_released_models")
-m07 = load("07_sharding")
+released = load("10_released_models")
+shard = load("07_sharding")
+model_lib = load("06_model")
+tok = load("01_tokenizer")
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "released"
 T5X_DIR = FIXTURES / "t5x" / "checkpoint_100"
@@ -133,7 +135,7 @@ def hf_json() -> dict:
 
 @pytest.fixture(scope="module")
 def cfg(hf_json):
-    return rel.config_from_hf(hf_json)
+    return released.config_from_hf(hf_json)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def tokens_BL():
 
 @pytest.fixture(scope="module")
 def reference_model(reference, cfg):
-    return rel.model_from_t5x(reference, cfg)
+    return released.model_from_tensors(reference, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_fixture_config_maps_onto_model_config(cfg, hf_json):
 
 
 def test_config_overrides_are_model_config_fields(hf_json):
-    cfg = rel.config_from_hf(hf_json, dtype=jnp.bfloat16, eval_capacity_factor=4.0)
+    cfg = released.config_from_hf(hf_json, dtype=jnp.bfloat16, eval_capacity_factor=4.0)
     assert cfg.dtype == jnp.bfloat16 and cfg.eval_capacity_factor == 4.0
 
 
@@ -184,18 +186,18 @@ def test_config_overrides_are_model_config_fields(hf_json):
 ])
 def test_config_fields_we_cannot_honour_are_named(hf_json, field, value):
     with pytest.raises(ValueError, match=field):
-        rel.config_from_hf({**hf_json, field: value})
+        released.config_from_hf({**hf_json, field: value})
 
 
 def test_hf_config_writes_back_what_config_from_hf_read(cfg, hf_json):
-    written = rel.hf_config(cfg)
+    written = released.hf_config(cfg)
     shared = ["vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim",
               "intermediate_size", "num_experts", "moe_layer_interval", "router_topk",
               "num_key_value_heads", "tie_word_embeddings", "mlp_gated", "hidden_act",
               "router_capacity_factor_train", "router_capacity_factor_eval", "router_min_capacity",
               "max_position_embeddings", "rope_theta", "rms_norm_eps"]
     assert {key: written[key] for key in shared} == {key: hf_json[key] for key in shared}
-    assert rel.config_from_hf(written) == cfg
+    assert released.config_from_hf(written) == cfg
 
 
 # --- Reading each format -----------------------------------------------------------------------
@@ -207,7 +209,7 @@ HF_DIRS = {"hf_single": np.float32, "hf_sharded": np.float32, "hf_fp16": np.floa
 def test_hf_tensors_are_the_reference_under_colossalai_names(reference, directory):
     """Names, lazy shape and dtype, and values: [out, in] for 2-D weights, experts as stored."""
     dtype = HF_DIRS[directory]
-    tensors = rel.read_checkpoint(FIXTURES / directory)
+    tensors = released.read_checkpoint(FIXTURES / directory)
     assert sorted(tensors) == sorted(hf_name(path)[0] for path in reference)
     for path, value in reference.items():
         name, transposed = hf_name(path)
@@ -220,14 +222,14 @@ def test_hf_tensors_are_the_reference_under_colossalai_names(reference, director
 def test_safetensors_file_written_by_the_safetensors_library_reads_as_bf16(reference, cfg):
     """bf16 has no numpy dtype of its own: the reader returns ml_dtypes' bfloat16 values, the
     reference rounded to bf16 exactly as torch rounded it when the fixture was written."""
-    tensors = rel.read_checkpoint(FIXTURES / "hf_safetensors")
+    tensors = released.read_checkpoint(FIXTURES / "hf_safetensors")
     assert sorted(tensors) == sorted(hf_name(path)[0] for path in reference)
     for path, value in reference.items():
         name, transposed = hf_name(path)
         expected = (value.T if transposed else value).astype(jnp.bfloat16)
         assert np.dtype(tensors[name].dtype) == jnp.bfloat16, name
         np.testing.assert_array_equal(np.asarray(tensors[name]), expected, err_msg=name)
-    model, _ = rel.load_model(FIXTURES / "hf_safetensors")   # f32 parameters by default
+    model, _ = released.load_model(FIXTURES / "hf_safetensors")   # f32 parameters by default
     assert_params_equal(model, {p: v.astype(jnp.bfloat16).astype(np.float32)
                                 for p, v in reference.items()})
 
@@ -236,13 +238,13 @@ def test_sharded_index_is_followed_not_guessed():
     """Every shard listed in the index is read, and each name comes from its own shard."""
     index = json.loads((FIXTURES / "hf_sharded" / "pytorch_model.bin.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
-    tensors = rel.read_checkpoint(FIXTURES / "hf_sharded")
+    tensors = released.read_checkpoint(FIXTURES / "hf_sharded")
     assert set(tensors) == set(index["weight_map"])
     assert sum(int(np.prod(t.shape)) * 4 for t in tensors.values()) == index["metadata"]["total_size"]
 
 
 def test_a_single_bin_file_can_be_named_directly(reference):
-    tensors = rel.read_checkpoint(FIXTURES / "hf_single" / "pytorch_model.bin")
+    tensors = released.read_checkpoint(FIXTURES / "hf_single" / "pytorch_model.bin")
     np.testing.assert_array_equal(np.asarray(tensors["lm_head.weight"]),
                                   reference["decoder/logits_dense/kernel"].T)
 
@@ -250,7 +252,7 @@ def test_a_single_bin_file_can_be_named_directly(reference):
 def test_bin_tensors_are_memory_mapped_not_copied():
     """A `.bin` storage is read through a memory map of the file, so a 3 GB checkpoint does not
     pass through Python's heap: the array's buffer chain ends in an np.memmap."""
-    tensor = rel.read_checkpoint(FIXTURES / "hf_single")["model.layers.1.mlp.experts.wi_gate"]
+    tensor = released.read_checkpoint(FIXTURES / "hf_single")["model.layers.1.mlp.experts.wi_gate"]
     owner = np.asarray(tensor)
     while owner is not None and not isinstance(owner, (np.memmap, mmap.mmap)):
         owner = getattr(owner, "base", None)   # views (also as_strided's) keep their base
@@ -260,7 +262,7 @@ def test_bin_tensors_are_memory_mapped_not_copied():
 def test_t5x_directory_yields_the_target_parameters_only(reference):
     """T5X's msgpack holds {"version", "optimizer": {"state": {"step"}, "target"}}: the reader
     returns the target's zarr arrays under their "/" paths, and no step or optimizer state."""
-    tensors = rel.read_checkpoint(T5X_DIR)
+    tensors = released.read_checkpoint(T5X_DIR)
     assert sorted(tensors) == sorted(reference)
     for path, value in reference.items():
         assert tuple(tensors[path].shape) == value.shape
@@ -271,7 +273,7 @@ def test_t5x_directory_yields_the_target_parameters_only(reference):
 def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no weights here")
     with pytest.raises(ValueError, match="pytorch_model.bin"):
-        rel.read_checkpoint(tmp_path)
+        released.read_checkpoint(tmp_path)
 
 
 # --- Into the model: every tensor where the name table says, from every source -----------------
@@ -284,14 +286,14 @@ def test_t5x_in_memory_flat_dict_fills_every_parameter(reference_model, referenc
 def test_every_source_gives_the_same_parameters_and_logits(source, reference, cfg, tokens_BL,
                                                            reference_logits):
     if source.startswith("hf_"):
-        model = rel.model_from_hf(rel.read_checkpoint(FIXTURES / source), cfg)
+        model = released.model_from_tensors(released.read_checkpoint(FIXTURES / source), cfg)
     elif source == "t5x_dir":
-        model = rel.model_from_t5x(rel.read_checkpoint(T5X_DIR), cfg)
+        model = released.model_from_tensors(released.read_checkpoint(T5X_DIR), cfg)
     elif source == "npz_flat":   # np.load's lazy mapping, exactly as the chapter's docs suggest
         with np.load(FIXTURES / "reference_t5x.npz") as npz:
-            model = rel.model_from_t5x(npz, cfg)
+            model = released.model_from_tensors(npz, cfg)
     else:
-        model = rel.model_from_t5x(nested(reference), cfg)
+        model = released.model_from_tensors(nested(reference), cfg)
     assert_params_equal(model, reference)
     np.testing.assert_array_equal(np.asarray(logits_of(model, tokens_BL)), reference_logits)
 
@@ -303,7 +305,7 @@ def test_reference_logits_are_a_real_forward_pass(reference_logits):
 
 
 def test_fp16_checkpoint_loads_as_the_reference_rounded_to_fp16(reference, cfg):
-    model = rel.model_from_hf(rel.read_checkpoint(FIXTURES / "hf_fp16"), cfg)
+    model = released.model_from_tensors(released.read_checkpoint(FIXTURES / "hf_fp16"), cfg)
     rounded = {path: value.astype(np.float16).astype(np.float32) for path, value in reference.items()}
     assert_params_equal(model, rounded)
     assert any(not np.array_equal(rounded[p], reference[p]) for p in reference)  # not vacuous
@@ -312,9 +314,9 @@ def test_fp16_checkpoint_loads_as_the_reference_rounded_to_fp16(reference, cfg):
 @pytest.mark.parametrize("source", ["t5x", "hf_single"])
 def test_bf16_load_is_the_reference_cast_to_bf16(source, reference, cfg):
     if source == "t5x":
-        model = rel.model_from_t5x(reference, cfg, param_dtype=jnp.bfloat16)
+        model = released.model_from_tensors(reference, cfg, param_dtype=jnp.bfloat16)
     else:
-        model = rel.model_from_hf(rel.read_checkpoint(FIXTURES / "hf_single"), cfg,
+        model = released.model_from_tensors(released.read_checkpoint(FIXTURES / "hf_single"), cfg,
                                   param_dtype=jnp.bfloat16)
     assert_params_equal(model, reference, dtype=jnp.bfloat16)
 
@@ -325,13 +327,13 @@ def test_missing_t5x_tensor_is_named(reference, cfg):
     broken = dict(reference)
     del broken["decoder/layers_3/mlp/expert/wo/kernel"]
     with pytest.raises(ValueError, match="decoder/layers_3/mlp/expert/wo/kernel"):
-        rel.model_from_t5x(broken, cfg)
+        released.model_from_tensors(broken, cfg)
 
 
 def test_extra_t5x_tensor_is_named(reference, cfg):
     extra = {**reference, "decoder/layers_0/mlp/expert/wi_0/kernel": np.zeros((4, 16, 40), np.float32)}
     with pytest.raises(ValueError, match="decoder/layers_0/mlp/expert/wi_0/kernel"):
-        rel.model_from_t5x(extra, cfg)
+        released.model_from_tensors(extra, cfg)
 
 
 def test_misshaped_t5x_tensor_is_named(reference, cfg):
@@ -339,33 +341,33 @@ def test_misshaped_t5x_tensor_is_named(reference, cfg):
     bad = {**reference, "decoder/layers_2/self_attention/query/kernel":
            reference["decoder/layers_2/self_attention/query/kernel"].T}
     with pytest.raises(ValueError, match="decoder/layers_2/self_attention/query/kernel"):
-        rel.model_from_t5x(bad, cfg)
+        released.model_from_tensors(bad, cfg)
 
 
 def test_missing_extra_and_misshaped_hf_tensors_are_named(cfg):
-    state = dict(rel.read_checkpoint(FIXTURES / "hf_single"))
+    state = dict(released.read_checkpoint(FIXTURES / "hf_single"))
     missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.gate_weight"}
     with pytest.raises(ValueError, match=re.escape("model.layers.1.mlp.gate_weight")):
-        rel.model_from_hf(missing, cfg)
+        released.model_from_tensors(missing, cfg)
     extra = {**state, "model.layers.0.mlp.gate_weight": np.zeros((4, 16), np.float32)}
     with pytest.raises(ValueError, match=re.escape("model.layers.0.mlp.gate_weight")):
-        rel.model_from_hf(extra, cfg)
+        released.model_from_tensors(extra, cfg)
     untransposed = {**state, "lm_head.weight": np.asarray(state["lm_head.weight"]).T}
     with pytest.raises(ValueError, match=re.escape("lm_head.weight")):
-        rel.model_from_hf(untransposed, cfg)
+        released.model_from_tensors(untransposed, cfg)
 
 
 def test_a_config_that_does_not_match_the_checkpoint_is_an_error(reference, hf_json):
     """Interval 4 puts MoE in layer 3 only: layer 1's expert tensors have no place."""
     with pytest.raises(ValueError, match="missing.*decoder/layers_1/mlp/wi_0/kernel"):
-        rel.model_from_t5x(reference, rel.config_from_hf({**hf_json, "moe_layer_interval": 4}))
+        released.model_from_tensors(reference, released.config_from_hf({**hf_json, "moe_layer_interval": 4}))
 
 
 # --- Pickles that must never be run ----------------------------------------------------------------
 
 def test_legacy_torch_format_is_refused_clearly():
     with pytest.raises(ValueError, match="legacy"):
-        rel.read_checkpoint(FIXTURES / "bad" / "legacy.bin")
+        released.read_checkpoint(FIXTURES / "bad" / "legacy.bin")
 
 
 def test_evil_fixture_really_holds_os_system():
@@ -379,7 +381,7 @@ def test_evil_fixture_really_holds_os_system():
 def test_forbidden_global_is_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # where `touch PWNED_BY_PICKLE` would land
     with pytest.raises(ValueError, match=r"os\.system|os system"):
-        rel.read_checkpoint(FIXTURES / "bad" / "evil.bin")
+        released.read_checkpoint(FIXTURES / "bad" / "evil.bin")
     assert not (tmp_path / MARKER).exists()
     assert not (REPO_ROOT / MARKER).exists()
 
@@ -390,7 +392,7 @@ def test_a_truncated_download_is_not_called_a_legacy_file(tmp_path):
     data = (FIXTURES / "hf_single" / "pytorch_model.bin").read_bytes()
     (tmp_path / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="pytorch_model.bin") as error:
-        rel.read_checkpoint(tmp_path)
+        released.read_checkpoint(tmp_path)
     assert "legacy" not in str(error.value)
 
 
@@ -434,11 +436,11 @@ def test_views_outside_their_storage_are_refused(tmp_path):
 import json, sys, numpy as np
 sys.path.insert(0, {str(REPO_ROOT)!r})
 import importlib
-rel = importlib.import_module("10_released_models")
+released = importlib.import_module("10_released_models")
 results = {{}}
 for name in {sorted(cases)!r}:
     try:
-        tensors = rel.read_checkpoint({str(tmp_path)!r} + "/" + name + ".bin")
+        tensors = released.read_checkpoint({str(tmp_path)!r} + "/" + name + ".bin")
         np.asarray(tensors["model.norm.weight"]).sum()
         results[name] = "accepted"
     except ValueError as error:
@@ -457,10 +459,10 @@ print(json.dumps(results))
 # --- Sharded loading ---------------------------------------------------------------------------------
 
 def test_sharded_load_places_each_tensor_by_07s_rules(reference, cfg, reference_model):
-    mesh = m07.make_mesh(expert=2, model=2)
-    model = rel.model_from_t5x(rel.read_checkpoint(T5X_DIR), cfg, mesh=mesh)
+    mesh = shard.make_mesh(expert=2, model=2)
+    model = released.model_from_tensors(released.read_checkpoint(T5X_DIR), cfg, mesh=mesh)
     state = nnx.state(model, nnx.Param)
-    expected = dict(nnx.to_flat_state(m07.state_shardings(state, mesh)))
+    expected = dict(nnx.to_flat_state(shard.state_shardings(state, mesh)))
     for path, variable in nnx.to_flat_state(state):
         value = variable.get_value()
         assert value.sharding.is_equivalent_to(expected[path].get_value(), value.ndim), path
@@ -474,7 +476,7 @@ def test_sharded_load_places_each_tensor_by_07s_rules(reference, cfg, reference_
 # --- load_model and export_hf ----------------------------------------------------------------------
 
 def test_load_model_reads_config_and_weights_of_an_hf_directory(reference, cfg):
-    model, tokenizer = rel.load_model(FIXTURES / "hf_sharded")
+    model, tokenizer = released.load_model(FIXTURES / "hf_sharded")
     assert tokenizer is None   # the fixture ships no spiece.model
     assert model.cfg == cfg
     assert_params_equal(model, reference)
@@ -485,40 +487,40 @@ def test_load_model_on_a_t5x_directory_needs_a_config(tmp_path, reference, cfg, 
     copy = tmp_path / "t5x" / "checkpoint_100"
     shutil.copytree(T5X_DIR, copy)
     with pytest.raises(ValueError, match="config.json"):
-        rel.load_model(copy)
+        released.load_model(copy)
     shutil.copy(FIXTURES / "config.json", copy.parent / "config.json")   # beside checkpoint_100/
-    model, _ = rel.load_model(copy)
+    model, _ = released.load_model(copy)
     assert_params_equal(model, reference)
     np.testing.assert_array_equal(np.asarray(logits_of(model, tokens_BL)), reference_logits)
 
 
 def test_load_model_passes_dtype_and_overrides(reference):
-    model, _ = rel.load_model(FIXTURES / "hf_single", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    model, _ = released.load_model(FIXTURES / "hf_single", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     assert model.cfg.dtype == jnp.bfloat16
     assert_params_equal(model, reference, dtype=jnp.bfloat16)
 
 
 def test_export_hf_round_trips(tmp_path, reference_model, reference, tokens_BL, reference_logits):
     out = tmp_path / "export"
-    rel.export_hf(reference_model, out)
+    released.export_hf(reference_model, out)
     # The files hold ColossalAI's names in torch's layout, exactly the reference values.
-    tensors = rel.read_checkpoint(out)
+    tensors = released.read_checkpoint(out)
     assert sorted(tensors) == sorted(hf_name(p)[0] for p in reference)
     for path, value in reference.items():
         name, transposed = hf_name(path)
         np.testing.assert_array_equal(np.asarray(tensors[name]), value.T if transposed else value)
     # And they load back into the same model.
-    model, _ = rel.load_model(out)
+    model, _ = released.load_model(out)
     assert model.cfg == reference_model.cfg
     assert_params_equal(model, reference)
     np.testing.assert_array_equal(np.asarray(logits_of(model, tokens_BL)), reference_logits)
 
 
 def test_export_hf_never_overwrites(tmp_path, reference_model):
-    rel.export_hf(reference_model, tmp_path)
+    released.export_hf(reference_model, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already"):
-        rel.export_hf(reference_model, tmp_path)
+        released.export_hf(reference_model, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
 
@@ -550,7 +552,7 @@ def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
     every record 64-byte aligned: only torch's random serialization id differs."""
     bench = _benchmark_module()
     original = FIXTURES / torch_file
-    tensors = rel.read_checkpoint(original)
+    tensors = released.read_checkpoint(original)
     entries = [(name, np.dtype(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()]
     written = tmp_path / original.name
     bench.write_torch_bin(written, entries, lambda name: np.asarray(tensors[name]), ordered=ordered)
@@ -568,11 +570,10 @@ def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
 @pytest.fixture(scope="module")
 def exported_tiny(tmp_path_factory):
     """06's tiny preset with the embedded tokenizer, exported as a released model would be."""
-    tokenizer = load("01_tokenizer").embedded_tokenizer()
-    m06 = load("06_model")
-    cfg = dataclasses.replace(m06.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    tokenizer = tok.embedded_tokenizer()
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=64)
     directory = tmp_path_factory.mktemp("exported") / "tiny"
-    rel.export_hf(m06.OpenMoE(cfg, rngs=nnx.Rngs(0)), directory, tokenizer=tokenizer)
+    released.export_hf(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)), directory, tokenizer=tokenizer)
     return directory, tokenizer
 
 
@@ -587,25 +588,25 @@ def test_generate_shows_every_token_its_experts_and_the_drops(exported_tiny, cap
     prompt = "def add(a, b):\n    return a + b  # the sum of two numbers, as a function"
     common = ["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "3",
               "--show-experts", "--routing", "colossalai", "--capacity-factor", "0.5"]
-    rel.command_generate(rel.parse_args(common))
+    released.main(common)
     rows = _expert_rows(capsys.readouterr().out)
     # The prompt with its start token, then each generated token; two MoE layers, top-2 each.
-    prompt_length = len(rel.prompt_ids(tokenizer, prompt))
+    prompt_length = len(released.prompt_ids(tokenizer, prompt))
     assert prompt_length + 1 <= len(rows) <= prompt_length + 3
     assert all(len(re.findall(r"e\d", row)) == 4 for row in rows)
     # One group of the whole prompt with half the slots it needs: later tokens lose places.
     assert sum(row.count("✗") for row in rows[:prompt_length]) > 0
-    rel.command_generate(rel.parse_args(common + ["--dropless"]))
+    released.main(common + ["--dropless"])
     assert not any("✗" in row for row in _expert_rows(capsys.readouterr().out))
 
 
 def test_perplexity_of_an_untrained_model_is_near_the_uniform_guess(exported_tiny):
     directory, tokenizer = exported_tiny
-    model, _ = rel.load_model(directory)
-    results = rel.perplexity(model, tokenizer, rows=2, seq_len=32)
+    model, _ = released.load_model(directory)
+    results = released.perplexity(model, tokenizer, rows=2, seq_len=32)
     assert set(results) == {"text", "code"}
     for result in results.values():
         assert result["tokens"] > 0 and 0.0 <= result["accuracy"] <= 1.0
         assert abs(result["loss"] - np.log(model.cfg.vocab_size)) < 1.5
     with pytest.raises(ValueError, match="seq_len=65"):
-        rel.perplexity(model, tokenizer, rows=2, seq_len=65)
+        released.perplexity(model, tokenizer, rows=2, seq_len=65)
