@@ -1,28 +1,27 @@
 """Chapter 11: what the routers learned. OpenMoE's three routing findings, on your run or theirs.
 
 The paper's analysis (arXiv 2402.01739 §4, App. E; OpenMoE's `analysis/colossalai_replace/`)
-asks which experts each token is sent to, and finds three things:
+records which experts each token is sent to, and finds three things:
   1. Context-independent specialization: a token's *id* decides its experts far more than its
-     context or position does. The routing distribution varies more across token ids than across
-     position ids, and each expert's top tokens are low-level look-alikes ("," "and" "." Table 9).
-  2. Early routing learning: the token → expert map is fixed early in pretraining and barely moves
-     afterwards (8B checkpoints at 200B … 1T tokens overlap, Fig. 11).
-  3. Drop-towards-the-end: an expert's buffer is filled in token order, so the late tokens of a
-     sequence are dropped more, and far more on text the router was not balanced on (MT-Bench,
-     other languages; Fig. 12, measured with ColossalAI's capacity, which includes k).
-It analyses a `Subject`, one model's checkpoints in training order: a 09_train.py run (step 0,
-the initialization, then every kept checkpoint) or released OpenMoE models loaded by chapter 10
-(`--model`, or a `--series` such as the 8B at 200B … 1T tokens; f32 or bf16, one checkpoint in
-memory at a time, T5X's evaluation semantics). The last checkpoint routes validation text and
-code and out-of-distribution text (chat-formatted documents, the other languages of
-data/other_languages.txt); every MoE layer's decisions (05's expert_BLA, kept_BLA) are recorded,
-each finding and its mitigations (evaluation capacity, a capacity sweep) measured, and a report,
-analysis.json and, with matplotlib, PNG figures written. Left out: the paper's radar plots over
-RedPajama subsets and programming languages (our corpus has two domains), and its training-time
-mitigation (instruction data during warmup).
-Self-test: `python 11_routing_analysis.py --quick` trains a tiny run and analyses it (about
-1.5 minutes); `python 11_routing_analysis.py` analyses the default run (`python 09_train.py`
-first), `... --model OrionZheng/openmoe-base` a released model (downloaded once).
+     context or position: the routing distribution varies more across token ids than across
+     positions, and each expert's top tokens are low-level look-alikes ("," "and" ".": Table 9).
+  2. Early routing learning: the token → expert map is fixed early in pretraining and barely
+     moves after (the 8B's checkpoints at 200B … 1T tokens agree: Fig. 11).
+  3. Drop-towards-the-End: an expert's buffer fills in token order, so a sequence's late tokens
+     are dropped more, and far more on text the router was not balanced on (Fig. 12).
+It analyses a `Subject`, one model's checkpoints in training order: a 09 run (step 0, the
+initialization, then every kept checkpoint) or released models loaded by chapter 10 (`--model`,
+or a `--series` such as the 8B at 200B … 1T tokens), one checkpoint in memory at a time. The
+last checkpoint routes validation text and code and two kinds of text the router never saw
+(chat turns, other languages); every MoE layer's decisions (05's expert_BLA, kept_BLA) are
+recorded, each finding and its mitigations (evaluation capacity, dropless experts, a capacity
+sweep) measured, and report.txt and analysis.json written (docs/make_figures.py draws them).
+Shapes as in 02, plus U: the distinct values of a grouping (token ids, positions or sources).
+Left out: the paper's radar plots over RedPajama subsets and programming languages (our corpus
+has two domains), and its training-time mitigation (instruction data during warmup).
+Self-test: `python 11_routing_analysis.py --quick` trains a tiny run and analyses it (about 1.5
+minutes); `python 11_routing_analysis.py` analyses the default run (`python 09_train.py` first),
+`... --model OrionZheng/openmoe-base` a released model (downloaded once).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import importlib
 import itertools
 import json
 import logging
-import os
 import pathlib
 import sys
 import tempfile
@@ -50,12 +48,10 @@ tok = importlib.import_module("01_tokenizer")
 model_lib = importlib.import_module("06_model")
 train_lib = importlib.import_module("09_train")
 released = importlib.import_module("10_released_models")
-# A 09 run, its checkpoints and its tokens' pieces are read by chapter 10's loaders.
-Run, open_run, load_params, piece = (released.Run, released.open_run, released.load_params,
-                                     released.piece)
 
 OTHER_LANGUAGES = pathlib.Path(__file__).resolve().parent / "data" / "other_languages.txt"
 IN_DISTRIBUTION = ("text", "code")  # the embedded corpus' two domains, validation split
+SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # the drop study's capacity factors, by default
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +59,7 @@ IN_DISTRIBUTION = ("text", "code")  # the embedded corpus' two domains, validati
 # ------------------------------------------------------------------------------------------------
 
 class Checkpoint(NamedTuple):
-    """One point of a model's training: how to name it, where it sits, its parameters on demand."""
+    """One point of a model's training: its name, its place, and its parameters on demand."""
 
     label: str               # a 09 step ("240") or a released model ("OrionZheng/openmoe-8b-400B")
     step: int                # 09: the training step; released: its place in the series, 1, 2, …
@@ -72,14 +68,13 @@ class Checkpoint(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
-    """What the analysis reads: one model's config and tokenizer, and its parameters at a series
-    of checkpoints in training order. The last checkpoint is analysed in full; the earlier ones
-    only for finding 2. Each is loaded when it is needed and released after, so a series of 8B
-    checkpoints (24 GB each in bf16) never sits in memory twice."""
+    """One model's config and tokenizer, and its parameters at checkpoints in training order.
+    The last is analysed in full, the earlier ones for finding 2 only; each is loaded when it is
+    needed and released after, so a series of 8B checkpoints never sits in memory twice."""
 
     name: str                            # what the report calls it: a run directory, a model
     about: str                           # one line on it, for the report's header
-    out_dir: pathlib.Path                # where report.txt, analysis.json and figures go
+    out_dir: pathlib.Path                # where report.txt and analysis.json go
     model_cfg: Any                       # 06's ModelConfig, shared by every checkpoint
     tokenizer: Any                       # the tokenizer the model was trained with
     seq_len: int                         # tokens per routed row
@@ -88,38 +83,42 @@ class Subject:
     total_steps: int                     # 09: the run's length; released: the series' length
 
 
-def run_subject(run: Run, *, dtype=jnp.float32) -> Subject:
-    """A 09 run: every kept checkpoint after step 0, 09's initialization rebuilt from the seed."""
-    cfg = run.cfg
-    checkpoints = tuple(Checkpoint(str(step), step, functools.partial(load_params, run, step))
+def describe(cfg) -> str:
+    """A model in one line: '4 layers, MoE in [1, 3], 8 experts, top-2, float32'."""
+    return (f"{cfg.num_layers} layers, MoE in {cfg.moe_layers}, {cfg.num_experts} experts, "
+            f"top-{cfg.top_k}, {jnp.dtype(cfg.dtype).name}")
+
+
+def run_subject(run, *, dtype=jnp.float32) -> Subject:
+    """A 09 run (10's `open_run`): step 0, 09's initialization rebuilt from the seed, then every
+    kept checkpoint."""
+    cfg, model_cfg = run.cfg, dataclasses.replace(train_lib.model_config(run.cfg), dtype=dtype)
+    checkpoints = tuple(Checkpoint(str(step), step, functools.partial(released.load_params, run,
+                                                                      step))
                         for step in (0, *run.steps))
-    return Subject(str(run.path), f"preset {cfg.preset}, {cfg.steps} steps, checkpoints "
-                                  f"{list(run.steps)}", run.path / "routing_analysis",
-                   dataclasses.replace(train_lib.model_config(cfg), dtype=dtype),
+    return Subject(str(run.path), f"{describe(model_cfg)}; {cfg.steps} steps, checkpoints "
+                                  f"{list(run.steps)}", run.path / "routing_analysis", model_cfg,
                    train_lib.load_tokenizer(cfg), cfg.seq_len, checkpoints, "step", cfg.steps)
 
 
-def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512,
-                     out_dir: str | os.PathLike | None = None) -> Subject:
+def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512) -> Subject:
     """Released models (hub names or directories): one model, or checkpoints of one model in
-    training order (the 8B at 200B … 1T tokens), as chapter 10 loads them, with T5X's evaluation
-    semantics. Hub names are downloaded now, so a missing one fails before hours of routing; the
-    configs and tokenizers are read now, the weights (in `dtype`) only when a checkpoint is used.
-    """
+    training order, as chapter 10 loads them (T5X's evaluation semantics). Hub names are
+    downloaded and configs and tokenizers read now, so a missing one fails before hours of
+    routing; the weights (in `dtype`) are read only when a checkpoint is used."""
     directories, configs, tokenizers = zip(*(released.load_config(name, dtype=dtype)
                                              for name in names))
-    for name, tokenizer in zip(names, tokenizers):
+    model_cfg = configs[-1]
+    for name, cfg, tokenizer in zip(names, configs, tokenizers):
         if tokenizer is None:
             raise ValueError(f"{name} has no spiece.model beside its weights (or in its parent): "
                              "the hub models ship it; for a T5X checkpoint, copy it from the HF "
                              "model of the same size")
-    for name, cfg in zip(names[:-1], configs):
-        if cfg != configs[-1]:
-            changed = [f.name for f in dataclasses.fields(cfg)
-                       if getattr(cfg, f.name) != getattr(configs[-1], f.name)]
+        changed = [f.name for f in dataclasses.fields(cfg)
+                   if getattr(cfg, f.name) != getattr(model_cfg, f.name)]
+        if changed:
             raise ValueError(f"{name} and {names[-1]} differ in {changed}: a series must be "
                              "checkpoints of one model")
-    model_cfg = configs[-1]
     if not 1 <= seq_len <= model_cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} must be in [1, max_seq_len={model_cfg.max_seq_len}] "
                          f"of {names[-1]}")
@@ -130,34 +129,28 @@ def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512,
 
     checkpoints = tuple(Checkpoint(name, index, loader(directory))
                         for index, (name, directory) in enumerate(zip(names, directories), 1))
-    about = (f"{model_cfg.num_layers} layers, MoE in {model_cfg.moe_layers}, "
-             f"{model_cfg.num_experts} experts, top-{model_cfg.top_k}, "
-             f"{jnp.dtype(dtype).name}, T5X evaluation semantics"
+    about = (f"{describe(model_cfg)}, T5X evaluation semantics"
              + (f"; series {list(names)}" if len(names) > 1 else ""))
-    out_dir = pathlib.Path(out_dir or pathlib.Path("runs", "routing_analysis",
-                                                   pathlib.Path(names[-1]).name))
-    return Subject(names[-1], about, out_dir, model_cfg, tokenizers[-1], seq_len, checkpoints,
-                   "checkpoint", len(names))
+    return Subject(names[-1], about, pathlib.Path("runs", "routing_analysis",
+                                                  pathlib.Path(names[-1]).name),
+                   model_cfg, tokenizers[-1], seq_len, checkpoints, "checkpoint", len(names))
 
 
 def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
                     capacity_rule: str = "t5x"):
-    """The subject's model, with the capacity under study and each row its own routing group.
+    """The subject's model with the capacity under study (train=False; default: the training
+    factor; the rule "dropless" is 05's `dropless`), and each row its own routing group.
 
-    `capacity_factor` is used with train=False (default: the training value); the rule
-    "dropless" serves every assignment (05's `dropless`) whatever the factor. OpenMoE's
-    analysis ran one sequence at a time through ColossalAI, so a group is one row: the queue
-    order is then exactly the position in the sequence. (T5X evaluated released models with
-    flaxformer's groups, at least E per batch, so there the drops depend on the batch.)
+    OpenMoE's analysis ran one sequence at a time through ColossalAI, so a group is one row and
+    the queue order is the position in the sequence. (T5X evaluated the released models with
+    flaxformer's groups, at least E per batch, where the drops depend on the batch.)
     """
     cfg = subject.model_cfg
-    if capacity_factor is None:
-        capacity_factor = cfg.train_capacity_factor
     dropless = capacity_rule == "dropless"
     return dataclasses.replace(
-        cfg, remat=False, eval_capacity_factor=capacity_factor, dropless=dropless,
-        capacity_rule="t5x" if dropless else capacity_rule, max_group_size=subject.seq_len,
-        group_rule="divisor")
+        cfg, remat=False, dropless=dropless, capacity_rule="t5x" if dropless else capacity_rule,
+        eval_capacity_factor=cfg.train_capacity_factor if capacity_factor is None else capacity_factor,
+        max_group_size=subject.seq_len, group_rule="divisor")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +159,8 @@ def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
 
 def chat_formatted(texts: list[str]) -> list[str]:
     """Each document as a conversation: its paragraphs alternate between user and assistant turns
-    behind role markers, the shape of MT-Bench prompts fed to OpenMoE-8B-Chat. The words are
-    in-distribution; the format (markers, short turns) is what the router never trained on."""
+    behind role markers, the shape of the MT-Bench prompts fed to OpenMoE-8B-Chat. The words are
+    in distribution; the format is what the router never trained on."""
     chats = []
     for text in texts:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -191,18 +184,16 @@ def other_language_texts(path: pathlib.Path = OTHER_LANGUAGES) -> list[str]:
 
 def analysis_texts() -> dict[str, list[str]]:
     """Source name → documents: in-distribution validation text and code, then the two OOD sets."""
-    validation = train_lib.embedded_corpus("validation")
+    validation = tok.embedded_corpus("validation")
     texts = {name: list(validation[name]["text"]) for name in IN_DISTRIBUTION}
     return {**texts, "chat": chat_formatted(texts["text"]), "other languages": other_language_texts()}
 
 
 def pack_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int, *,
               decoder_start: bool = False) -> dict[str, np.ndarray]:
-    """Documents → [R, L] rows packed exactly as 09 trains (eos between documents).
-
-    With `decoder_start`, rows are what T5X fed the released models: the targets shifted right
-    behind id 0, its start token, e.g. [a b eos c] → [0 a b eos].
-    """
+    """Documents → [B, L] rows packed exactly as 09 trains (eos between documents). With
+    `decoder_start`, the rows T5X fed the released models: shifted right behind id 0, its start
+    token, e.g. [a b eos c] → [0 a b eos]."""
     rows = list(itertools.islice(train_lib.pack_lm_rows(
         train_lib.token_stream(iter(texts), tokenizer), seq_len), max_rows))
     if not rows:
@@ -211,8 +202,8 @@ def pack_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int, *,
     packed = {key: np.stack([row[key] for row in rows])
               for key in ("inputs", "positions", "segment_ids")}
     if decoder_start:
-        inputs_RL = packed["inputs"]
-        packed["inputs"] = np.concatenate([np.zeros_like(inputs_RL[:, :1]), inputs_RL[:, :-1]], 1)
+        inputs_BL = packed["inputs"]
+        packed["inputs"] = np.concatenate([np.zeros_like(inputs_BL[:, :1]), inputs_BL[:, :-1]], 1)
     return packed
 
 
@@ -222,11 +213,9 @@ def pack_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int, *,
 
 @dataclasses.dataclass(frozen=True)
 class Decisions:
-    """Every MoE layer's decisions on a set of rows, flat over the N routed tokens.
-
-    `expert_NA[layer]` holds each token's k chosen experts (first choice first) and
-    `kept_NA[layer]` whether that expert had room; `source_N` indexes `sources`.
-    """
+    """Every MoE layer's decisions on a set of rows, flat over the N routed tokens:
+    `expert_NA[layer]` holds each token's k experts (first choice first), `kept_NA[layer]`
+    whether that expert had room; `source_N` indexes `sources`."""
 
     sources: tuple[str, ...]
     source_N: np.ndarray
@@ -265,11 +254,10 @@ def decision_step(model_cfg):
 
 def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
                      batch_rows: int = 16) -> Decisions:
-    """Run the model over every source's rows, batch by batch, and keep each MoE layer's decisions.
+    """Run the model over every source's rows, batch by batch, keeping each MoE layer's decisions.
 
     A short last batch is padded with copies of its first row, whose decisions are discarded;
-    every row is its own routing group (`analysis_config`), so a copy cannot take a queue place
-    from a real token.
+    every row is its own routing group (`analysis_config`), so a copy takes no real token's place.
     """
     decide = decision_step(model_cfg)
     columns = {"source": [], "token": [], "position": []}
@@ -296,40 +284,41 @@ def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 4: the statistics, as small pure functions of decisions (tests feed them constructed ones)
+# Part 4: the statistics, small pure functions of decisions (tests feed them constructed ones)
 # ------------------------------------------------------------------------------------------------
 
-def routing_distribution(keys_N, expert_NA, num_experts: int, min_count: int = 1):
-    """Per distinct key (a token id, a position, a source): the share of its assignments that
-    went to each expert, counting all k choices, before capacity (what the router *wants*).
+def routing_distribution(group_N, expert_NA, num_experts: int, min_count: int = 1):
+    """Per distinct value of a grouping (a token id, a position, a source): the share of its
+    assignments that went to each expert, counting all k choices, before capacity (what the
+    router *wants*). Returns (values [U], tokens per value [U], distribution [U, E]) for the
+    values seen at least `min_count` times.
 
-    Returns (keys [K], counts [K] (tokens per key), distribution [K, E]) for keys seen at least
-    `min_count` times. E.g. keys [7, 7, 9], k=1, experts [[0], [1], [1]] → 7: [.5, .5], 9: [0, 1].
+    E.g. group [7, 7, 9], k=1, experts [[0], [1], [1]] → 7: [.5, .5], 9: [0, 1].
     """
-    keys_K, inverse_N, counts_K = np.unique(keys_N, return_inverse=True, return_counts=True)
+    values_U, inverse_N, counts_U = np.unique(group_N, return_inverse=True, return_counts=True)
     top_k = expert_NA.shape[1]
-    hits_KE = np.zeros((len(keys_K), num_experts))
-    np.add.at(hits_KE, (np.repeat(inverse_N, top_k), expert_NA.ravel()), 1.0)
-    distribution_KE = hits_KE / (counts_K[:, None] * top_k)
-    frequent_K = counts_K >= min_count
-    return keys_K[frequent_K], counts_K[frequent_K], distribution_KE[frequent_K]
+    hits_UE = np.zeros((len(values_U), num_experts))
+    np.add.at(hits_UE, (np.repeat(inverse_N, top_k), expert_NA.ravel()), 1.0)
+    distribution_UE = hits_UE / (counts_U[:, None] * top_k)
+    frequent_U = counts_U >= min_count
+    return values_U[frequent_U], counts_U[frequent_U], distribution_UE[frequent_U]
 
 
 def max_spread(num_experts: int, top_k: int) -> float:
-    """The std over experts of a key that always picks the same k experts (k at 1/k, rest 0):
-    the largest spread a routing distribution can have, √(1/(kE) - 1/E²). Uniform routing: 0."""
+    """The std over experts of a value that always picks the same k experts (k at 1/k, the rest
+    at 0), √(1/(kE) − 1/E²): the largest spread a routing distribution can have. Uniform: 0."""
     return float(np.sqrt(1.0 / (top_k * num_experts) - 1.0 / num_experts**2))
 
 
-def specialization_score(keys_N, expert_NA, num_experts: int, min_count: int) -> dict:
-    """The paper's App. E measure: the std over experts of each key's routing distribution,
-    averaged over keys seen at least `min_count` times, and divided by `max_spread`: 1 when every
-    key always goes to the same experts, near 0 when the key says nothing about routing."""
-    keys_K, _, distribution_KE = routing_distribution(keys_N, expert_NA, num_experts, min_count)
-    spread_K = distribution_KE.std(axis=1)
+def specialization_score(group_N, expert_NA, num_experts: int, min_count: int) -> dict:
+    """The paper's App. E measure: the std over experts of each value's routing distribution,
+    averaged over the values seen at least `min_count` times, divided by `max_spread`: 1 when
+    every value always goes to the same experts, near 0 when it says nothing about routing."""
+    values_U, _, distribution_UE = routing_distribution(group_N, expert_NA, num_experts, min_count)
+    spread_U = distribution_UE.std(axis=1)
     reference = max_spread(num_experts, expert_NA.shape[1])
-    return {"keys": len(keys_K), "mean_std": float(spread_K.mean()) if len(keys_K) else float("nan"),
-            "score": float(spread_K.mean() / reference) if len(keys_K) else float("nan"),
+    mean = float(spread_U.mean()) if len(values_U) else float("nan")
+    return {"keys": len(values_U), "mean_std": mean, "score": mean / reference,
             "max_std": reference}
 
 
@@ -337,27 +326,27 @@ def top_tokens(token_N, expert_NA, num_experts: int, count: int = 8) -> list[lis
     """Per expert, the token ids that make up most of its assignments (the paper's Table 9), each
     as (token id, its tokens sent to this expert, the share of that id's tokens sent here: 1.0
     means every occurrence of the id chose this expert as one of its k)."""
-    keys_K, counts_K, distribution_KE = routing_distribution(token_N, expert_NA, num_experts)
-    share_KE = distribution_KE * expert_NA.shape[1]  # a token picks an expert at most once
-    hits_KE = np.rint(share_KE * counts_K[:, None]).astype(int)
+    values_U, counts_U, distribution_UE = routing_distribution(token_N, expert_NA, num_experts)
+    share_UE = distribution_UE * expert_NA.shape[1]  # a token picks an expert at most once
+    hits_UE = np.rint(share_UE * counts_U[:, None]).astype(int)
     table = []
     for expert in range(num_experts):
-        order = np.argsort(-hits_KE[:, expert], kind="stable")[:count]
-        table.append([(int(keys_K[i]), int(hits_KE[i, expert]), float(share_KE[i, expert]))
-                      for i in order if hits_KE[i, expert] > 0])
+        order = np.argsort(-hits_UE[:, expert], kind="stable")[:count]
+        table.append([(int(values_U[u]), int(hits_UE[u, expert]), float(share_UE[u, expert]))
+                      for u in order if hits_UE[u, expert] > 0])
     return table
 
 
 def top1_experts(token_N, expert_NA, num_experts: int, min_count: int):
     """Each frequent token id's favourite expert: its most common *first* choice over contexts."""
-    first_N1 = expert_NA[:, :1]
-    keys_K, _, distribution_KE = routing_distribution(token_N, first_N1, num_experts, min_count)
-    return keys_K, distribution_KE.argmax(axis=1)
+    values_U, _, distribution_UE = routing_distribution(token_N, expert_NA[:, :1], num_experts,
+                                                        min_count)
+    return values_U, distribution_UE.argmax(axis=1)
 
 
-def agreement(keys_a, top1_a, keys_b, top1_b) -> float:
+def agreement(values_a, top1_a, values_b, top1_b) -> float:
     """Share of the token ids present in both whose favourite expert is the same in a and b."""
-    common, index_a, index_b = np.intersect1d(keys_a, keys_b, return_indices=True)
+    common, index_a, index_b = np.intersect1d(values_a, values_b, return_indices=True)
     return float(np.mean(top1_a[index_a] == top1_b[index_b])) if len(common) else float("nan")
 
 
@@ -375,26 +364,42 @@ def quarter_means(values_L: np.ndarray) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 5: the three findings, measured on a run
+# Part 5: the three findings, measured
 # ------------------------------------------------------------------------------------------------
 
-def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) -> dict:
-    """Finding 1, on in-distribution tokens: token id vs position, top tokens, and by source."""
+def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int,
+                   tokens: int = 24, position_bins: int = 16) -> dict:
+    """Finding 1, on in-distribution tokens: token id vs position per MoE layer; in `layer`, each
+    expert's top tokens, the expert shares by source, and the routing distributions of the most
+    frequent token ids and of position bins (the heat maps docs/make_figures.py draws)."""
     experts = decisions.num_experts
     seen = decisions.only(*IN_DISTRIBUTION)
-    by_layer = {moe_layer: {name: specialization_score(keys_N, expert_NA, experts, min_count)
-                            for name, keys_N in (("token_id", seen.token_N),
-                                                 ("position", seen.position_N))}
+    by_layer = {moe_layer: {name: specialization_score(group_N, expert_NA, experts, min_count)
+                            for name, group_N in (("token_id", seen.token_N),
+                                                  ("position", seen.position_N))}
                 for moe_layer, expert_NA in seen.expert_NA.items()}
     tops = top_tokens(seen.token_N, seen.expert_NA[layer], experts)
-    _, _, by_source_SE = routing_distribution(decisions.source_N, decisions.expert_NA[layer], experts)
-    text, code = (by_source_SE[decisions.sources.index(s)] for s in IN_DISTRIBUTION)
+    _, _, by_source_UE = routing_distribution(decisions.source_N, decisions.expert_NA[layer],
+                                              experts)
+    text, code = (by_source_UE[decisions.sources.index(s)] for s in IN_DISTRIBUTION)
+    values_U, counts_U, by_token_UE = routing_distribution(seen.token_N, seen.expert_NA[layer],
+                                                           experts)
+    frequent = np.argsort(-counts_U, kind="stable")[:tokens]
+    _, _, by_bin_UE = routing_distribution(seen.position_N * position_bins // seen.seq_len,
+                                           seen.expert_NA[layer], experts)
+    width = seen.seq_len // position_bins
     return {
         "layer": layer, "min_count": min_count, "by_layer": by_layer,
-        "top_tokens": [[(piece(tokenizer, t), n, share) for t, n, share in row] for row in tops],
-        "by_source": {s: by_source_SE[i].tolist() for i, s in enumerate(decisions.sources)},
+        "top_tokens": [[(released.piece(tokenizer, t), n, share) for t, n, share in row]
+                       for row in tops],
+        "by_source": {s: by_source_UE[i].tolist() for i, s in enumerate(decisions.sources)},
         "text_code_distance": float(0.5 * np.abs(text - code).sum()),
-        "uniform_share": 1.0 / experts}
+        "uniform_share": 1.0 / experts,
+        "heat_maps": {"by token id (most frequent)": (
+                          [repr(released.piece(tokenizer, values_U[u])) for u in frequent],
+                          by_token_UE[frequent].tolist()),
+                      "by position": ([f"{b * width}-{(b + 1) * width - 1}"
+                                       for b in range(position_bins)], by_bin_UE.tolist())}}
 
 
 def favourite_experts(decisions: Decisions, min_count: int) -> dict[int, tuple]:
@@ -404,8 +409,8 @@ def favourite_experts(decisions: Decisions, min_count: int) -> dict[int, tuple]:
 
 
 def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count: int) -> dict:
-    """Finding 2: at every earlier checkpoint (a 09 run's start at initialization, step 0), each
-    frequent token id's favourite expert, compared per MoE layer with `final`, the last
+    """Finding 2: at every earlier checkpoint (a 09 run's first is its initialization, step 0),
+    each frequent token id's favourite expert, compared per MoE layer with `final`, the last
     checkpoint's `favourite_experts`. One checkpoint is in memory at a time."""
     model_cfg = analysis_config(subject, capacity_factor=subject.model_cfg.eval_capacity_factor)
     favourites = []
@@ -415,20 +420,19 @@ def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count
         decisions = record_decisions(checkpoint.load(), model_cfg, rows_by_source)
         favourites.append(favourite_experts(decisions, min_count))
     favourites.append(final)
-    curve = {layer: [agreement(*favourite[layer], *final[layer]) for favourite in favourites]
-             for layer in final}
     return {"steps": [checkpoint.step for checkpoint in subject.checkpoints],
             "labels": [checkpoint.label for checkpoint in subject.checkpoints],
             "step_name": subject.step_name, "total_steps": subject.total_steps,
-            "agreement": curve, "chance": 1.0 / model_cfg.num_experts,
-            "tokens": {layer: len(keys) for layer, (keys, _) in final.items()}}
+            "agreement": {layer: [agreement(*favourite[layer], *final[layer])
+                                  for favourite in favourites] for layer in final},
+            "chance": 1.0 / model_cfg.num_experts,
+            "tokens": {layer: len(values) for layer, (values, _) in final.items()}}
 
 
 def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
-    """The capacities the drop study compares: how OpenMoE trained, how the paper measured (its
-    Fig. 12: ColossalAI's port, k in the capacity, one group per sequence), the evaluation
-    capacity that OpenMoE uses as its mitigation, and 05's dropless experts, the cure (every
-    assignment served, so the curve must be flat at zero). `cfg`: 06's ModelConfig."""
+    """The capacities the drop study compares (`cfg`: 06's ModelConfig): how OpenMoE trained;
+    how the paper measured (Fig. 12: ColossalAI's port, k in the capacity); the evaluation
+    capacity, OpenMoE's mitigation; and 05's dropless experts, the cure (a flat zero curve)."""
     train_cf, eval_cf = cfg.train_capacity_factor, cfg.eval_capacity_factor
     return {f"train cf {train_cf} (T5X)": (train_cf, "t5x"),
             f"train cf {train_cf} x k (ColossalAI)": (train_cf, "colossalai"),
@@ -436,71 +440,60 @@ def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
             "dropless": (train_cf, "dropless")}
 
 
-SWEEP = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # capacity factors of the sweep, by default
-
-
-def drop_curves(decisions: Decisions, layer: int) -> dict[str, np.ndarray]:
-    """Per source, the drop rate by position [L] in one MoE layer."""
-    parts = {source: decisions.only(source) for source in decisions.sources}
-    return {source: drop_rate_by_position(part.position_N, part.kept_NA[layer], part.seq_len)
-            for source, part in parts.items()}
-
-
 def drop_towards_the_end(subject: Subject, decisions_at: Callable[[float, str], Decisions],
                          layer: int, sweep: tuple[float, ...] = SWEEP) -> dict:
-    """Finding 3: drop rate by position per source under each capacity setting, and the last
-    quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it takes.
-    `decisions_at(capacity_factor, rule)` routes the rows at that capacity; each capacity is one
-    more pass over them, so a shorter `sweep` saves time on large models."""
-    curves = {name: drop_curves(decisions_at(*setting), layer)
-              for name, setting in capacity_settings(subject.model_cfg).items()}
-    last_quarter = {}
-    for capacity_factor in sweep:
-        by_source = drop_curves(decisions_at(capacity_factor, "t5x"), layer)
-        last_quarter[capacity_factor] = {source: quarter_means(curve_L)[-1]
-                                         for source, curve_L in by_source.items()}
-    return {"layer": layer, "curves": curves, "sweep": last_quarter}
+    """Finding 3: per source, the drop rate by position under each capacity setting, and the
+    last quarter's drop rate over a sweep of capacity factors (T5X rule): how much capacity it
+    takes. `decisions_at(capacity_factor, rule)` routes the rows at that capacity."""
+    def curves(decisions: Decisions) -> dict[str, np.ndarray]:
+        parts = {source: decisions.only(source) for source in decisions.sources}
+        return {source: drop_rate_by_position(part.position_N, part.kept_NA[layer], part.seq_len)
+                for source, part in parts.items()}
+
+    return {"layer": layer,
+            "curves": {name: curves(decisions_at(*setting))
+                       for name, setting in capacity_settings(subject.model_cfg).items()},
+            "sweep": {capacity_factor: {source: quarter_means(curve_L)[-1] for source, curve_L
+                                        in curves(decisions_at(capacity_factor, "t5x")).items()}
+                      for capacity_factor in sweep}}
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 6: the report, in words and numbers, and figures when matplotlib is installed
+# Part 6: the report: each finding's numbers and a conclusion in words
 # ------------------------------------------------------------------------------------------------
 
 def specialization_lines(spec: dict) -> list[str]:
-    """Finding 1 in words: scores per layer, each expert's top tokens, shares by source."""
-    layer, scores = spec["layer"], spec["by_layer"][spec["layer"]]
+    """Finding 1: scores per layer, each expert's top tokens, expert shares by source."""
+    scores = spec["by_layer"][spec["layer"]]
     lines = [f"1. Context-independent specialization (keys seen >= {spec['min_count']} times; "
              f"score = mean std over experts / {scores['token_id']['max_std']:.3f}, the std of a "
              "key that always picks the same experts)",
              f"   {'MoE layer':>10} {'token ids':>10} {'score':>7} {'positions':>10} {'score':>7}"]
-    for moe_layer, by_key in spec["by_layer"].items():
-        token, position = by_key["token_id"], by_key["position"]
-        lines.append(f"   {moe_layer:>10} {token['keys']:>10} {token['score']:7.2f} "
-                     f"{position['keys']:>10} {position['score']:7.2f}")
-    lines.append(f"   Top tokens of each expert, layer {layer} (tokens sent there, and the share of "
-                 "that token id's occurrences this is):")
-    for expert, row in enumerate(spec["top_tokens"]):
-        lines.append(f"   E{expert:<3}" + "  ".join(f"{p!r} {n} ({share:.0%})"
-                                                  for p, n, share in row[:6]))
-    lines.append(f"   Expert shares by source, layer {layer} (uniform: {spec['uniform_share']:.1%}); "
-                 "top three experts:")
-    for source, shares in spec["by_source"].items():
-        best = np.argsort(shares)[::-1][:3]
-        lines.append(f"   {source:16} " + ", ".join(f"E{e} {shares[e]:.1%}" for e in best))
-    lines.append(f"   text vs code: total variation distance {spec['text_code_distance']:.3f} "
-                 "(0 = same experts, 1 = disjoint)")
-    token_score, position_score = scores["token_id"]["score"], scores["position"]["score"]
-    verdict = ("a token's id predicts its experts far better than its position does"
-               if token_score > 2 * position_score else
-               "token id and position predict routing about equally (no context independence)")
-    domains = ("text and code mostly share experts" if spec["text_code_distance"] < 0.5 else
-               "text and code mostly go to different experts")
-    return [*lines, f"   Conclusion: {verdict} (score {token_score:.2f} vs "
-                    f"{position_score:.2f}); {domains}."]
+    lines += [f"   {layer:>10} {s['token_id']['keys']:>10} {s['token_id']['score']:7.2f} "
+              f"{s['position']['keys']:>10} {s['position']['score']:7.2f}"
+              for layer, s in spec["by_layer"].items()]
+    lines.append(f"   Top tokens of each expert, layer {spec['layer']} (tokens sent there, and "
+                 "the share of that token id's occurrences this is):")
+    lines += [f"   E{expert:<3}" + "  ".join(f"{p!r} {n} ({share:.0%})" for p, n, share in row[:6])
+              for expert, row in enumerate(spec["top_tokens"])]
+    lines.append(f"   Expert shares by source, layer {spec['layer']} (uniform: "
+                 f"{spec['uniform_share']:.1%}); top three experts:")
+    lines += [f"   {source:16} " + ", ".join(f"E{e} {shares[e]:.1%}"
+                                             for e in np.argsort(shares)[::-1][:3])
+              for source, shares in spec["by_source"].items()]
+    token, position = scores["token_id"]["score"], scores["position"]["score"]
+    distance = spec["text_code_distance"]
+    return [*lines, f"   text vs code: total variation distance {distance:.3f} (0 = same "
+                    "experts, 1 = disjoint)",
+            "   Conclusion: " + ("a token's id predicts its experts far better than its position "
+                                 "does" if token > 2 * position else "token id and position "
+                                 "predict routing about equally (no context independence)")
+            + f" (score {token:.2f} vs {position:.2f}); text and code mostly "
+            + ("share experts." if distance < 0.5 else "go to different experts.")]
 
 
 def early_routing_lines(early: dict | None) -> list[str]:
-    """Finding 2 in words: the agreement table over checkpoints, and where it stands halfway."""
+    """Finding 2: the agreement table over checkpoints, and where it stands halfway."""
     if early is None:
         return ["2. Early routing learning: needs checkpoints from along training (a 09 run, or "
                 "--series A B ...); one model was given, so it is not measured."]
@@ -510,39 +503,34 @@ def early_routing_lines(early: dict | None) -> list[str]:
              f"common first choice) equals the final checkpoint's (chance {early['chance']:.0%})",
              f"   {step_name:>{width}} " + " ".join(f"{'layer ' + str(layer):>9}"
                                                   for layer in curves)]
-    for i, label in enumerate(labels):
-        lines.append(f"   {label:>{width}} "
-                     + " ".join(f"{curve[i]:9.0%}" for curve in curves.values()))
+    lines += [f"   {label:>{width}} " + " ".join(f"{curve[i]:9.0%}" for curve in curves.values())
+              for i, label in enumerate(labels)]
     half = next(i for i, step in enumerate(early["steps"]) if step >= early["total_steps"] / 2)
-    at_half = ", ".join(f"{curve[half]:.0%} in layer {layer}" for layer, curve in curves.items())
-    at_start = ", ".join(f"{curve[0]:.0%}" for curve in curves.values())
     # A 09 run counts training steps from initialization; a released series, its checkpoints.
-    from_init = step_name == "step"
+    run = step_name == "step"
     return [*lines, f"   Conclusion: by {step_name} {labels[half]} (half of "
-                    f"{'training' if from_init else 'the series'}) {at_half} of frequent tokens "
-                    "already have their final favourite expert (at "
-                    f"{'initialization' if from_init else 'the first, ' + labels[0]}: "
-                    f"{at_start})."]
+                    f"{'training' if run else 'the series'}) "
+                    + ", ".join(f"{c[half]:.0%} in layer {layer}" for layer, c in curves.items())
+                    + " of frequent tokens already have their final favourite expert (at "
+                    + ("initialization" if run else f"the first, {labels[0]}") + ": "
+                    + ", ".join(f"{c[0]:.0%}" for c in curves.values()) + ")."]
 
 
 def drop_lines(drops: dict, sources: list[str]) -> list[str]:
-    """Finding 3 in words: drop rate by quarter of the sequence per setting, the capacity sweep."""
+    """Finding 3: drop rate by quarter of the sequence per setting, then the capacity sweep."""
+    end = {setting: {source: quarter_means(curve_L)[-1] for source, curve_L in curves.items()}
+           for setting, curves in drops["curves"].items()}  # the last quarter's drop rate
     lines = [f"3. Drop-towards-the-end, layer {drops['layer']}: share of assignments dropped in "
              "each quarter of the sequence (one row per routing group, as in the paper's "
              "analysis; its Fig. 12 used ColossalAI's rule, k in the capacity)"]
-    end = {}  # setting -> source -> drop rate in the last quarter
     for setting, curves in drops["curves"].items():
-        lines.append(f"   {setting}")
-        for source, curve_L in curves.items():
-            quarters = quarter_means(curve_L)
-            end.setdefault(setting, {})[source] = quarters[-1]
-            lines.append(f"     {source:16} " + "  ".join(f"{q:6.1%}" for q in quarters))
+        lines += [f"   {setting}"] + [f"     {source:16} " + "  ".join(
+            f"{q:6.1%}" for q in quarter_means(curve_L)) for source, curve_L in curves.items()]
     lines += ["   Capacity sweep (T5X rule): dropped in the last quarter of the sequence",
               f"     {'cf':>5} " + " ".join(f"{s:>16}" for s in sources)]
-    for capacity_factor, by_source in drops["sweep"].items():
-        lines.append(f"     {capacity_factor:5.2f} "
-                     + " ".join(f"{by_source[s]:16.1%}" for s in sources))
-    train, colossal, evaluation, dropless = (end[name] for name in drops["curves"])
+    lines += [f"     {cf:5.2f} " + " ".join(f"{by_source[s]:16.1%}" for s in sources)
+              for cf, by_source in drops["sweep"].items()]
+    train, colossal, evaluation, dropless = end.values()
     worst = max(colossal, key=colossal.get)
     seen = np.mean([colossal[s] for s in IN_DISTRIBUTION])
     shrink = np.mean([evaluation[s] / train[s] for s in sources if train[s] > 0])
@@ -555,102 +543,9 @@ def drop_lines(drops: dict, sources: list[str]) -> list[str]:
                     f"{max(dropless.values()):.0%}."]
 
 
-def report_lines(subject: Subject, results: dict, rows: dict[str, int]) -> list[str]:
-    """The whole report: what was analysed, then the three findings with a conclusion each."""
-    header = [f"Routing analysis of {subject.name} ({subject.about})",
-              f"rows of {subject.seq_len} tokens per source: "
-              + ", ".join(f"{source} {count}" for source, count in rows.items())]
-    return [*header, "", *specialization_lines(results["specialization"]), "",
-            *early_routing_lines(results["early_routing"]), "",
-            *drop_lines(results["drops"], list(rows)), ""]
-
-
-def heat_maps(decisions: Decisions, tokenizer, layer: int, tokens: int = 24,
-              position_bins: int = 16) -> list[tuple]:
-    """(title, row labels, [rows, E] shares): the most frequent token ids, and position bins."""
-    seen = decisions.only(*IN_DISTRIBUTION)
-    keys_K, counts_K, distribution_KE = routing_distribution(seen.token_N, seen.expert_NA[layer],
-                                                             seen.num_experts)
-    frequent = np.argsort(-counts_K, kind="stable")[:tokens]
-    bins_N = seen.position_N * position_bins // seen.seq_len
-    _, _, by_position_PE = routing_distribution(bins_N, seen.expert_NA[layer], seen.num_experts)
-    width = decisions.seq_len // position_bins
-    return [("by token id (most frequent)", [repr(piece(tokenizer, keys_K[i])) for i in frequent],
-             distribution_KE[frequent]),
-            ("by position", [f"{b * width}-{(b + 1) * width - 1}" for b in range(position_bins)],
-             by_position_PE)]
-
-
-def save_figures(results: dict, out_dir: pathlib.Path) -> list[str]:
-    """Heat maps of routing by token and by position, the agreement curve, and drop rate vs
-    position; returns the files written, or [] when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
-
-    # Finding 1: routing by token id is nearly one-hot per row; by position it is nearly flat.
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for axis, (title, labels, matrix) in zip(axes, results["heat_maps"]):
-        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
-        axis.set_title(title)
-        axis.set_xlabel("expert")
-        axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (share of assignments)")
-    figure.tight_layout()
-    written.append(out_dir / "specialization.png")
-    figure.savefig(written[-1], dpi=120)
-
-    # Finding 2 (with a series): how much of the final token → expert map each checkpoint has.
-    if early is not None:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for layer, curve in early["agreement"].items():
-            axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
-        axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
-        axis.set_xticks(early["steps"], [pathlib.Path(label).name for label in early["labels"]],
-                        fontsize=7)
-        axis.set(xlabel={"step": "training step", "checkpoint": "checkpoint, in training order"}[
-                     early["step_name"]],
-                 ylabel="favourite expert = final one", ylim=(0, 1.05),
-                 title="Early routing learning")
-        axis.legend()
-        figure.tight_layout()
-        written.append(out_dir / "early_routing.png")
-        figure.savefig(written[-1], dpi=120)
-
-    # Finding 3: drop rate along the sequence, one panel per capacity, in 16 bins of positions.
-    settings = len(drops["curves"])
-    figure, axes = plt.subplots(1, settings, figsize=(5 * settings, 4), sharey=True)
-    for axis, (setting, curves) in zip(np.atleast_1d(axes), drops["curves"].items()):
-        for source, curve_L in curves.items():
-            bins = np.array_split(np.arange(len(curve_L)), 16)
-            axis.plot([b.mean() for b in bins], [np.nanmean(np.asarray(curve_L)[b]) for b in bins],
-                      label=source)
-        axis.set(title=setting, xlabel="position in the sequence")
-    np.atleast_1d(axes)[0].set_ylabel("share of assignments dropped")
-    np.atleast_1d(axes)[0].legend()
-    figure.suptitle(f"Drop-towards-the-end, MoE layer {drops['layer']}")
-    figure.tight_layout()
-    written.append(out_dir / "drop_towards_the_end.png")
-    figure.savefig(written[-1], dpi=120)
-    plt.close("all")
-    return [str(p) for p in written]
-
-
 # ------------------------------------------------------------------------------------------------
 # Part 7: putting it together
 # ------------------------------------------------------------------------------------------------
-
-def default_layer(model_cfg) -> int:
-    """The paper's figures use the third MoE layer; a smaller model's last one."""
-    layers = model_cfg.moe_layers
-    return layers[min(2, len(layers) - 1)]
-
 
 def progress(message: str) -> None:
     """One line on stderr as the analysis goes: it routes every row several times (minutes)."""
@@ -658,13 +553,9 @@ def progress(message: str) -> None:
 
 
 def check_min_count(min_count: int, in_distribution: dict[str, dict], max_rows: int) -> None:
-    """Refuse a min_count that no position or no token id can reach, before any routing.
-
-    Findings 1 and 2 keep the keys seen at least min_count times among the in-distribution
-    tokens. Each position occurs once per row, so above the row count no position is left (the
-    tables would be NaN and the conclusion wrong); above the most frequent token id's count, no
-    token id is left.
-    """
+    """Refuse a min_count that no position or no token id reaches, before any routing: findings
+    1 and 2 keep the values seen min_count times among the in-distribution tokens, and each
+    position occurs once per row (above that the tables would be NaN, the conclusions wrong)."""
     rows = {source: len(r["inputs"]) for source, r in in_distribution.items()}
     most_frequent = int(np.bincount(np.concatenate(
         [r["inputs"].ravel() for r in in_distribution.values()])).max())
@@ -679,10 +570,9 @@ def check_min_count(min_count: int, in_distribution: dict[str, dict], max_rows: 
 
 def last_checkpoint_findings(subject: Subject, rows_by_source: dict, layer: int,
                              sweep: tuple[float, ...]) -> tuple[Decisions, dict]:
-    """The last checkpoint in full: its decisions at the evaluation capacity (specialization is
-    what the router wants) and the drop study, each capacity under study routed once (the
-    settings and the sweep share some). Its parameters are released on return, so only one
-    checkpoint is ever in memory: the earlier ones load next, for early routing."""
+    """The last checkpoint in full: its decisions at the evaluation capacity (for finding 1) and
+    the drop study, each capacity routed once (the settings and the sweep share some). Its
+    parameters are released on return, before the earlier checkpoints load for finding 2."""
     params = subject.checkpoints[-1].load()
 
     @functools.cache  # keyed by the arguments as given: always pass both
@@ -695,58 +585,57 @@ def last_checkpoint_findings(subject: Subject, rows_by_source: dict, layer: int,
     return decisions, drop_towards_the_end(subject, decisions_at, layer, sweep)
 
 
+def report_lines(subject: Subject, results: dict, rows: dict[str, int]) -> list[str]:
+    """The whole report: what was analysed, then the three findings with a conclusion each."""
+    return [f"Routing analysis of {subject.name} ({subject.about})",
+            f"rows of {subject.seq_len} tokens per source: "
+            + ", ".join(f"{source} {count}" for source, count in rows.items()), "",
+            *specialization_lines(results["specialization"]), "",
+            *early_routing_lines(results["early_routing"]), "",
+            *drop_lines(results["drops"], list(rows)), ""]
+
+
 def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
             min_count: int = 128, sweep: tuple[float, ...] = SWEEP,
-            out_dir: pathlib.Path | None = None, figures: bool = True) -> dict:
-    """All three findings on `subject`; writes report.txt, analysis.json and figures to out_dir
-    (default: the subject's). Finding 2 needs at least two checkpoints; with one it is None."""
-    model_cfg = subject.model_cfg
-    if not model_cfg.moe_layers:
+            out_dir: pathlib.Path | None = None) -> dict:
+    """All three findings on `subject`, detailed for `layer` (default: the third MoE layer, as in
+    the paper's figures, or a smaller model's last); writes report.txt and analysis.json to
+    `out_dir` (default: the subject's). Finding 2 needs two checkpoints or more, else is None."""
+    moe_layers = subject.model_cfg.moe_layers
+    if not moe_layers:
         raise ValueError(f"{subject.name} ({subject.about}) has no MoE layer to analyse")
-    layer = default_layer(model_cfg) if layer is None else layer
-    if layer not in model_cfg.moe_layers:
-        raise ValueError(f"layer={layer}: the MoE layers of {subject.name} are "
-                         f"{model_cfg.moe_layers}")
-    if max_rows < 1 or min_count < 1:
-        raise ValueError(f"max_rows={max_rows} and min_count={min_count} must be >= 1")
-    if len(set(sweep)) < 2 or min(sweep) <= 0:
-        raise ValueError(f"sweep={tuple(sweep)}: give two or more different capacity factors, "
-                         "each > 0")
-    out_dir = pathlib.Path(out_dir or subject.out_dir)
-
-    # Released weights read rows as T5X fed them, behind its start token (06's t5x_padding).
+    layer = moe_layers[min(2, len(moe_layers) - 1)] if layer is None else layer
+    if layer not in moe_layers:
+        raise ValueError(f"layer={layer}: the MoE layers of {subject.name} are {moe_layers}")
+    if max_rows < 1 or min_count < 1 or len(set(sweep)) < 2 or min(sweep) <= 0:
+        raise ValueError(f"max_rows={max_rows} and min_count={min_count} must be >= 1, and "
+                         f"sweep={tuple(sweep)} two or more different capacity factors > 0")
+    # Released weights read their rows as T5X fed them, behind its start token (06's t5x_padding).
     rows_by_source = {source: pack_rows(texts, subject.tokenizer, subject.seq_len, max_rows,
-                                        decoder_start=model_cfg.t5x_padding)
+                                        decoder_start=subject.model_cfg.t5x_padding)
                       for source, texts in analysis_texts().items()}
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
     check_min_count(min_count, in_distribution, max_rows)
-
-    progress(f"{subject.name}: {sum(len(r['inputs']) for r in rows_by_source.values())} rows of "
-             f"{subject.seq_len} tokens from {len(rows_by_source)} sources; loading "
-             f"{subject.step_name} {subject.checkpoints[-1].label}")
+    rows = {source: len(r["inputs"]) for source, r in rows_by_source.items()}
+    progress(f"{subject.name}: {sum(rows.values())} rows of {subject.seq_len} tokens from "
+             f"{len(rows)} sources; loading {subject.step_name} {subject.checkpoints[-1].label}")
     decisions, drops = last_checkpoint_findings(subject, rows_by_source, layer, tuple(sweep))
-
-    # Finding 2 compares every earlier checkpoint with the last one's favourite experts, which
-    # come from the same decisions: the in-distribution rows at the evaluation capacity.
+    # Finding 2 compares every earlier checkpoint with the last one's favourite experts, from the
+    # same decisions: the in-distribution rows at the evaluation capacity.
     final = favourite_experts(decisions.only(*IN_DISTRIBUTION), min_count)
     results = {"specialization": specialization(decisions, subject.tokenizer, layer, min_count),
                "early_routing": (early_routing(subject, in_distribution, final, min_count)
                                  if len(subject.checkpoints) > 1 else None),
                "drops": drops}
-    rows = {source: len(r["inputs"]) for source, r in rows_by_source.items()}
     lines = report_lines(subject, results, rows)
-
+    out_dir = pathlib.Path(out_dir or subject.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
-    saved = dict(results, drops={**results["drops"], "curves": {
+    saved = dict(results, drops={**drops, "curves": {
         setting: {s: [None if np.isnan(v) else float(v) for v in c] for s, c in curves.items()}
-        for setting, curves in results["drops"]["curves"].items()}})
+        for setting, curves in drops["curves"].items()}})
     (out_dir / "analysis.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
-    if figures:
-        results["heat_maps"] = heat_maps(decisions, subject.tokenizer, layer)
-        results["figures"] = save_figures(results, out_dir)
-    results.update(lines=lines, out_dir=str(out_dir), rows=rows)
-    return results
+    return {**results, "lines": lines, "out_dir": str(out_dir), "rows": rows}
 
 
 def open_subject(*, run_dir: str | None = None, model: str | None = None,
@@ -770,68 +659,82 @@ def open_subject(*, run_dir: str | None = None, model: str | None = None,
     if seq_len is not None:
         raise ValueError(f"--seq-len {seq_len} is for released models; a 09 run is analysed on "
                          "rows of its own training length")
-    return run_subject(open_run(run_dir or "runs/laptop"), dtype=jnp.dtype(dtype))
+    return run_subject(released.open_run(run_dir or "runs/laptop"), dtype=jnp.dtype(dtype))
 
 
 def quick_run_config(run_dir: str = "runs/routing-quick") -> Any:
-    """A run for the self-test: 06's tiny preset on short rows, every checkpoint kept."""
+    """The self-test's run: 06's tiny preset on short rows, every checkpoint kept."""
     return dataclasses.replace(
-        train_lib.CONFIGS["quick"], preset="tiny", run_dir=run_dir, objective="lm",
-        ul2_until_step=0,
-        seq_len=64, batch_size=16, microbatches=1, steps=120, warmup_steps=12, eval_every=0,
-        eval_batches=0, checkpoint_every=20, keep_last=1, keep_period=20, sample_tokens=0)
+        train_lib.QUICK, model=model_lib.PRESETS["tiny"], run_dir=run_dir, objective="lm",
+        ul2_until_step=0, seq_len=64, batch_size=16, microbatches=1, steps=120, warmup_steps=12,
+        eval_every=0, eval_batches=0, checkpoint_every=20, keep_last=1, keep_period=20,
+        sample_tokens=0)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="Reproduce OpenMoE's three routing findings (context-independent "
-                    "specialization, early routing learning, drop-towards-the-end) on a run of "
-                    "09_train.py or on released OpenMoE models: prints a report and writes "
-                    "report.txt, analysis.json and PNG figures (with matplotlib: pip install -r "
-                    "requirements-plots.txt).")
-    parser.add_argument("--run-dir", default=None,
-                        help="a 09_train.py run directory (default: runs/laptop)")
-    parser.add_argument("--model", default=None,
-                        help="a released model instead: a directory or a hub name, e.g. "
-                             "OrionZheng/openmoe-base (downloaded once)")
-    parser.add_argument("--series", nargs="+", default=None, metavar="MODEL",
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(
+        "Reproduce OpenMoE's three routing findings (context-independent specialization, early "
+        "routing learning, drop-towards-the-end) on a run of 09_train.py or on released OpenMoE "
+        "models: prints a report and writes report.txt and analysis.json (docs/make_figures.py "
+        "draws them)."))
+    parser.add_argument("--run-dir", help="a 09_train.py run directory (default: runs/laptop)")
+    parser.add_argument("--model", help="a released model instead: a directory or a hub name, "
+                                        "e.g. OrionZheng/openmoe-base (downloaded once)")
+    parser.add_argument("--series", nargs="+", metavar="MODEL",
                         help="checkpoints of one released model in training order, e.g. "
                              "OrionZheng/openmoe-8b-200B ... OrionZheng/openmoe-8b-1T: the last "
                              "is analysed in full, all of them for early routing")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameters and activations of released models (router and logits "
                              "stay f32); bfloat16 halves the 8B's 47 GB")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per row for released models (default 512; a 09 run uses "
-                             "its own)")
+    parser.add_argument("--seq-len", type=int, help="tokens per row for released models "
+                                                    "(default 512; a 09 run uses its own)")
     parser.add_argument("--quick", action="store_true",
                         help="self-test: train a tiny run in a temporary directory (about 1.5 "
                              "minutes) and analyse it instead; nothing is left behind unless "
                              "--out is given")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="block index of the MoE layer to detail (default: the third MoE layer)")
-    parser.add_argument("--rows", type=int, default=None,
-                        help="rows per source to route (default 128; --quick: 48)")
-    parser.add_argument("--min-count", type=int, default=None,
+    parser.add_argument("--layer", type=int, help="block index of the MoE layer to detail "
+                                                  "(default: the third MoE layer)")
+    parser.add_argument("--rows", type=int, help="rows per source to route (default 128; "
+                                                 "--quick: 48)")
+    parser.add_argument("--min-count", type=int,
                         help="token ids / positions seen fewer times are left out (default and "
                              "paper: 128; --quick: 32, for its shorter rows)")
-    parser.add_argument("--out", default=None,
-                        help="output directory (default: RUN_DIR/routing_analysis, or "
-                             "runs/routing_analysis/MODEL for released models)")
+    parser.add_argument("--out", help="output directory (default: RUN_DIR/routing_analysis, or "
+                                      "runs/routing_analysis/MODEL for released models)")
     parser.add_argument("--sweep", type=float, nargs="+", default=SWEEP, metavar="CF",
                         help=f"capacity factors of the drop study's sweep (default {SWEEP}); "
                              "each is one more pass over the rows")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    args = parser.parse_args()
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only checkpoints
+    return parser.parse_args(argv)
 
+
+def self_test_failures(results: dict, sweep: tuple[float, ...]) -> list[str]:
+    """What must hold on any trained model: the final checkpoint agrees with itself, more capacity
+    drops less, and (the paper's first finding, seen on every run here) token ids beat positions."""
+    spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
+    scores = spec["by_layer"][spec["layer"]]
+    least, most = min(sweep), max(sweep)
+    failures = (["the final checkpoint must agree with itself"]
+                if early and any(curve[-1] != 1.0 for curve in early["agreement"].values()) else [])
+    if scores["token_id"]["score"] <= scores["position"]["score"]:
+        failures.append("routing should depend more on the token id than on the position")
+    return failures + [f"{source}: capacity factor {most} must drop less than {least}"
+                       for source in results["rows"]
+                       if drops["sweep"][most][source] >= drops["sweep"][least][source]]
+
+
+def main(argv=None) -> None:
+    """The command line: analyse what it names (with --quick, a tiny run trained first in a
+    temporary directory), print the report, and give the self-test's verdict by exit status
+    (not `assert`, so that it holds under `python -O`)."""
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only checkpoints
     with contextlib.ExitStack() as scratch:
         try:
             if args.quick:
                 if args.run_dir or args.model or args.series:
                     raise ValueError("--quick trains and analyses its own run: drop --run-dir, "
                                      "--model and --series")
-                # The self-test's run lives in a temporary directory, removed at the end.
                 args.run_dir = scratch.enter_context(tempfile.TemporaryDirectory(
                     prefix="openmoe-routing-quick-"))
                 train_lib.train(quick_run_config(args.run_dir), overwrite=True, progress=False)
@@ -841,32 +744,20 @@ if __name__ == "__main__":
             rows = (48 if args.quick else 128) if args.rows is None else args.rows
             min_count = (32 if args.quick else 128) if args.min_count is None else args.min_count
             results = analyse(subject, layer=args.layer, max_rows=rows, min_count=min_count,
-                              sweep=args.sweep, out_dir=args.out, figures=not args.no_figures)
+                              sweep=args.sweep, out_dir=args.out)
         except ValueError as error:
             sys.exit(f"error: {error}")
     print("\n".join(results["lines"]))
-    figures = results.get("figures")
-    written = "report.txt, analysis.json" + (
-        ", " + ", ".join(pathlib.Path(f).name for f in figures) if figures else
-        ("" if args.no_figures else " (no figures: pip install -r requirements-plots.txt)"))
     if args.quick and not args.out:
-        print(f"{written} were written to a temporary directory, now removed (--out keeps them)")
+        print("report.txt, analysis.json were written to a temporary directory, now removed "
+              "(--out keeps them)")
     else:
-        print(f"written to {results['out_dir']}: {written}")
-
-    # What must hold on any trained model: the final checkpoint agrees with itself, more capacity
-    # drops less, and (the paper's first finding, seen on every run here) token ids beat positions.
-    # (Checked with `sys.exit`, not `assert`: a self-test's verdict must survive `python -O`.)
-    spec, early, drops = results["specialization"], results["early_routing"], results["drops"]
-    scores = spec["by_layer"][spec["layer"]]
-    least, most = min(args.sweep), max(args.sweep)
-    failures = (["the final checkpoint must agree with itself"]
-                if early and any(curve[-1] != 1.0 for curve in early["agreement"].values()) else [])
-    if scores["token_id"]["score"] <= scores["position"]["score"]:
-        failures.append("routing should depend more on the token id than on the position")
-    failures += [f"{source}: capacity factor {most} must drop less than {least}"
-                 for source in results["rows"]
-                 if drops["sweep"][most][source] >= drops["sweep"][least][source]]
+        print(f"written to {results['out_dir']}: report.txt, analysis.json")
+    failures = self_test_failures(results, args.sweep)
     if failures:
         sys.exit("self-test FAILED: " + "; ".join(failures))
     print("OK: decisions recorded at every checkpoint; the three findings measured and reported.")
+
+
+if __name__ == "__main__":
+    main()

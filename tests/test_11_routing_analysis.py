@@ -10,6 +10,7 @@ weights from two seeds), analysed through `--model` and `--series` without any n
 """
 
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
@@ -23,9 +24,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load
+from conftest import REPO_ROOT, load
 
-ra = load("11_routing_analysis")
+analysis = load("11_routing_analysis")
 released = load("10_released_models")
 train_lib = load("09_train")
 model_lib = load("06_model")
@@ -38,16 +39,16 @@ tok = load("01_tokenizer")
 
 def test_routing_distribution_counts_every_choice_and_filters_rare_keys():
     # The docstring's example: per key, the share of its assignments that went to each expert.
-    keys, counts, dist = ra.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2)
+    keys, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2)
     assert keys.tolist() == [7, 9] and counts.tolist() == [2, 1]
     np.testing.assert_allclose(dist, [[0.5, 0.5], [0.0, 1.0]])
     # min_count drops keys seen fewer times (9 is seen once).
-    keys, counts, dist = ra.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2,
+    keys, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2,
                                                  min_count=2)
     assert keys.tolist() == [7] and counts.tolist() == [2]
     np.testing.assert_allclose(dist, [[0.5, 0.5]])
     # k=2: both choices count, so key 3's four assignments are e0 twice, e1 once, e2 once.
-    keys, counts, dist = ra.routing_distribution(np.array([3, 3]), np.array([[0, 1], [0, 2]]), 4)
+    keys, counts, dist = analysis.routing_distribution(np.array([3, 3]), np.array([[0, 1], [0, 2]]), 4)
     assert keys.tolist() == [3] and counts.tolist() == [2]
     np.testing.assert_allclose(dist, [[0.5, 0.25, 0.25, 0.0]])
 
@@ -56,7 +57,7 @@ def test_routing_distribution_counts_every_choice_and_filters_rare_keys():
 def test_max_spread_is_the_std_of_a_key_that_always_picks_the_same_experts(experts, top_k):
     # The normaliser of the specialization score: k entries at 1/k, the rest zero.
     always_same = np.array([1.0 / top_k] * top_k + [0.0] * (experts - top_k))
-    assert ra.max_spread(experts, top_k) == pytest.approx(np.std(always_same), abs=1e-12)
+    assert analysis.max_spread(experts, top_k) == pytest.approx(np.std(always_same), abs=1e-12)
 
 
 def _pair_table():
@@ -79,8 +80,8 @@ def test_specialization_score_separates_token_id_routing_from_position_routing()
     random_choice = np.argsort(rng.random((n, 8)), axis=1)[:, :2]  # 2 distinct random experts
 
     def scores(expert_NA):
-        return (ra.specialization_score(token_N, expert_NA, 8, min_count=100)["score"],
-                ra.specialization_score(position_N, expert_NA, 8, min_count=100)["score"])
+        return (analysis.specialization_score(token_N, expert_NA, 8, min_count=100)["score"],
+                analysis.specialization_score(position_N, expert_NA, 8, min_count=100)["score"])
 
     token_score, position_score = scores(by_token)
     assert token_score == pytest.approx(1.0, abs=1e-9) and position_score < 0.2
@@ -89,22 +90,22 @@ def test_specialization_score_separates_token_id_routing_from_position_routing()
     token_score, position_score = scores(random_choice)
     assert token_score < 0.2 and position_score < 0.2
     # Keys below min_count are left out, and with none left the score is NaN, not an error.
-    result = ra.specialization_score(token_N, by_token, 8, min_count=n + 1)
+    result = analysis.specialization_score(token_N, by_token, 8, min_count=n + 1)
     assert result["keys"] == 0 and np.isnan(result["score"])
-    assert ra.specialization_score(token_N, by_token, 8, min_count=1)["keys"] == 56
+    assert analysis.specialization_score(token_N, by_token, 8, min_count=1)["keys"] == 56
 
 
 def test_top_tokens_orders_each_experts_tokens_by_count_with_their_share():
     # The paper's Table 9: per expert, the ids it receives most, and how reliably it gets them.
     token_N = np.array([5, 5, 5, 5, 6, 6, 6, 6, 7])
     expert_NA = np.array([[2, 0]] * 4 + [[2, 1], [2, 1], [3, 1], [3, 1]] + [[2, 3]])
-    table = ra.top_tokens(token_N, expert_NA, num_experts=5)
+    table = analysis.top_tokens(token_N, expert_NA, num_experts=5)
     assert table[0] == [(5, 4, 1.0)]
     assert table[1] == [(6, 4, 1.0)]
     assert table[2] == [(5, 4, 1.0), (6, 2, 0.5), (7, 1, 1.0)]  # token 5 always, 6 half the time
     assert table[3] == [(6, 2, 0.5), (7, 1, 1.0)]
     assert table[4] == []  # an unused expert has no top tokens
-    assert ra.top_tokens(token_N, expert_NA, num_experts=5, count=2)[2] == [(5, 4, 1.0), (6, 2, 0.5)]
+    assert analysis.top_tokens(token_N, expert_NA, num_experts=5, count=2)[2] == [(5, 4, 1.0), (6, 2, 0.5)]
 
 
 def test_top1_experts_and_agreement():
@@ -115,39 +116,39 @@ def test_top1_experts_and_agreement():
     token_N = rng.integers(0, 10, 4000)
     first_N = np.where(rng.random(4000) < 0.7, token_N % 4, rng.integers(0, 4, 4000))
     expert_NA = np.stack([first_N, (first_N + 1) % 4], axis=1)
-    keys, top1 = ra.top1_experts(token_N, expert_NA, 4, min_count=1)
+    keys, top1 = analysis.top1_experts(token_N, expert_NA, 4, min_count=1)
     assert keys.tolist() == list(range(10)) and top1.tolist() == [t % 4 for t in range(10)]
     # The favourite is the most common *first* choice: second choices do not count.
-    keys_second, top1_second = ra.top1_experts(token_N, expert_NA[:, ::-1], 4, min_count=1)
+    keys_second, top1_second = analysis.top1_experts(token_N, expert_NA[:, ::-1], 4, min_count=1)
     assert top1_second.tolist() == [(t + 1) % 4 for t in range(10)]
-    assert ra.agreement(keys, top1, keys, top1) == 1.0
+    assert analysis.agreement(keys, top1, keys, top1) == 1.0
     relabelled = (expert_NA + 1) % 4  # e -> e+1: no expert keeps its label
-    assert ra.agreement(keys, top1, *ra.top1_experts(token_N, relabelled, 4, min_count=1)) == 0.0
+    assert analysis.agreement(keys, top1, *analysis.top1_experts(token_N, relabelled, 4, min_count=1)) == 0.0
     # Only common keys: 2 agrees, 3 does not, 1 and 4 are in one side only.
-    assert ra.agreement(np.array([1, 2, 3]), np.array([0, 1, 2]),
+    assert analysis.agreement(np.array([1, 2, 3]), np.array([0, 1, 2]),
                         np.array([2, 3, 4]), np.array([1, 0, 5])) == 0.5
-    assert np.isnan(ra.agreement(np.array([1]), np.array([0]), np.array([2]), np.array([0])))
+    assert np.isnan(analysis.agreement(np.array([1]), np.array([0]), np.array([2]), np.array([0])))
     # min_count removes rare ids from the comparison.
     rare = np.concatenate([token_N, [99]])
     rare_experts = np.concatenate([expert_NA, [[0, 1]]])
-    assert 99 in ra.top1_experts(rare, rare_experts, 4, min_count=1)[0]
-    assert 99 not in ra.top1_experts(rare, rare_experts, 4, min_count=2)[0]
+    assert 99 in analysis.top1_experts(rare, rare_experts, 4, min_count=1)[0]
+    assert 99 not in analysis.top1_experts(rare, rare_experts, 4, min_count=2)[0]
 
 
 def test_drop_rate_by_position_and_quarter_means():
     # Finding 3's curve: dropped share of the k assignments at each position; NaN where no token.
     position_N = np.array([0, 0, 1, 3])
     kept_NA = np.array([[True, True], [True, False], [False, False], [True, False]])
-    rate_L = ra.drop_rate_by_position(position_N, kept_NA, seq_len=4)
+    rate_L = analysis.drop_rate_by_position(position_N, kept_NA, seq_len=4)
     np.testing.assert_allclose(rate_L[[0, 1, 3]], [0.25, 1.0, 0.5])
     assert np.isnan(rate_L[2])
-    assert ra.quarter_means(np.arange(8.0)) == [0.5, 2.5, 4.5, 6.5]
-    assert ra.quarter_means(np.array([np.nan, 1, 2, 3, 4, 5, 6, 7])) == [1.0, 2.5, 4.5, 6.5]
+    assert analysis.quarter_means(np.arange(8.0)) == [0.5, 2.5, 4.5, 6.5]
+    assert analysis.quarter_means(np.array([np.nan, 1, 2, 3, 4, 5, 6, 7])) == [1.0, 2.5, 4.5, 6.5]
 
 
 def test_decisions_only_selects_one_sources_rows_in_every_field():
     # Every per-source statistic goes through only(): all row-indexed fields must stay aligned.
-    decisions = ra.Decisions(
+    decisions = analysis.Decisions(
         sources=("a", "b"), source_N=np.array([0, 1, 0, 1, 1]), token_N=np.array([10, 11, 12, 13, 14]),
         position_N=np.array([0, 1, 2, 3, 4]),
         expert_NA={1: np.arange(10).reshape(5, 2), 3: np.arange(10, 20).reshape(5, 2)},
@@ -172,19 +173,19 @@ def test_decisions_only_selects_one_sources_rows_in_every_field():
 def test_chat_formatted_alternates_user_and_assistant_over_paragraphs():
     # OOD text for finding 3: same words, chat shape. Paragraphs alternate roles, in order.
     paragraphs = ["First paragraph here.", "Second one.", "And the third."]
-    (chat,) = ra.chat_formatted(["\n\n".join(paragraphs[:2]) + "\n\n\n" + paragraphs[2] + "\n"])
+    (chat,) = analysis.chat_formatted(["\n\n".join(paragraphs[:2]) + "\n\n\n" + paragraphs[2] + "\n"])
     markers = re.findall(r"### (User|Assistant):", chat)
     assert markers[:3] == ["User", "Assistant", "User"]
     assert all(a != b for a, b in zip(markers, markers[1:]))  # strictly alternating
     places = [chat.index(f"### {role}:\n{p}") for role, p in zip(markers, paragraphs)]
     assert places == sorted(places)
-    assert len(ra.chat_formatted(["a", "b\n\nc"])) == 2  # one chat per document
+    assert len(analysis.chat_formatted(["a", "b\n\nc"])) == 2  # one chat per document
 
 
 def test_other_language_texts_has_one_document_per_header_and_no_comments(tmp_path):
-    text = ra.OTHER_LANGUAGES.read_text(encoding="utf-8")
+    text = analysis.OTHER_LANGUAGES.read_text(encoding="utf-8")
     headers = [line for line in text.splitlines() if re.fullmatch(r"== .+ ==", line)]
-    documents = ra.other_language_texts()
+    documents = analysis.other_language_texts()
     assert len(headers) > 0 and len(documents) == len(headers)
     for document in documents:
         assert document.strip()
@@ -192,7 +193,7 @@ def test_other_language_texts_has_one_document_per_header_and_no_comments(tmp_pa
     # A small file with a comment before and inside a document.
     path = tmp_path / "langs.txt"
     path.write_text("# about this file\n== A ==\nhello\n# a note\nworld\n== B ==\nbye\n", encoding="utf-8")
-    assert ra.other_language_texts(path) == ["hello\nworld", "bye"]
+    assert analysis.other_language_texts(path) == ["hello\nworld", "bye"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def trained(tmp_path_factory):
     """The run (10 steps, checkpoints at 5 and 10), plus 09's own trainer and its initial
     parameters, captured as 09 builds them (copied before the first step donates them)."""
     cfg = dataclasses.replace(
-        ra.quick_run_config(), run_dir=str(tmp_path_factory.mktemp("routing") / "run"), steps=10,
+        analysis.quick_run_config(), run_dir=str(tmp_path_factory.mktemp("routing") / "run"), steps=10,
         checkpoint_every=5, keep_period=5, seq_len=32, batch_size=8, warmup_steps=2)
     captured = {}
     build_trainer = train_lib.build_trainer
@@ -218,22 +219,22 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_lib, "build_trainer", recording_build_trainer)
         train_lib.train(cfg, overwrite=True, progress=False)
-    return types.SimpleNamespace(cfg=cfg, run=ra.open_run(cfg.run_dir), **captured)
+    return types.SimpleNamespace(cfg=cfg, run=released.open_run(cfg.run_dir), **captured)
 
 
 @pytest.fixture(scope="module")
 def initial_params(trained):
     """10's step 0, built once: it runs 06's initialization eagerly, seconds on a CPU."""
-    return ra.load_params(trained.run, 0)
+    return released.load_params(trained.run, 0)
 
 
 @pytest.fixture(scope="module")
 def rows_by_source(trained):
     """Packed rows of two sources: 17 text rows take two batches of 16, the second padded."""
     tokenizer = train_lib.load_tokenizer(trained.cfg)
-    texts = ra.analysis_texts()
-    return {"text": ra.pack_rows(texts["text"], tokenizer, trained.cfg.seq_len, 17),
-            "other languages": ra.pack_rows(texts["other languages"], tokenizer, trained.cfg.seq_len, 3)}
+    texts = analysis.analysis_texts()
+    return {"text": analysis.pack_rows(texts["text"], tokenizer, trained.cfg.seq_len, 17),
+            "other languages": analysis.pack_rows(texts["other languages"], tokenizer, trained.cfg.seq_len, 3)}
 
 
 def test_open_run_reads_the_config_and_every_kept_checkpoint(trained):
@@ -249,16 +250,16 @@ def test_open_run_rejects_directories_that_are_not_runs(tmp_path, trained):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=f"{re.escape(str(empty))}.*no config.json"):
-        ra.open_run(empty)
+        released.open_run(empty)
     # A config but no checkpoints/ yet, then an empty checkpoints/.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     shutil.copy(trained.run.path / "config.json", fresh / "config.json")
     with pytest.raises(ValueError, match=f"{re.escape(str(fresh))}.*no checkpoints"):
-        ra.open_run(fresh)
+        released.open_run(fresh)
     (fresh / "checkpoints").mkdir()
     with pytest.raises(ValueError, match=f"{re.escape(str(fresh))}.*no checkpoints"):
-        ra.open_run(fresh)
+        released.open_run(fresh)
 
 
 def _paths_and_leaves(state):
@@ -270,14 +271,12 @@ def test_a_run_exports_to_the_released_layout_and_loads_back(trained, tmp_path, 
     # Chapter 10's `export`: a 09 run written as a released model (config.json, safetensors,
     # spiece.model) loads back with the run's exact parameters. (Here, where the run is.)
     out = tmp_path / "hf"
-    released = load("10_released_models")
-    released.command_export(released.parse_args(["export", "--run", str(trained.run.path),
-                                                 "--out", str(out), "--step", "5"]))
+    released.main(["export", "--run", str(trained.run.path), "--out", str(out), "--step", "5"])
     assert "step 5" in capsys.readouterr().out
     model, tokenizer = released.load_model(out)
     assert tokenizer.vocab_size == model.cfg.vocab_size
     loaded = jax.tree.leaves(nnx.state(model, nnx.Param))
-    assert all(np.array_equal(a, b) for a, b in zip(loaded, jax.tree.leaves(ra.load_params(trained.run, 5))))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, jax.tree.leaves(released.load_params(trained.run, 5))))
     with pytest.raises(ValueError, match="already holds"):
         released.export_hf(model, out)
 
@@ -288,14 +287,14 @@ def test_load_params_matches_09s_initialization_and_restore(trained, initial_par
     run, trainer = trained.run, trained.trainer
     manager = train_lib.checkpoint_manager(trained.cfg)
     step = run.steps[-1]
-    params, _, _ = train_lib.read_checkpoint(manager, trainer, step)  # 09's own restore
+    params, _ = train_lib.read_checkpoint(manager, trainer, step)  # 09's own restore
     manager.close()
     final_paths, final_leaves = _paths_and_leaves(params)
     # 09 saved what it trained: the restore equals the trainer's final in-memory parameters.
     for ours, theirs in zip(final_leaves, _paths_and_leaves(trainer.params)[1]):
         assert np.array_equal(ours, theirs)
 
-    paths, leaves = _paths_and_leaves(ra.load_params(run, step))
+    paths, leaves = _paths_and_leaves(released.load_params(run, step))
     assert paths == final_paths
     for path, ours, theirs in zip(paths, leaves, final_leaves):
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), path
@@ -309,7 +308,7 @@ def test_load_params_matches_09s_initialization_and_restore(trained, initial_par
     assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(init_leaves, final_leaves))
 
     with pytest.raises(ValueError, match="step=12345"):
-        ra.load_params(run, 12345)
+        released.load_params(run, 12345)
 
 
 def test_record_decisions_equals_the_models_own_routing(trained, rows_by_source):
@@ -317,9 +316,9 @@ def test_record_decisions_equals_the_models_own_routing(trained, rows_by_source)
     # and position it belongs to, whatever the batching (17 rows: a full batch, then a padded
     # one). Groups are single rows, so running every row in one batch routes them identically.
     run = trained.run
-    model_cfg = ra.analysis_config(ra.run_subject(run))
-    params = ra.load_params(run, run.steps[-1])
-    decisions = ra.record_decisions(params, model_cfg, rows_by_source)  # batch_rows=16
+    model_cfg = analysis.analysis_config(analysis.run_subject(run))
+    params = released.load_params(run, run.steps[-1])
+    decisions = analysis.record_decisions(params, model_cfg, rows_by_source)  # batch_rows=16
     assert decisions.sources == tuple(rows_by_source)
     assert (decisions.num_experts, decisions.seq_len) == (model_cfg.num_experts, run.cfg.seq_len)
 
@@ -346,16 +345,16 @@ def test_record_decisions_equals_the_models_own_routing(trained, rows_by_source)
         start += count
 
 
-def queue_kept(expert_RLA, capacity: int, num_experts: int):
+def queue_kept(expert_BLA, capacity: int, num_experts: int):
     """Oracle for one-row routing groups: an expert's queue holds all first choices in position
     order, then all second choices; the first `capacity` of its queue are kept."""
-    rows, length, top_k = expert_RLA.shape
-    kept = np.zeros(expert_RLA.shape, bool)
+    rows, length, top_k = expert_BLA.shape
+    kept = np.zeros(expert_BLA.shape, bool)
     for r in range(rows):
         used = np.zeros(num_experts, int)
         for a in range(top_k):
             for t in range(length):
-                e = expert_RLA[r, t, a]
+                e = expert_BLA[r, t, a]
                 kept[r, t, a] = used[e] < capacity
                 used[e] += 1
     return kept
@@ -365,8 +364,8 @@ def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
     # Finding 3 compares capacity settings: each must be the capacity it claims, and more room
     # may only keep more, never drop what a smaller capacity kept.
     run = trained.run
-    subject = ra.run_subject(run)
-    params = ra.load_params(run, run.steps[-1])
+    subject = analysis.run_subject(run)
+    params = released.load_params(run, run.steps[-1])
     seq_len, experts, top_k = run.cfg.seq_len, 8, 2  # the tiny preset: 8 experts, top-2
     settings = {  # name: (capacity factor, rule, C by hand for groups of one 32-token row)
         "t5x 1.25": (1.25, "t5x", max(4, round(1.25 * seq_len / experts))),                     # 5
@@ -375,18 +374,18 @@ def test_capacity_rules_and_factors_on_real_decisions(trained, rows_by_source):
     }
     recorded = {}
     for name, (capacity_factor, rule, capacity) in settings.items():
-        model_cfg = ra.analysis_config(subject, capacity_factor=capacity_factor,
+        model_cfg = analysis.analysis_config(subject, capacity_factor=capacity_factor,
                                        capacity_rule=rule)
         assert model_cfg.num_experts == experts and model_cfg.top_k == top_k
-        recorded[name] = decisions = ra.record_decisions(params, model_cfg, rows_by_source)
+        recorded[name] = decisions = analysis.record_decisions(params, model_cfg, rows_by_source)
         # In every layer the kept flags follow the priority queue of each row (the analysis'
         # routing groups) with the hand-computed capacity: flags line up with their tokens.
         for source in decisions.sources:
             part = decisions.only(source)
             for layer in model_cfg.moe_layers:
-                expert_RLA = part.expert_NA[layer].reshape(-1, seq_len, top_k)
-                np.testing.assert_array_equal(part.kept_NA[layer].reshape(expert_RLA.shape),
-                                              queue_kept(expert_RLA, capacity, experts),
+                expert_BLA = part.expert_NA[layer].reshape(-1, seq_len, top_k)
+                np.testing.assert_array_equal(part.kept_NA[layer].reshape(expert_BLA.shape),
+                                              queue_kept(expert_BLA, capacity, experts),
                                               err_msg=f"{name}, {source}, layer {layer}")
 
     # Monotonicity. Only the first MoE layer sees identical inputs under every setting: drops
@@ -410,26 +409,25 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     # and step 0 comes from the fixture (load_params(run, 0) is tested above); every other
     # load goes to the real load_params, and the calls are logged.
     run = trained.run
-    sweep = (run.cfg.train_capacity_factor, run.cfg.eval_capacity_factor)
-    load_params, loaded = ra.load_params, []
+    sweep = (run.cfg.model.train_capacity_factor, run.cfg.model.eval_capacity_factor)
+    load_params, loaded = released.load_params, []
 
     def logged_load_params(run_, step):
         loaded.append(step)
         return initial_params if step == 0 else load_params(run_, step)
 
-    monkeypatch.setattr(ra, "load_params", logged_load_params)
-    record_decisions, routed = ra.record_decisions, []
+    monkeypatch.setattr(released, "load_params", logged_load_params)
+    record_decisions, routed = analysis.record_decisions, []
 
     def logged_record_decisions(params, model_cfg, rows_by_source):
         routed.append((model_cfg.eval_capacity_factor,
                        "dropless" if model_cfg.dropless else model_cfg.capacity_rule))
         return record_decisions(params, model_cfg, rows_by_source)
 
-    monkeypatch.setattr(ra, "record_decisions", logged_record_decisions)
-    subject = ra.run_subject(run)
+    monkeypatch.setattr(analysis, "record_decisions", logged_record_decisions)
+    subject = analysis.run_subject(run)
     out_dir = tmp_path / "analysis"
-    results = ra.analyse(subject, max_rows=4, min_count=2, sweep=sweep, out_dir=out_dir,
-                         figures=False)
+    results = analysis.analyse(subject, max_rows=4, min_count=2, sweep=sweep, out_dir=out_dir)
     # Every checkpoint read exactly once: the last (analysed in full, then released), then the
     # initialization and every earlier kept checkpoint, in order.
     assert loaded == [run.steps[-1], 0, *run.steps[:-1]]
@@ -454,7 +452,7 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         assert all(0.0 <= value <= 1.0 for value in curve)
 
     # Rows routed per source are capped at max_rows; each source's expert shares sum to 1.
-    assert set(results["rows"]) == set(ra.analysis_texts())
+    assert set(results["rows"]) == set(analysis.analysis_texts())
     assert all(1 <= n <= 4 for n in results["rows"].values())
     for shares in results["specialization"]["by_source"].values():
         assert sum(shares) == pytest.approx(1.0)
@@ -469,30 +467,30 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
     assert all(np.all(curve_L == 0) for curve_L in curves["dropless"].values())
     last_quarter = results["drops"]["sweep"]
     assert list(last_quarter) == list(sweep)
-    for name, (capacity_factor, rule) in ra.capacity_settings(subject.model_cfg).items():
+    for name, (capacity_factor, rule) in analysis.capacity_settings(subject.model_cfg).items():
         if rule == "t5x":
             for source, curve_L in curves[name].items():
                 assert last_quarter[capacity_factor][source] == pytest.approx(
-                    ra.quarter_means(curve_L)[-1])
+                    analysis.quarter_means(curve_L)[-1])
 
     # Bad arguments fail before anything is written.
     bad_dir = tmp_path / "bad"
     model_cfg = subject.model_cfg
     dense_layer = next(l for l in range(model_cfg.num_layers) if l not in model_cfg.moe_layers)
     with pytest.raises(ValueError, match=f"layer={dense_layer}"):
-        ra.analyse(subject, layer=dense_layer, out_dir=bad_dir, figures=False)
+        analysis.analyse(subject, layer=dense_layer, out_dir=bad_dir)
     with pytest.raises(ValueError, match="max_rows=0"):
-        ra.analyse(subject, max_rows=0, out_dir=bad_dir, figures=False)
+        analysis.analyse(subject, max_rows=0, out_dir=bad_dir)
     with pytest.raises(ValueError, match="min_count=0"):
-        ra.analyse(subject, min_count=0, out_dir=bad_dir, figures=False)
+        analysis.analyse(subject, min_count=0, out_dir=bad_dir)
     with pytest.raises(ValueError, match=re.escape("sweep=(2.0, 2.0)")):
-        ra.analyse(subject, sweep=(2.0, 2.0), out_dir=bad_dir, figures=False)
+        analysis.analyse(subject, sweep=(2.0, 2.0), out_dir=bad_dir)
     # A min_count that no position can reach (each occurs once per row: 4 text + 4 code rows)
     # is refused before any checkpoint is read.
     loads = len(loaded)
     with pytest.raises(ValueError, match=r"min_count=9: too little text.*4 text \+ 4 code rows.*"
                                          r"--min-count 8 or less"):
-        ra.analyse(subject, max_rows=4, min_count=9, out_dir=bad_dir, figures=False)
+        analysis.analyse(subject, max_rows=4, min_count=9, out_dir=bad_dir)
     assert len(loaded) == loads and not bad_dir.exists()
 
 
@@ -532,7 +530,7 @@ def logged_loads(monkeypatch):
 def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logged_loads):
     # A series is described from config.json and spiece.model alone; weights are read only when
     # a checkpoint is loaded, in the dtype asked for, with T5X's evaluation semantics.
-    subject = ra.released_subject([exported["seed1"], exported["seed0"]], **RELEASED_ROWS)
+    subject = analysis.released_subject([exported["seed1"], exported["seed0"]], **RELEASED_ROWS)
     assert logged_loads == []
     assert [c.label for c in subject.checkpoints] == [exported["seed1"], exported["seed0"]]
     assert [c.step for c in subject.checkpoints] == [1, 2] and subject.total_steps == 2
@@ -542,7 +540,7 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
     assert cfg.t5x_padding and cfg.group_rule == "flaxformer" and cfg.moe_layers == [1, 3]
     assert subject.tokenizer.vocab_size == cfg.vocab_size
     # The analysis keeps T5X's padding masks but routes each row as one group, as the paper did.
-    analysed = ra.analysis_config(subject, capacity_factor=2.0, capacity_rule="colossalai")
+    analysed = analysis.analysis_config(subject, capacity_factor=2.0, capacity_rule="colossalai")
     assert analysed.t5x_padding and analysed.group_rule == "divisor"
     assert (analysed.max_group_size, analysed.eval_capacity_factor) == (32, 2.0)
 
@@ -553,7 +551,7 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
         assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
 
     # bfloat16 halves the memory: parameters and activations both.
-    half = ra.released_subject([exported["seed0"]], dtype=jnp.bfloat16, **RELEASED_ROWS)
+    half = analysis.released_subject([exported["seed0"]], dtype=jnp.bfloat16, **RELEASED_ROWS)
     assert half.model_cfg.dtype == jnp.bfloat16 and "bfloat16" in half.about
     leaves = jax.tree.leaves(half.checkpoints[0].load())
     assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
@@ -565,9 +563,9 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
 def test_pack_rows_with_decoder_start_shifts_the_row_behind_id_0():
     # Released weights read [0, t1 … t_{L-1}], as T5X fed them; positions and segments unchanged.
     tokenizer = tok.embedded_tokenizer()
-    texts = ra.analysis_texts()["text"]
-    plain = ra.pack_rows(texts, tokenizer, 16, 3)
-    started = ra.pack_rows(texts, tokenizer, 16, 3, decoder_start=True)
+    texts = analysis.analysis_texts()["text"]
+    plain = analysis.pack_rows(texts, tokenizer, 16, 3)
+    started = analysis.pack_rows(texts, tokenizer, 16, 3, decoder_start=True)
     assert started["inputs"].shape == plain["inputs"].shape == (3, 16)
     assert (started["inputs"][:, 0] == 0).all() and (plain["inputs"] > 0).all()
     np.testing.assert_array_equal(started["inputs"][:, 1:], plain["inputs"][:, :-1])
@@ -578,62 +576,59 @@ def test_pack_rows_with_decoder_start_shifts_the_row_behind_id_0():
 def test_open_subject_rejects_what_it_cannot_analyse(exported, tmp_path):
     # Each bad combination is a clear error naming what was given, before anything is loaded.
     with pytest.raises(ValueError, match="--run-dir and --model given together"):
-        ra.open_subject(run_dir="runs/laptop", model=exported["seed0"])
+        analysis.open_subject(run_dir="runs/laptop", model=exported["seed0"])
     with pytest.raises(ValueError, match="--model and --series given together"):
-        ra.open_subject(model=exported["seed0"], series=[exported["seed0"], exported["seed1"]])
+        analysis.open_subject(model=exported["seed0"], series=[exported["seed0"], exported["seed1"]])
     with pytest.raises(ValueError, match=f"--series {re.escape(exported['seed0'])}: .*two or more"):
-        ra.open_subject(series=[exported["seed0"]])
+        analysis.open_subject(series=[exported["seed0"]])
     with pytest.raises(ValueError, match="dtype='float16'"):
-        ra.open_subject(model=exported["seed0"], dtype="float16")
+        analysis.open_subject(model=exported["seed0"], dtype="float16")
     with pytest.raises(ValueError, match="--seq-len 64 is for released models"):
-        ra.open_subject(run_dir="runs/laptop", seq_len=64)
+        analysis.open_subject(run_dir="runs/laptop", seq_len=64)
     with pytest.raises(ValueError, match="seq_len=513 must be in \\[1, max_seq_len=512\\]"):
-        ra.open_subject(model=exported["seed0"], seq_len=513)
+        analysis.open_subject(model=exported["seed0"], seq_len=513)
     # A series must be checkpoints of one model: here another capacity factor in config.json.
     other = tmp_path / "other"
     shutil.copytree(exported["seed0"], other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "router_capacity_factor_eval": 3.0}))
     with pytest.raises(ValueError, match="differ in \\['eval_capacity_factor'\\]"):
-        ra.open_subject(series=[str(other), exported["seed0"]])
+        analysis.open_subject(series=[str(other), exported["seed0"]])
     with pytest.raises(ValueError, match="has no config.json"):
-        ra.open_subject(model=str(tmp_path))
+        analysis.open_subject(model=str(tmp_path))
     (other / "spiece.model").unlink()
     with pytest.raises(ValueError, match="has no spiece.model"):
-        ra.open_subject(model=str(other))
+        analysis.open_subject(model=str(other))
 
 
 def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
     # --model: findings 1 and 3 on one model, finding 2 marked as not measured.
     sweep = (1.25, 2.0)
-    subject = ra.released_subject([exported["seed0"]], **RELEASED_ROWS)
-    model = ra.analyse(subject, max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "model",
-                       figures=False)
+    subject = analysis.released_subject([exported["seed0"]], **RELEASED_ROWS)
+    model = analysis.analyse(subject, max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "model")
     saved = json.loads((tmp_path / "model" / "analysis.json").read_text())
     assert model["early_routing"] is None and saved["early_routing"] is None
     report = (tmp_path / "model" / "report.txt").read_text()
     assert report.startswith(f"Routing analysis of {exported['seed0']} (4 layers, MoE in [1, 3]")
     assert "one model was given, so it is not measured" in report
     assert set(saved["specialization"]["by_layer"]) == {"1", "3"}
-    assert set(model["rows"]) == set(ra.analysis_texts()) and max(model["rows"].values()) <= 3
+    assert set(model["rows"]) == set(analysis.analysis_texts()) and max(model["rows"].values()) <= 3
     # The three capacity settings of 09 runs (T5X train cf, ColossalAI's rule, eval cf).
-    assert list(model["drops"]["curves"]) == list(ra.capacity_settings(subject.model_cfg))
+    assert list(model["drops"]["curves"]) == list(analysis.capacity_settings(subject.model_cfg))
     for curves in model["drops"]["curves"].values():
         assert all(len(curve_L) == 32 for curve_L in curves.values())  # rows of seq_len tokens
     assert list(model["drops"]["sweep"]) == list(sweep)
 
     # --series of the same weights twice: every favourite expert agrees with the last one's.
-    same = ra.analyse(ra.released_subject([exported["seed0-again"], exported["seed0"]],
+    same = analysis.analyse(analysis.released_subject([exported["seed0-again"], exported["seed0"]],
                                           **RELEASED_ROWS),
-                      max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "same",
-                      figures=False)
+                      max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "same")
     assert same["early_routing"]["agreement"] == {1: [1.0, 1.0], 3: [1.0, 1.0]}
     # --series of two different seeds: the earlier one agrees less (about chance, 1/8).
     logged_loads.clear()
-    series = ra.analyse(ra.released_subject([exported["seed1"], exported["seed0"]],
+    series = analysis.analyse(analysis.released_subject([exported["seed1"], exported["seed0"]],
                                             **RELEASED_ROWS),
-                        max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "series",
-                        figures=False)
+                        max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "series")
     assert logged_loads == ["seed0", "seed1"]  # each once: the last in full, then the earlier
     early = series["early_routing"]
     assert early["steps"] == [1, 2] and early["labels"] == [exported["seed1"], exported["seed0"]]
@@ -642,15 +637,28 @@ def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
     saved = json.loads((tmp_path / "series" / "analysis.json").read_text())
     assert saved["early_routing"]["labels"] == early["labels"]
     assert "half of the series" in (tmp_path / "series" / "report.txt").read_text()
+    # The heat maps' rows are routing distributions: the most frequent token ids, position bins.
+    (token_labels, by_token), (bin_labels, by_bin) = saved["specialization"]["heat_maps"].values()
+    assert len(token_labels) == len(by_token) <= 24 and len(bin_labels) == len(by_bin) == 16
+    np.testing.assert_allclose(np.sum(by_token + by_bin, axis=1), 1.0)
+
+    # docs/make_figures.py draws every figure from analysis.json alone.
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("make_figures", REPO_ROOT / "docs" / "make_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    figures.main([str(tmp_path / "series"), "--out", str(tmp_path / "png")])
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "drop_towards_the_end.png", "early_routing.png", "specialization.png"]
 
 
 def test_command_line_analyses_a_series(exported, tmp_path):
     # The CLI end to end, as a user runs it, in a fresh process (two sweep values to stay fast).
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, str(ra.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
+        [sys.executable, str(analysis.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
          "--series", exported["seed1"], exported["seed0"], "--seq-len", "32", "--rows", "3",
-         "--min-count", "2", "--sweep", "1.25", "2.0", "--no-figures", "--out", str(out)],
+         "--min-count", "2", "--sweep", "1.25", "2.0", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Routing analysis of {exported['seed0']}" in result.stdout
@@ -660,6 +668,6 @@ def test_command_line_analyses_a_series(exported, tmp_path):
     assert list(saved["drops"]["sweep"]) == ["1.25", "2.0"]
     # And a bad combination exits with the error, not a traceback.
     result = subprocess.run(
-        [sys.executable, str(ra.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
+        [sys.executable, str(analysis.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
          "--series", exported["seed0"]], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and result.stderr.startswith("error: --series")

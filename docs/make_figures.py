@@ -1,0 +1,99 @@
+"""Draw chapter 11's figures from the analysis.json it wrote: the README's docs/figures/*.png.
+
+11_routing_analysis.py measures; this script only draws what it measured, with matplotlib:
+  specialization.png         finding 1: the routing distribution of the most frequent token ids
+                             (nearly one-hot rows) and of position bins (nearly flat rows)
+  early_routing.png          finding 2 (a 09 run or a --series): how much of the final token →
+                             expert map each checkpoint already has
+  drop_towards_the_end.png   finding 3: the drop rate along the sequence, one panel per capacity
+
+    pip install -r requirements-plots.txt
+    python 11_routing_analysis.py                 # writes runs/laptop/routing_analysis/
+    python docs/make_figures.py                   # draws there
+    python docs/make_figures.py runs/laptop/routing_analysis --out docs/figures   # the README's
+"""
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+
+def specialization_figure(plt, spec: dict):
+    """Two heat maps, [rows, E] shares of assignments: by token id, and by position bin."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for axis, (title, (labels, shares)) in zip(axes, spec["heat_maps"].items()):
+        image = axis.imshow(np.asarray(shares), aspect="auto", cmap="viridis", vmin=0)
+        axis.set(title=title, xlabel="expert")
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (share of assignments)")
+    return figure
+
+
+def early_routing_figure(plt, early: dict):
+    """Per MoE layer, the share of frequent token ids whose favourite expert is already final."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for layer, curve in early["agreement"].items():
+        axis.plot(early["steps"], curve, marker="o", label=f"MoE layer {layer}")
+    axis.axhline(early["chance"], color="grey", linestyle=":", label="chance")
+    axis.set_xticks(early["steps"], [pathlib.Path(label).name for label in early["labels"]],
+                    fontsize=7)
+    axis.set(xlabel={"step": "training step", "checkpoint": "checkpoint, in training order"}[
+                 early["step_name"]], ylabel="favourite expert = final one", ylim=(0, 1.05),
+             title="Early routing learning")
+    axis.legend()
+    return figure
+
+
+def drops_figure(plt, drops: dict, bins: int = 16):
+    """The drop rate by position per source, averaged over `bins` stretches of the sequence."""
+    settings = len(drops["curves"])
+    figure, axes = plt.subplots(1, settings, figsize=(5 * settings, 4), sharey=True)
+    axes = np.atleast_1d(axes)
+    for axis, (setting, curves) in zip(axes, drops["curves"].items()):
+        for source, curve in curves.items():
+            rate_L = np.array([np.nan if v is None else v for v in curve], float)
+            stretches = np.array_split(np.arange(len(rate_L)), bins)
+            axis.plot([s.mean() for s in stretches], [np.nanmean(rate_L[s]) for s in stretches],
+                      label=source)
+        axis.set(title=setting, xlabel="position in the sequence")
+    axes[0].set_ylabel("share of assignments dropped")
+    axes[0].legend()
+    figure.suptitle(f"Drop-towards-the-end, MoE layer {drops['layer']}")
+    return figure
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Draw the PNG figures of an analysis.json "
+                                                 "written by 11_routing_analysis.py.")
+    parser.add_argument("analysis_dir", nargs="?", default="runs/laptop/routing_analysis",
+                        help="where 11 wrote analysis.json (default: the default run's)")
+    parser.add_argument("--out", help="where the PNGs go (default: ANALYSIS_DIR)")
+    args = parser.parse_args(argv)
+    source = pathlib.Path(args.analysis_dir) / "analysis.json"
+    if not source.is_file():
+        parser.error(f"{source} does not exist: run 11_routing_analysis.py first (--out DIR "
+                     "keeps a --quick run's)")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        parser.error("matplotlib is not installed: pip install -r requirements-plots.txt")
+    results = json.loads(source.read_text())
+    figures = {"specialization": specialization_figure(plt, results["specialization"]),
+               "drop_towards_the_end": drops_figure(plt, results["drops"])}
+    if results["early_routing"] is not None:
+        figures["early_routing"] = early_routing_figure(plt, results["early_routing"])
+    out = pathlib.Path(args.out or args.analysis_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, figure in figures.items():
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=120)
+        print(f"wrote {out / name}.png")
+
+
+if __name__ == "__main__":
+    main()
