@@ -5,8 +5,8 @@ dense 03 FFN with the same D and F run on the same T tokens, interleaved round b
 report median-time ratios, so a noisy machine slows all of them alike. The row "experts" is the
 floor every path is judged against: the E experts alone on ready-made [E, C] buffers of the same
 tokens (05's `apply_experts`), with no router, dispatch or combine. The baseline is the dense FFN on
-the token matrix [T, D]; the row "dense BLD" is the same FFN called on [B, L, D] as 06 calls it
-(03 flattens it to [T, D] itself, so the two should match). The experts' buffers hold cf · T
+the token matrix [N, D]; the row "dense BLD" is the same FFN called on [B, L, D] as 06 calls it
+(03 flattens it to [N, D] itself, so the two should match). The experts' buffers hold cf · T
 token-slots, so cf (1.25) is the compute floor. On top of it the experts' weights and their
 gradients are E times the dense FFN's: every step reads the weights twice and writes fresh
 gradients (E=32: 268 MB, ~0.25× a dense FFN's time here on a 2-core CPU), a cost per step that
@@ -41,7 +41,7 @@ train_lib = importlib.import_module("09_train")
 def forward_backward(module, x):
     """A compiled step: value and gradients (w.r.t. input and params) of a random probe loss.
 
-    x is [B, L, D] or the token matrix [T, D]; the MoE layer's output is (y, stats). The loss
+    x is [B, L, D] or the token matrix [N, D]; the MoE layer's output is (y, stats). The loss
     value matters: this probe loss is linear in y, so its gradient alone would let XLA skip the
     dense FFN's last forward matmul (hidden·wo), which the MoE layer cannot skip (the router's
     gradient needs the experts' outputs) and which any real loss needs.
@@ -69,8 +69,8 @@ class ExpertsOnly(nnx.Module):
 
     def __call__(self, x_BLD):
         cfg, rows = self.cfg, self.cfg.num_experts * self.capacity
-        slots_SD = jnp.resize(x_BLD.reshape(-1, cfg.d_model), (rows, cfg.d_model))
-        buffers_GECD = slots_SD.reshape(1, cfg.num_experts, self.capacity, cfg.d_model)
+        slots_ND = jnp.resize(x_BLD.reshape(-1, cfg.d_model), (rows, cfg.d_model))
+        buffers_GECD = slots_ND.reshape(1, cfg.num_experts, self.capacity, cfg.d_model)
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
         out_GECD = moe.apply_experts(buffers_GECD, experts, cfg.ffn_variant, cfg.dtype)
         return jnp.resize(out_GECD.reshape(rows, cfg.d_model), x_BLD.shape)  # the probe's shape

@@ -24,26 +24,23 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 train_lib = importlib.import_module("09_train")
 
 
-def register_active_matched_dense(name: str = "small") -> str:
-    """Add "<name>-active-dense" to 06's presets (in this process only) and return its name."""
-    cfg = train_lib.model_lib.PRESETS[name]
+def active_matched_dense(cfg):
+    """`cfg` with every block dense and d_ff widened so that a token touches as many FFN weights."""
     moe_blocks = len(cfg.moe_layers)
     ffns_per_token = (cfg.num_layers - moe_blocks) + moe_blocks * (cfg.top_k + 1)
-    dense = dataclasses.replace(cfg, moe_interval=0,
-                                d_ff=round(cfg.d_ff * ffns_per_token / cfg.num_layers))
-    train_lib.model_lib.PRESETS[f"{name}-active-dense"] = dense
-    return f"{name}-active-dense"
+    return dataclasses.replace(cfg, moe_interval=0,
+                               d_ff=round(cfg.d_ff * ffns_per_token / cfg.num_layers))
 
 
-def run(preset: str, steps: int, root: str) -> dict:
-    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], preset=preset, steps=steps,
+def run(name: str, model, steps: int, root: str) -> dict:
+    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], model=model, steps=steps,
                               warmup_steps=max(1, steps // 10), eval_every=0,
-                              checkpoint_every=steps, sample_tokens=0, run_dir=f"{root}/{preset}")
+                              checkpoint_every=steps, sample_tokens=0, run_dir=f"{root}/{name}")
     summary = train_lib.train(cfg, progress=False)
     records = [json.loads(line) for line in open(f"{cfg.run_dir}/metrics.jsonl")]
     step_s = statistics.median(r["step_s"] for r in records[2:])  # skip compile steps
     counts = train_lib.model_lib.parameter_counts(train_lib.model_config(cfg))
-    return {"preset": preset, "active_params": counts["active_non_embedding"],
+    return {"preset": name, "active_params": counts["active_non_embedding"],
             "total_params": counts["total"], "val_text_loss": summary["eval"]["eval/text/loss"],
             "val_code_loss": summary["eval"]["eval/code/loss"], "median_step_s": step_s,
             "final_train_loss": summary["losses"][steps]}
@@ -55,7 +52,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     train_lib.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
     with tempfile.TemporaryDirectory() as root:
-        rows = [run(p, args.steps, root) for p in ("small", register_active_matched_dense("small"))]
+        small = train_lib.model_lib.PRESETS["small"]
+        rows = [run("small", small, args.steps, root),
+                run("small-active-dense", active_matched_dense(small), args.steps, root)]
     print(f"on {jax.device_count()} × {jax.devices()[0].device_kind}")
     print(f"{'preset':20}{'active':>9}{'total':>9}{'val text':>10}{'val code':>10}{'step s':>9}")
     for row in rows:

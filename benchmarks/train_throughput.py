@@ -50,8 +50,8 @@ def matmul_peak_flops(sizes=(512, 1024, 2048), repeats: int = 3) -> float:
 
 
 def step_throughput(preset: str, steps: int, batch: int, seq_len: int) -> dict:
-    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], preset=preset, batch_size=batch,
-                              seq_len=seq_len)
+    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], model=model_lib.PRESETS[preset],
+                              batch_size=batch, seq_len=seq_len)
     mesh = train_lib.build_mesh(cfg)
     trainer = train_lib.build_trainer(cfg, mesh)
     tokens = np.random.default_rng(0).integers(2, 8000, (batch, seq_len + 1), dtype=np.int32)
