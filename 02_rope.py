@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE): attention learns *relative* positions by rotating q and k.
+"""Chapter 2: rotary position embeddings (RoPE): attention learns *relative* positions by rotation.
 
 RoPE (Su et al. 2021) tells attention where each token is without adding anything to the
 embeddings: before the dot product, each query and key vector is split into K/2 pairs, and

@@ -1,4 +1,4 @@
-"""The feed-forward network (FFN) of every block and every expert: OpenMoE's double-gated SwiGLU.
+"""Chapter 3: the feed-forward network (FFN) of every block and expert: the double-gated SwiGLU.
 
 An FFN widens each token's vector from d_model (D) to d_ff (F), applies a gated nonlinearity, and
 projects back. LLaMA's SwiGLU gates one "up" projection with a SiLU of another:

@@ -1,4 +1,4 @@
-"""Top-k token-choice routing: each token picks k experts, and each expert serves a fixed number.
+"""Chapter 4: top-k token-choice routing: each token picks k experts; each expert serves C of them.
 
 A router is a learned D → E projection; a softmax over its logits says how much each token wants
 each expert, and the token goes to its top k. Experts run on fixed-size buffers (static shapes for
