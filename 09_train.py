@@ -1123,6 +1123,25 @@ def keep_freed_memory_mapped() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(values) / len(values)\n"):
+    """The self-test's worked example: what each denoiser makes of one line of code, and how two
+    examples share one packed decoder row (segment ids; loss on the targets only)."""
+    tokens, rng, examples = np.array(tokenizer.encode(text), np.int32), np.random.default_rng(0), []
+    print(f"UL2's denoisers on {text!r} ({len(tokens)} tokens): inputs (read) -> targets (learned)")
+    for denoiser in UL2_DENOISERS:
+        examples.append(ul2_example(tokens, denoiser, tokenizer.encode(denoiser.prefix), tokenizer, rng))
+        print(f"  mean span {denoiser.mean_span:<2} rate {denoiser.density:<4}  "
+              f"{tokenizer.decode(examples[-1][0])!r} -> {tokenizer.decode(examples[-1][1])!r} + eos")
+    (inputs_1, targets_1), (inputs_2, targets_2) = examples[:2]
+    row = decoder_row(examples[:2], len(inputs_1) + len(targets_1) + len(inputs_2) + len(targets_2) + 3)
+    print(f"The first two packed into one decoder row of {len(row['targets'])} tokens, 3 of them "
+          "padding (positions restart at 0 in each segment):")
+    for name in ("segment_ids", "loss_mask"):
+        print(f"  {name:12} " + "".join(str(int(v)) for v in row[name]))
+    if row["loss_mask"].sum() != len(targets_1) + len(targets_2):
+        sys.exit("self-test FAILED: the packed row's loss does not cover exactly the targets")
+
+
 def main(argv=None) -> None:
     try:
         cfg, args = parse_args(argv)
@@ -1135,6 +1154,8 @@ def main(argv=None) -> None:
                 print(f"fits a 16 GiB TPU v3 core: {report['total_gib'] <= 16}")
             return
         keep_freed_memory_mapped()
+        if args.quick:
+            show_ul2_example(load_tokenizer(cfg))
         # The self-test trains in a directory of its own and leaves nothing behind.
         scratch = (tempfile.TemporaryDirectory(prefix="openmoe-quick-")
                    if args.quick and not hasattr(args, "run_dir") else contextlib.nullcontext())
