@@ -198,30 +198,22 @@ def stored_shape(shape: tuple, logical_axes: tuple) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """A tensor still on disk: its shape and dtype now, its values when asked, whole (`read`) or
-    rows [start, stop) of its first axis (`rows`), which is how the loader reads it."""
+    """A tensor still on disk: its shape and dtype now, its values when asked, by rows [start,
+    stop) of its first axis (how the loader reads) or whole, through `np.asarray(tensor)`."""
 
     shape: tuple
     dtype: np.dtype
-    read: Callable[[], np.ndarray]
     rows: Callable[[int, int], np.ndarray]
+    whole: Callable[[], np.ndarray] | None = None  # where reading it all has a shortcut (a map)
 
     def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.read(), dtype)
-
-
-def in_memory(array: np.ndarray) -> Tensor:
-    """An array already in memory, as a Tensor."""
-    return Tensor(array.shape, array.dtype, lambda: array, lambda start, stop: array[start:stop])
+        return np.asarray(self.whole() if self.whole else self.rows(0, self.shape[0]), dtype)
 
 
 def in_file(path: pathlib.Path, offset: int, shape, dtype) -> Tensor:
-    """A C-ordered tensor at `offset` in a file: whole through a memory map, rows by plain reads
-    (a memory map's pages of a 3 GB file would stay counted against the process)."""
+    """A C-ordered tensor at `offset` in a file: rows by plain reads (a memory map's pages of a
+    3 GB file would stay counted against the process), whole through a memory map."""
     shape, dtype = tuple(shape), np.dtype(dtype)
-
-    def read() -> np.ndarray:
-        return np.memmap(path, dtype, "r", offset, shape) if math.prod(shape) else np.zeros(shape, dtype)
 
     def rows(start: int, stop: int) -> np.ndarray:
         block = np.empty((stop - start, *shape[1:]), dtype)
@@ -230,7 +222,8 @@ def in_file(path: pathlib.Path, offset: int, shape, dtype) -> Tensor:
             if file.readinto(block.view(np.uint8).reshape(-1)) != block.nbytes:
                 raise ValueError(f"{path} ends inside a tensor: the file is truncated")
         return block
-    return Tensor(shape, dtype, read, rows)
+    return Tensor(shape, dtype, rows, lambda: (np.memmap(path, dtype, "r", offset, shape)
+                                               if math.prod(shape) else np.zeros(shape, dtype)))
 
 
 class _Storage(NamedTuple):
@@ -258,11 +251,11 @@ def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_) -> Tens
     if stride == tuple(math.prod(size[i + 1:]) for i in range(len(size))):  # C order
         return in_file(storage.path, storage.offset + storage_offset * itemsize, size, storage.dtype)
 
-    def read() -> np.ndarray:
+    def view() -> np.ndarray:
         flat = np.memmap(storage.path, storage.dtype, "r", storage.offset, (storage.numel,))
         return np.lib.stride_tricks.as_strided(flat[storage_offset:], size,
                                                tuple(s * itemsize for s in stride), writeable=False)
-    return Tensor(size, np.dtype(storage.dtype), read, lambda start, stop: read()[start:stop])
+    return Tensor(size, np.dtype(storage.dtype), lambda start, stop: view()[start:stop], view)
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -304,16 +297,15 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
     """A `pytorch_model*.bin`: torch's zip of a pickle (data.pkl) and one raw file per storage."""
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(path):  # what its first byte says it is instead
         with open(path, "rb") as file:
-            start = file.read(4)
-        if start.startswith(b"PK"):
-            raise ValueError(f"{path} is a damaged zip (an interrupted download?): its directory "
-                             "of contents is missing; download it again")
-        if start.startswith(b"\x80"):
-            raise ValueError(f"{path} is in torch's legacy (pre-1.6) format, which cannot be read "
-                             "without running its pickle; re-save it with a current torch")
-        raise ValueError(f"{path} is not a torch checkpoint (neither a zip nor a pickle)")
+            first = file.read(1)
+        raise ValueError(f"{path} " + {
+            b"P": "is a damaged zip (an interrupted download?): its directory of contents is "
+                  "missing; download it again",
+            b"\x80": "is in torch's legacy (pre-1.6) format, which cannot be read without "
+                     "running its pickle; re-save it with a current torch"}.get(
+            first, "is not a torch checkpoint (neither a zip nor a pickle)"))
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
         if len(pickles) != 1:
@@ -349,9 +341,25 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Tensor]:
     return tensors
 
 
+def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """The layout `read_safetensors` reads, tagged "pt" as transformers expects."""
+    names = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            file.write(np.ascontiguousarray(array).tobytes())
+
+
 def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
     """A T5X `checkpoint_N/`: a msgpack of the train state {"optimizer": {"target": ...}} whose
-    parameters are tensorstore specs of zarr arrays beside it (small ones may be inline)."""
+    parameters are tensorstore specs of zarr arrays beside it (small ones may be inline arrays)."""
     import tensorstore as ts
     from flax import serialization
 
@@ -365,12 +373,11 @@ def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
     tensors = {}
     for path, leaf in leaves.items():
         if not isinstance(leaf, dict):  # stored inline in the msgpack
-            tensors[path] = in_memory(np.asarray(leaf))
+            tensors[path] = np.asarray(leaf)
             continue
         # Written on GCS or locally, the kvstore path is relative to the checkpoint directory.
         spec = {**leaf, "kvstore": {"driver": "file", "path": str(directory / leaf["kvstore"]["path"])}}
         tensors[path] = Tensor(tuple(leaf["metadata"]["shape"]), jnp.dtype(leaf["dtype"]),
-                               lambda s=spec: ts.open(s).result().read().result(),
                                lambda start, stop, s=spec:
                                ts.open(s).result()[start:stop].read().result())
     return tensors
@@ -410,16 +417,16 @@ def host_array(tensor, transposed: bool, dtype) -> np.ndarray:
     """A tensor (or an array) in our orientation and `dtype`, in one new 64-byte-aligned array
     (the CPU device then uses it without a copy), filled a block of rows at a time: besides the
     result, at most one block of the file is ever in memory."""
-    if not isinstance(tensor, Tensor):
-        tensor = in_memory(np.asarray(tensor))
+    rows = tensor.rows if isinstance(tensor, Tensor) else lambda start, stop: tensor[start:stop]
     shape = tensor.shape[::-1] if transposed else tensor.shape
     size = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
     out = raw[start:start + size].view(dtype).reshape(shape)
-    step = max(1, BLOCK_BYTES // max(1, math.prod(tensor.shape[1:]) * tensor.dtype.itemsize))
+    row_bytes = math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
     for first in range(0, tensor.shape[0], step):
-        block = tensor.rows(first, min(tensor.shape[0], first + step))
+        block = np.asarray(rows(first, min(tensor.shape[0], first + step)))
         if transposed:
             out[..., first:first + len(block)] = block.T
         else:
@@ -427,19 +434,30 @@ def host_array(tensor, transposed: bool, dtype) -> np.ndarray:
     return out
 
 
-def _on_device(host: np.ndarray):
-    """The array on the default device; f32 and f16 without a copy (DLPack shares the buffer)."""
-    if host.dtype in (np.float32, np.float16) and jax.default_backend() == "cpu":
-        return jnp.from_dlpack(host)
-    return jnp.asarray(host)
+def match_names(flat: Mapping, cfg) -> dict[tuple, tuple[str, bool]]:
+    """Our path → (the tensor's name in `flat`, whether it is stored transposed), in whichever
+    naming `flat` uses: T5X's "/" paths or ColossalAI's HF names (torch: [out, in]). Names
+    missing or left over are an error that lists a few of each."""
+    t5x = any("/" in name for name in flat)
+    names = {n.ours: (n.t5x, False) if t5x else (n.hf, n.transposed) for n in name_table(cfg)}
+    expected = {name for name, _ in names.values()}
+    missing, unexpected = sorted(expected - set(flat)), sorted(set(flat) - expected)
+    problems = [f"{what} {len(some)} tensors, e.g. {some[:3]}"
+                for what, some in (("missing", missing), ("no place for", unexpected)) if some]
+    if problems:
+        raise ValueError(f"{'T5X parameters' if t5x else 'HF state dict'}: {'; '.join(problems)} "
+                         "(does config.json match the checkpoint? moe_layer_interval and "
+                         "num_hidden_layers decide the names)")
+    return names
 
 
-def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
-    """An OpenMoE whose parameter at each path is `sources[path] = (name, tensor, transposed)`.
-
-    Every shape is checked before any value is read; then each tensor is read in blocks, put in
-    our layout and dtype, and sent to its device, or with a mesh, each device gets its slice.
-    """
+def model_from_tensors(tensors: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
+    """An OpenMoE from a checkpoint's tensors, `Tensor`s or arrays, under either naming (flax's
+    nested tree or flat "/" paths, or HF names). Every name and shape is checked before any
+    value is read; then each tensor is read in blocks, put in our layout and `param_dtype`, and
+    sent to its device, or with a `mesh`, each device receives only its slice."""
+    flat = traverse_util.flatten_dict(dict(tensors), sep="/")
+    names = match_names(flat, cfg)
     run_groups = None  # 05's default; with a mesh, 07's all-to-all runner
     if mesh is not None:
         cfg, run_groups = shard.config_for_mesh(cfg, mesh), shard.expert_parallel_runner(mesh)
@@ -447,46 +465,30 @@ def _build(cfg, sources: dict, *, param_dtype, mesh) -> Any:
         lambda: model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0), run_groups=run_groups)))
     variables = list(nnx.to_flat_state(state))
     for path, variable in variables:
-        name, tensor, transposed = sources[path]
-        expected = stored_shape(variable.get_value().shape, variable.get_metadata()["logical_axes"])
-        expected = expected[::-1] if transposed else expected
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; a model with this "
-                             f"config needs {expected}")
+        name, transposed = names[path]
+        needed = stored_shape(variable.get_value().shape, variable.get_metadata()["logical_axes"])
+        needed = needed[::-1] if transposed else needed
+        if tuple(flat[name].shape) != needed:
+            raise ValueError(f"tensor {name!r} has shape {tuple(flat[name].shape)}; a model with "
+                             f"this config needs {needed}")
     shardings = dict(nnx.to_flat_state(shard.state_shardings(state, mesh))) if mesh else {}
     # Largest first: each host copy is freed before the next is read, so the copies still to
     # come shrink as the model fills up. Peak ≈ the model + a little.
     variables.sort(key=lambda item: -math.prod(item[1].get_value().shape))
     leaves = []
     for path, variable in variables:
-        name, tensor, transposed = sources[path]
-        host = host_array(tensor, transposed, param_dtype).reshape(variable.get_value().shape)
-        if mesh is None:
-            value = _on_device(host)
-        else:  # each device receives only its own slice of the tensor
+        name, transposed = names[path]
+        host = host_array(flat[name], transposed, param_dtype).reshape(variable.get_value().shape)
+        if mesh is not None:  # each device receives only its own slice of the tensor
             value = jax.make_array_from_callback(host.shape, shardings[path].get_value(),
                                                  lambda index, host=host: host[index])
+        elif host.dtype in (np.float32, np.float16) and jax.default_backend() == "cpu":
+            value = jnp.from_dlpack(host)  # shares the aligned buffer: no copy
+        else:
+            value = jnp.asarray(host)
         del host
         leaves.append((path, variable.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def model_from_tensors(tensors: Mapping, cfg, *, param_dtype=jnp.float32, mesh=None) -> Any:
-    """An OpenMoE from a checkpoint's tensors under either naming: T5X's "/" paths (flax's nested
-    tree or flat) or ColossalAI's "." names (torch layout: linear weights [out, in]). Values are
-    numpy arrays or `Tensor`s; every name is checked against the name table before any is read."""
-    flat = traverse_util.flatten_dict(dict(tensors), sep="/")  # flax's nested tree, or flat
-    t5x = any("/" in name for name in flat)
-    table = {(n.t5x if t5x else n.hf): n for n in name_table(cfg)}
-    missing, unexpected = sorted(set(table) - set(flat)), sorted(set(flat) - set(table))
-    problems = [f"{what} {len(names)} tensors, e.g. {names[:3]}"
-                for what, names in (("missing", missing), ("no place for", unexpected)) if names]
-    if problems:
-        raise ValueError(f"{'T5X parameters' if t5x else 'HF state dict'}: {'; '.join(problems)} "
-                         "(does config.json match the checkpoint? moe_layer_interval and "
-                         "num_hidden_layers decide the names)")
-    sources = {n.ours: (name, flat[name], n.transposed and not t5x) for name, n in table.items()}
-    return _build(cfg, sources, param_dtype=param_dtype, mesh=mesh)
 
 
 def t5x_params(model) -> dict[str, np.ndarray]:
@@ -561,8 +563,8 @@ def load_model(path: str | os.PathLike, *, param_dtype=jnp.float32, mesh=None,
 
 def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib.Path:
     """Write `model` in the released HF layout, so ColossalAI's `modeling_openmoe.py` opens it:
-    config.json, model.safetensors (ColossalAI's names, torch's [out, in]; tagged "pt", as
-    transformers expects) and spiece.model. Refuses to replace an existing export."""
+    config.json, model.safetensors (ColossalAI's names, torch's [out, in]) and spiece.model.
+    Refuses to replace an existing export."""
     directory = pathlib.Path(directory)
     existing = [name for name in ("config.json", "model.safetensors", "spiece.model")
                 if (directory / name).exists()]
@@ -572,19 +574,8 @@ def export_hf(model, directory: str | os.PathLike, *, tokenizer=None) -> pathlib
     params = t5x_params(model)
     tensors = {n.hf: params[n.t5x].T if n.transposed else params[n.t5x]
                for n in name_table(model.cfg)}
-    names = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "model.safetensors", "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        for array in tensors.values():
-            file.write(np.ascontiguousarray(array).tobytes())
+    write_safetensors(directory / "model.safetensors", tensors)
     config["torch_dtype"] = params["token_embedder/embedding"].dtype.name
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None and tokenizer.path:
@@ -835,14 +826,14 @@ def self_test() -> None:
     with tempfile.TemporaryDirectory() as directory:
         export_hf(model, directory, tokenizer=tokenizer)
         loaded, loaded_tokenizer = load_model(directory)
-    ours = jax.tree.leaves(nnx.state(model, nnx.Param))
-    same = all(np.array_equal(a, b) for a, b in zip(ours, jax.tree.leaves(nnx.state(loaded, nnx.Param))))
-    in_memory_model = model_from_tensors(t5x_params(model), loaded.cfg)
+    ours, theirs = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (model, loaded))
+    same = all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    in_memory = model_from_tensors(t5x_params(model), loaded.cfg)
     ids = jnp.array([prompt_ids(tokenizer, "def add(a, b):\n    return a + b")])
-    same_logits = np.array_equal(loaded(ids, train=False)[0], in_memory_model(ids, train=False)[0])
+    same_logits = np.array_equal(loaded(ids, train=False)[0], in_memory(ids, train=False)[0])
     print(f"\nExported to HF safetensors and loaded back: {len(ours)} tensors "
-          f"{'identical' if same else 'DIFFERENT'}, logits "
-          f"{'identical' if same_logits else 'DIFFERENT'} to the in-memory T5X path.")
+          f"{'identical' if same else 'DIFFERENT'}; logits "
+          f"{'identical' if same_logits else 'DIFFERENT'} to the in-memory T5X path's.")
 
     prompt = prompt_ids(loaded_tokenizer, "The experts of a mixture")
     (continuation,), steps = model_lib.generate(loaded, [prompt], max_new_tokens=4,
