@@ -254,33 +254,29 @@ def decision_step(model_cfg):
 
 def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
                      batch_rows: int = 16) -> Decisions:
-    """Run the model over every source's rows, batch by batch, keeping each MoE layer's decisions.
-
-    A short last batch is padded with copies of its first row, whose decisions are discarded;
-    every row is its own routing group (`analysis_config`), so a copy takes no real token's place.
+    """Run the model over every source's rows, `batch_rows` at a time, keeping each MoE layer's
+    decisions. The last batch is filled up with copies of the first row, whose decisions are
+    dropped: each row is its own routing group (`analysis_config`), so no row changes another's.
     """
+    keys = ("inputs", "positions", "segment_ids")
+    every = {key: np.concatenate([rows[key] for rows in rows_by_source.values()]) for key in keys}
+    count, seq_len = every["inputs"].shape
+    padded = {key: np.concatenate([v, np.repeat(v[:1], -count % batch_rows, axis=0)])
+              for key, v in every.items()}
     decide = decision_step(model_cfg)
-    columns = {"source": [], "token": [], "position": []}
-    experts = {layer: [] for layer in model_cfg.moe_layers}
-    kept = {layer: [] for layer in model_cfg.moe_layers}
-    for index, rows in enumerate(rows_by_source.values()):
-        for start in range(0, len(rows["inputs"]), batch_rows):
-            batch = {k: v[start:start + batch_rows] for k, v in rows.items()}
-            real = len(batch["inputs"])
-            padded = {k: np.concatenate([v, np.repeat(v[:1], batch_rows - real, axis=0)])
-                      for k, v in batch.items()}
-            routed = decide(params, padded["inputs"], padded["positions"], padded["segment_ids"])
-            columns["source"].append(np.full(batch["inputs"].size, index))
-            columns["token"].append(batch["inputs"].ravel())
-            columns["position"].append(batch["positions"].ravel())
-            for layer, (expert_BLA, kept_BLA) in zip(model_cfg.moe_layers, routed):
-                experts[layer].append(np.asarray(expert_BLA[:real]).reshape(-1, model_cfg.top_k))
-                kept[layer].append(np.asarray(kept_BLA[:real]).reshape(-1, model_cfg.top_k))
-    flat = {name: np.concatenate(parts) for name, parts in columns.items()}
-    return Decisions(tuple(rows_by_source), flat["source"], flat["token"], flat["position"],
-                     {layer: np.concatenate(v) for layer, v in experts.items()},
-                     {layer: np.concatenate(v) for layer, v in kept.items()},
-                     model_cfg.num_experts, rows["inputs"].shape[1])  # every source's L
+    batches = [decide(params, *(padded[key][start:start + batch_rows] for key in keys))
+               for start in range(0, count, batch_rows)]
+
+    def flat_NA(layer_index: int, which: int) -> np.ndarray:  # which: 0 expert_BLA, 1 kept_BLA
+        parts = [np.asarray(batch[layer_index][which]) for batch in batches]
+        return np.concatenate(parts)[:count].reshape(-1, model_cfg.top_k)
+
+    rows_per_source = [len(rows["inputs"]) for rows in rows_by_source.values()]
+    source_N = np.repeat(np.arange(len(rows_by_source)), np.array(rows_per_source) * seq_len)
+    layers = list(enumerate(model_cfg.moe_layers))
+    return Decisions(tuple(rows_by_source), source_N, every["inputs"].ravel(),
+                     every["positions"].ravel(), {layer: flat_NA(i, 0) for i, layer in layers},
+                     {layer: flat_NA(i, 1) for i, layer in layers}, model_cfg.num_experts, seq_len)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,11 +363,26 @@ def quarter_means(values_L: np.ndarray) -> list[float]:
 # Part 5: the three findings, measured
 # ------------------------------------------------------------------------------------------------
 
-def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int,
-                   tokens: int = 24, position_bins: int = 16) -> dict:
+def heat_maps(seen: Decisions, tokenizer, layer: int, tokens: int = 24,
+              position_bins: int = 16) -> dict[str, tuple[list[str], list]]:
+    """The routing distributions docs/make_figures.py draws, per title (row labels, [U, E]): the
+    most frequent token ids (nearly one-hot rows) and bins of positions (nearly flat ones)."""
+    values_U, counts_U, by_token_UE = routing_distribution(seen.token_N, seen.expert_NA[layer],
+                                                           seen.num_experts)
+    frequent = np.argsort(-counts_U, kind="stable")[:tokens]
+    _, _, by_bin_UE = routing_distribution(seen.position_N * position_bins // seen.seq_len,
+                                           seen.expert_NA[layer], seen.num_experts)
+    width = seen.seq_len // position_bins
+    return {"by token id (most frequent)": (
+                [repr(released.piece(tokenizer, values_U[u])) for u in frequent],
+                by_token_UE[frequent].tolist()),
+            "by position": ([f"{b * width}-{(b + 1) * width - 1}" for b in range(position_bins)],
+                            by_bin_UE.tolist())}
+
+
+def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int) -> dict:
     """Finding 1, on in-distribution tokens: token id vs position per MoE layer; in `layer`, each
-    expert's top tokens, the expert shares by source, and the routing distributions of the most
-    frequent token ids and of position bins (the heat maps docs/make_figures.py draws)."""
+    expert's top tokens, the expert shares by source, and the heat maps."""
     experts = decisions.num_experts
     seen = decisions.only(*IN_DISTRIBUTION)
     by_layer = {moe_layer: {name: specialization_score(group_N, expert_NA, experts, min_count)
@@ -382,24 +393,13 @@ def specialization(decisions: Decisions, tokenizer, layer: int, min_count: int,
     _, _, by_source_UE = routing_distribution(decisions.source_N, decisions.expert_NA[layer],
                                               experts)
     text, code = (by_source_UE[decisions.sources.index(s)] for s in IN_DISTRIBUTION)
-    values_U, counts_U, by_token_UE = routing_distribution(seen.token_N, seen.expert_NA[layer],
-                                                           experts)
-    frequent = np.argsort(-counts_U, kind="stable")[:tokens]
-    _, _, by_bin_UE = routing_distribution(seen.position_N * position_bins // seen.seq_len,
-                                           seen.expert_NA[layer], experts)
-    width = seen.seq_len // position_bins
     return {
         "layer": layer, "min_count": min_count, "by_layer": by_layer,
         "top_tokens": [[(released.piece(tokenizer, t), n, share) for t, n, share in row]
                        for row in tops],
         "by_source": {s: by_source_UE[i].tolist() for i, s in enumerate(decisions.sources)},
         "text_code_distance": float(0.5 * np.abs(text - code).sum()),
-        "uniform_share": 1.0 / experts,
-        "heat_maps": {"by token id (most frequent)": (
-                          [repr(released.piece(tokenizer, values_U[u])) for u in frequent],
-                          by_token_UE[frequent].tolist()),
-                      "by position": ([f"{b * width}-{(b + 1) * width - 1}"
-                                       for b in range(position_bins)], by_bin_UE.tolist())}}
+        "uniform_share": 1.0 / experts, "heat_maps": heat_maps(seen, tokenizer, layer)}
 
 
 def favourite_experts(decisions: Decisions, min_count: int) -> dict[int, tuple]:
@@ -483,13 +483,14 @@ def specialization_lines(spec: dict) -> list[str]:
               for source, shares in spec["by_source"].items()]
     token, position = scores["token_id"]["score"], scores["position"]["score"]
     distance = spec["text_code_distance"]
+    verdict = ("a token's id predicts its experts far better than its position does"
+               if token > 2 * position else
+               "token id and position predict routing about equally (no context independence)")
+    domains = "share experts" if distance < 0.5 else "go to different experts"
     return [*lines, f"   text vs code: total variation distance {distance:.3f} (0 = same "
                     "experts, 1 = disjoint)",
-            "   Conclusion: " + ("a token's id predicts its experts far better than its position "
-                                 "does" if token > 2 * position else "token id and position "
-                                 "predict routing about equally (no context independence)")
-            + f" (score {token:.2f} vs {position:.2f}); text and code mostly "
-            + ("share experts." if distance < 0.5 else "go to different experts.")]
+            f"   Conclusion: {verdict} (score {token:.2f} vs {position:.2f}); text and code "
+            f"mostly {domains}."]
 
 
 def early_routing_lines(early: dict | None) -> list[str]:
