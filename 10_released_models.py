@@ -297,15 +297,16 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 def read_torch_bin(path: pathlib.Path) -> dict[str, Tensor]:
     """A `pytorch_model*.bin`: torch's zip of a pickle (data.pkl) and one raw file per storage."""
-    if not zipfile.is_zipfile(path):  # what its first byte says it is instead
+    if not zipfile.is_zipfile(path):  # say what it is instead, from its first bytes
         with open(path, "rb") as file:
-            first = file.read(1)
-        raise ValueError(f"{path} " + {
-            b"P": "is a damaged zip (an interrupted download?): its directory of contents is "
-                  "missing; download it again",
-            b"\x80": "is in torch's legacy (pre-1.6) format, which cannot be read without "
-                     "running its pickle; re-save it with a current torch"}.get(
-            first, "is not a torch checkpoint (neither a zip nor a pickle)"))
+            start = file.read(2)
+        if start == b"PK":
+            raise ValueError(f"{path} is a damaged zip (an interrupted download?): its directory "
+                             "of contents is missing; download it again")
+        if start[:1] == b"\x80":
+            raise ValueError(f"{path} is in torch's legacy (pre-1.6) format, which cannot be read "
+                             "without running its pickle; re-save it with a current torch")
+        raise ValueError(f"{path} is not a torch checkpoint (neither a zip nor a pickle)")
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
         if len(pickles) != 1:
