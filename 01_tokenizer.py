@@ -116,8 +116,10 @@ def docstrings(source: str) -> list[str]:
     return [doc for doc in map(ast.get_docstring, nodes) if doc]
 
 
+@functools.lru_cache(maxsize=2)
 def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, str]]:
-    """Every embedded document as {"id", "source", "text"}, before chunking and splitting."""
+    """Every embedded document as {"id", "source", "text"}, before chunking and splitting.
+    Parsing the standard library takes seconds, so both splits share one reading."""
     import pydoc_data.topics
 
     directory = pathlib.Path(directory or sysconfig.get_paths()["stdlib"])

@@ -78,20 +78,15 @@ def test_help_says_what_it_does(path):
         f"{path.name} --help failed:\n{result.stdout}\n{result.stderr}")
 
 
-@pytest.fixture(scope="session")
-def shared_cache_dir(tmp_path_factory):
-    """One cache for all self-tests, so a tokenizer trained by 01 is reused by later chapters."""
-    return tmp_path_factory.mktemp("openmoe_cache")
-
-
 @pytest.mark.parametrize("path", CHAPTERS, ids=CHAPTER_IDS)
-def test_self_test_passes(path, shared_cache_dir):
+def test_self_test_passes(path):
     # Each self-test runs as a reader runs it: a fresh process in the repository root, on CPU,
-    # in quick mode where the chapter's --help offers one.
+    # in quick mode where the chapter's --help offers one. It shares the suite's cache
+    # (conftest's OPENMOE_CACHE_DIR), so the embedded tokenizer is trained once for everything.
     command = [sys.executable, path.name]
     if "--quick" in _help(path).stdout:
         command.append("--quick")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OPENMOE_CACHE_DIR=str(shared_cache_dir))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("JAX_NUM_CPU_DEVICES", None)
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
