@@ -1011,28 +1011,26 @@ def parse_value(kind: str, text: str):
 
 
 def step_number(text: str) -> int:
+    """--stop-after's value: a step, an int >= 1."""
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a step: write an int >= 1")
     return int(text)
 
 
 def add_field_flags(parser, fields, prefix: str = "") -> None:
-    """One --flag per dataclass field, whose value replaces the chosen --config's."""
+    """One --flag per dataclass field, whose value replaces the chosen --config's; its help
+    shows the laptop run's value and OpenMoE-8B's."""
     choices = {"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
                "dtype": ("float32", "bfloat16")}
+    laptop, openmoe = config_json(CONFIGS["laptop"]), config_json(OPENMOE)
     for field in fields:
-        kind = "str" if field.name == "dtype" else str(field.type)
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=prefix + field.name,
+        name, kind = prefix + field.name, "str" if field.name == "dtype" else str(field.type)
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=name,
                             type=functools.partial(parse_value, kind), default=argparse.SUPPRESS,
                             choices=choices.get(field.name),
                             metavar="{true,false}" if kind == "bool" else
                             None if field.name in choices else field.name.upper(),
-                            help=f"{kind}; laptop: {field_value(CONFIGS['laptop'], prefix + field.name)!r}, "
-                                 f"OpenMoE-8B: {field_value(OPENMOE, prefix + field.name)!r}")
-
-
-def field_value(cfg: TrainConfig, name: str):
-    return config_json(cfg)[name]
+                            help=f"{kind}; laptop: {laptop[name]!r}, OpenMoE-8B: {openmoe[name]!r}")
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
