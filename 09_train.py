@@ -487,6 +487,7 @@ def make_train_step(graphdef, rest, tx, microbatches: int):
 
 
 def make_eval_step(graphdef, rest):
+    """Next-token loss and accuracy of a batch, at the evaluation capacity factor (train=False)."""
     def eval_step(params, batch):
         _, metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)
         return {"loss": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
@@ -501,7 +502,6 @@ class Trainer:
     cfg: TrainConfig
     model_cfg: "model_lib.ModelConfig"
     mesh: jax.sharding.Mesh
-    graphdef: object
     params: object
     opt_state: object
     train_step: object
@@ -529,7 +529,7 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
             opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(graphdef, rest))
-    return Trainer(cfg, model_cfg, mesh, graphdef, params, opt_state, train_step, eval_step)
+    return Trainer(cfg, model_cfg, mesh, params, opt_state, train_step, eval_step)
 
 
 def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
