@@ -1,10 +1,12 @@
 """Chapter 1: where OpenMoE's text comes from, and how it becomes token ids.
 
 OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) and 50% The Stack
-(deduplicated source code), sampled as a seqio mixture of documents (arXiv 2402.01739, §2.2 and
-Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000 pieces with byte
+(deduplicated source code), sampled as a mixture of documents by seqio, T5's data library (arXiv
+2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000 pieces with byte
 fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos; 2 = unk), plus 300
-span-corruption sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows.
+sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A sentinel is a
+placeholder that stands for a hidden stretch of text in T5's fill-in-the-blanks objective, *span
+corruption* (09 trains with it).
 
 This file builds the same two halves from what every Python installation carries, so that
 everything runs offline: *code* is the standard library's `.py` files (test suites skipped),
@@ -331,10 +333,10 @@ EMBEDDED_TOKENIZER = TokenizerConfig(vocab_size=8_000)
 class Tokenizer:
     """Text <-> ids in T5's layout: SentencePiece ids, then sentinels, then padding rows.
 
-    For a model of P pieces with N sentinels, ids 0..P-1 are SentencePiece's own (so a loaded
-    `spiece.model` gives exactly its ids), `<extra_id_0>` is P+N-1 and `<extra_id_{N-1}>` is P
-    (T5 counts sentinels down from the top), and `vocab_size` rounds P+N up to a multiple of
-    `pad_vocab_to_multiple`; the padding rows are never produced.
+    For a model of P pieces with X sentinels (`num_extra_ids`), ids 0..P-1 are SentencePiece's
+    own (so a loaded `spiece.model` gives exactly its ids), `<extra_id_0>` is P+X-1 and
+    `<extra_id_{X-1}>` is P (T5 counts sentinels down from the top), and `vocab_size` rounds P+X
+    up to a multiple of `pad_vocab_to_multiple`; the padding rows are never produced.
     """
 
     def __init__(self, model_proto: bytes, *, num_extra_ids: int = 300,
