@@ -2,11 +2,11 @@
 
 OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) and 50% The Stack
 (deduplicated source code), sampled as a mixture of documents by seqio, T5's data library (arXiv
-2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000 pieces with byte
-fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos; 2 = unk), plus 300
-sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A sentinel is a
-placeholder that stands for a hidden stretch of text in T5's fill-in-the-blanks objective, *span
-corruption* (09 trains with it).
+2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000
+pieces with byte fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos;
+2 = unk), plus 300 sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A
+sentinel is a placeholder that stands for a hidden stretch of text in T5's fill-in-the-blanks
+objective, *span corruption* (09 trains with it).
 
 This file builds the same two halves from what every Python installation carries, so that
 everything runs offline: *code* is the standard library's `.py` files (test suites skipped),
