@@ -78,6 +78,8 @@ class ModelConfig:
     eval_capacity_factor: float = 2.0    # ... while evaluating and generating
     min_capacity: int = 4                # capacity floor per expert and group
     capacity_rule: str = "t5x"           # "colossalai" multiplies capacity by top_k (paper §4 analysis)
+    renormalize: bool = False            # combine weights: raw softmax probs (OpenMoE); True: sum to 1
+    init_std: float = 0.02               # router kernel ~ N(0, init_std²) (flaxformer RouterWeights)
     moe_dispatch: str = "gather"         # 05's path: "gather", "einsum" (T5X), "ragged" or "loop"
     dropless: bool = False               # experts serve every assignment (not OpenMoE: it dropped)
     max_seq_len: int = 2048              # longest sequence the model accepts
@@ -135,10 +137,11 @@ class ModelConfig:
         return ffn.FFNConfig(self.d_model, self.d_ff, self.ffn_variant, self.init_scale, self.dtype)
 
     def moe_config(self) -> Any:
-        """05's MoEConfig from every field of the same name here (the dispatch path is called
-        `moe_dispatch` here), so no routing setting can be silently left behind."""
+        """05's MoEConfig from the fields of the same name here (its `dispatch` is `moe_dispatch`
+        here). Every MoEConfig field is one of them but the router's jitter_noise, which needs a
+        random key per step that this model does not thread (OpenMoE routed without jitter)."""
         shared = {field.name: getattr(self, field.name) for field in dataclasses.fields(moe.MoEConfig)
-                  if hasattr(self, field.name)}
+                  if field.name not in ("dispatch", "jitter_noise")}
         return moe.MoEConfig(**shared, dispatch=self.moe_dispatch)
 
 

@@ -289,6 +289,19 @@ def test_sampling_respects_top_p():
     assert int(model_lib.sample_token(logits_BV, jax.random.key(0))[0]) == 0
 
 
+def test_every_moe_setting_of_the_model_reaches_its_moe_layers():
+    # 05's MoEConfig is built from the model's fields by name: each one set on the model arrives.
+    changed = dict(renormalize=True, init_std=0.5, min_capacity=7, capacity_rule="colossalai",
+                   dropless=True, group_rule="flaxformer", moe_dispatch="einsum")
+    moe_cfg = dataclasses.replace(TINY, **changed).moe_config()
+    for name, value in changed.items():
+        assert getattr(moe_cfg, "dispatch" if name == "moe_dispatch" else name) == value, name
+    # The only MoEConfig fields the model does not carry: the renamed dispatch, and jitter.
+    model_fields = {field.name for field in dataclasses.fields(model_lib.ModelConfig)}
+    assert {field.name for field in dataclasses.fields(moe_cfg)} - model_fields == {
+        "dispatch", "jitter_noise"}
+
+
 # --- Bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes, message", [
