@@ -10,8 +10,10 @@ OpenMoE's variant (Fuzhao Xue's flaxformer fork, `use_rotary_embedding=True` in
 `t5x/configs/moe/architectures/moe_decoder_only.gin`): it rotates the *full* head_dim,
 θ_i = 10000^(−2i/K), in the rotate-half (GPT-NeoX) layout where pair i is (x[i], x[i + K/2]);
 sin/cos are computed in float32 and cast to the activation dtype (bf16 on TPU).
-Positions are an explicit argument, so one function serves training (0…L−1), packed rows and
-KV-cache decoding (each sequence at its own offset).
+Positions are an explicit argument, so one function serves training (0…L−1), packed rows
+(several documents in one row, each numbered from 0) and KV-cache decoding (06's generation: one
+new token at a time against the stored keys and values of the earlier ones, each sequence at its
+own offset).
 Left out on purpose: partial rotation, interleaved pairs, and context-extension tricks (NTK,
 YaRN, position interpolation), none of which OpenMoE uses.
 Run the self-test: `python 02_rope.py` (`--help` for options).
@@ -23,7 +25,11 @@ order (x_BLHK is [B, L, H, K]); a digit is an axis of that size (cos_BL1K: 1, br
   S key positions (keys, KV-cache slots)  G routing groups
   N a flat set of tokens (B·L or G·T)     T tokens per group
   M a flat set of assignments (N·A)       C capacity slots of one expert (per group)
-  D d_model   H attention heads   K head_dim   F d_ff   V vocabulary
+  D d_model (a token's width)   F d_ff (the hidden width of 03's feed-forward network, FFN)
+  H attention heads   K head_dim   V vocabulary
+The right-hand letters belong to the mixture-of-experts layer (04, 05): a router sends each token
+to k of E expert FFNs; it routes tokens in groups, and each expert takes at most C of a group's
+assignments.
 An argument that takes any leading axes names only its last ones: 03's `swiglu(x_D, …)` is
 given [B, L, D], [G, T, D] or [N, D] alike.
 """
