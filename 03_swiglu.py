@@ -10,13 +10,13 @@ splits its output into halves (a, b) and multiplies three projections together:
 with wi_0: D→2F, wi_1: D→F, wo: F→D. wi_0 is stored [D, 2, F]: the pair (a, b) is an axis of
 its own, so splitting F over devices keeps each a beside its b. Plainly: the paper's parameter
 counts (OpenMoE-8B: 8.7B in all, 2.1B *active*, i.e. used by each token; Table 11) assume the
-ordinary 3·D·F form, while the released weights use the double-gated one; both are here as `FFNConfig.variant` so you can
-compare them. Kernels are f32 parameters named by logical axes (a name per axis for what it
-holds, "embed" or "mlp", which 07 maps onto devices) and initialized as OpenMoE does: variance
-scaling 0.1, fan-in (`SCALE = 0.1` in the fork's `tokens_choose_decoder_only_*.gin`); the math
-runs in the activation dtype. `ffn_param_count` and `ffn_flops_per_token` feed active-parameter
-counts and MFU (model FLOPs utilization: the share of the hardware's peak FLOP/s that does the
-model's math). Shapes use 02's legend.
+ordinary 3·D·F form, while the released weights use the double-gated one; both are here as
+`FFNConfig.variant` so you can compare them. Kernels are f32 parameters named by logical axes
+(a name per axis for what it holds, "embed" or "mlp", which 07 maps onto devices) and
+initialized as OpenMoE does: variance scaling 0.1, fan-in (`SCALE = 0.1` in the fork's
+`tokens_choose_decoder_only_*.gin`); the math runs in the activation dtype. `ffn_param_count`
+and `ffn_flops_per_token` feed active-parameter counts and MFU (model FLOPs utilization: the
+share of the hardware's peak FLOP/s that does the model's math). Shapes use 02's legend.
 Left out: dropout (0 in pretraining), other activations, and anything MoE (05 vmaps `swiglu`).
 Run the self-test: `python 03_swiglu.py` (`--help` for options).
 """
