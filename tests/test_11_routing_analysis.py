@@ -643,7 +643,6 @@ def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
     np.testing.assert_allclose(np.sum(by_token + by_bin, axis=1), 1.0)
 
     # docs/make_figures.py draws every figure from analysis.json alone.
-    pytest.importorskip("matplotlib")
     spec = importlib.util.spec_from_file_location("make_figures", REPO_ROOT / "docs" / "make_figures.py")
     figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(figures)
