@@ -6,15 +6,17 @@ the compiler), so each holds at most C tokens per group and the rest are *droppe
 (arXiv 2402.01739 §2.2 Eq. 5–7, after ST-MoE and GShard) uses flaxformer's
 TokensChooseMaskedRouter (flaxformer `architectures/moe/routing.py`; capacity and groups in
 `moe_layers.py`): router in f32, k = 2, combine weights
-= the raw softmax probabilities (not renormalized), groups of ≤ 4096 tokens, capacity
-C = max(4, round(cf·T/E)) with cf 1.25 in training and 2.0 in evaluation (8B: C = 160), and a
-queue in which every token's first choice comes before any second choice, earlier tokens first.
-Late tokens therefore lose the race for busy experts: the paper's "Drop-towards-the-End" (§4.4).
+= the raw softmax probabilities (not renormalized), groups of T ≤ 4096 tokens, capacity
+C = max(4, round(cf·T/E)) with capacity factor cf 1.25 in training and 2.0 in evaluation
+(8B: C = 160), and a queue in which every token's first choice comes before any second choice,
+earlier tokens first. Late tokens therefore lose the race for busy experts: the paper's
+"Drop-towards-the-End" (§4.4).
 Losses: load balance E·Σ_e f_e·P_e (balanced value k) and router z-loss mean(logsumexp²).
 Shapes use 02's legend: G groups of T tokens, E experts, and A a token's k choices
 ("assignments"), best first.
 Left out: batch-prioritized routing (OpenMoE disables it in the decoder), expert-choice routing,
-and the all-to-all (05/07). Self-test: `python 04_router.py` prints a worked 8-token example.
+and the all-to-all that carries tokens to the devices holding their experts (05/07).
+Self-test: `python 04_router.py` prints a worked 8-token example.
 """
 
 import argparse
@@ -210,7 +212,7 @@ def router_z_loss(logits_GTE):
 
 
 def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int) -> dict:
-    """What flaxformer sows per layer, plus each expert's load and the drop rate by position.
+    """What flaxformer records (sows) per layer, plus each expert's load and drop rate by position.
 
     Groups hold whole batch rows in order, so flat token n sits at sequence position n mod L.
     """
@@ -235,9 +237,11 @@ class Router(nnx.Module):
     def __init__(self, cfg: RouterConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         value_DE = cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.num_experts))
-        # The expert axis of the router is "unmodeled" (flaxformer RouterWeights): every device
-        # keeps the whole small kernel, so each token's softmax over all E experts is local,
-        # and Adafactor treats it as one matrix rather than E separate columns.
+        # The expert axis of the router is "unmodeled" (flaxformer RouterWeights): 07 never
+        # splits it over devices, so every device keeps the whole small kernel and each token's
+        # softmax over all E experts is local; and 08's Adafactor finds no column axis in it, so
+        # (for E < 128) it keeps the kernel's gradient statistics whole, not as row and column
+        # averages.
         self.kernel = nnx.Param(value_DE, logical_axes=("embed", "unmodeled"))
 
     def __call__(self, x_GTD, *, capacity: int, key=None) -> tuple[Routing, dict]:
