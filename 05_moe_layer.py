@@ -5,11 +5,13 @@ every (token, choice) assignment an expert, a slot in that expert's fixed-size b
 and a combine weight; the layer *dispatches* tokens into buffers [G, E, C, D], runs each expert
 on its buffer, and *combines*: y_t = Σ_a weight_ta · expert_out[e_ta, slot_ta]. A dropped
 assignment contributes 0, so a token dropped by all its experts gets exactly 0 and only the
-residual carries it (paper arXiv 2402.01739 §2.2; GShard §2.2; flaxformer `moe_layers.py`).
+residual (06's skip connection, x + layer(x)) carries it (paper arXiv 2402.01739 §2.2; GShard
+§2.2; flaxformer `moe_layers.py`).
 OpenMoE (flaxformer `MoeLayer`, `_call_experts`): 32 experts of the double-gated SwiGLU, each
 initialized independently (variance scaling 0.1, fan-in, *normal*), bf16 expert math with an f32
 router, and dense one-hot einsums `gtec` for dispatch and combine, whose [G, E, C, D] shardings
-let GSPMD insert the all-to-all. Four dispatch paths compute the same function:
+let GSPMD (XLA's automatic partitioner, 07) insert the all-to-all.
+Four dispatch paths compute the same function:
   loop   - every expert on every token, masked: the readable oracle (maxtext's MoeLoopBlock idea);
   einsum - one-hot dispatch/combine tensors [G, T, E, C], the T5X/flaxformer form;
   gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
@@ -18,7 +20,8 @@ let GSPMD insert the all-to-all. Four dispatch paths compute the same function:
 Where the groups run is the layer's one seam: `MoELayer(cfg, rngs=..., run_groups=...)` takes a
 runner, by default `run_groups_here` (every group on the devices that hold it); 07_sharding.py
 passes one that moves tokens to their experts' devices by all-to-all. Shapes: 02_rope.py's legend.
-Left out: the mesh and all-to-all (07), shared experts, and the extra dense FFN (06).
+Left out: the mesh and all-to-all (07), shared experts (ones every token uses besides its k),
+and the extra dense FFN (06).
 Self-test: `python 05_moe_layer.py` dispatches 04's 8-token example into its [E, C] buffers and
 combines two tokens by hand, then runs the four paths and checks outputs and gradients agree.
 """
@@ -209,6 +212,7 @@ def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, va
     sends C = T slots per expert and group, E/k times the assignments: correct, not cheap.
     """
     if run_experts is not apply_experts:
+        # 07's runner: its `compute` is what each device runs on the slots it receives.
         grouped_runner = functools.partial(run_experts, compute=apply_experts_grouped)
         return dispatch_gather(x_GTD, routing, experts, num_experts, capacity, variant, dtype,
                                grouped_runner)
@@ -289,8 +293,8 @@ class MoELayer(nnx.Module):
         metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
                                              capacity=capacity, seq_len=padded_length)
         metrics["drop_rate_by_position"] = metrics["drop_rate_by_position"][:length]
-        def unpadded(x_GT_):  # [G, T, ...] back to [B, L, ...] without the zero tokens
-            return x_GT_.reshape(padded_batch, padded_length, -1)[:batch, :length]
+        def unpadded(x):  # [G, T, ...] back to [B, L, ...] without the zero tokens
+            return x.reshape(padded_batch, padded_length, -1)[:batch, :length]
 
         stats = {**losses, **metrics, "expert_BLA": unpadded(routing.expert_GTA),
                  "kept_BLA": unpadded(routing.kept_GTA)}
