@@ -1,10 +1,11 @@
 """Chapter 6: the OpenMoE decoder: blocks, presets, losses, parameter counts and generation.
 
 OpenMoE is a decoder-only transformer (arXiv 2402.01739 §2.2, Table 11) built like ST-MoE:
-pre-norm blocks of RMSNorm → attention with RoPE → feed-forward, where every k-th block swaps
-its FFN for a top-2 mixture of experts followed by one extra dense FFN ("residual MoE"). As the
-released T5X/flaxformer code computes it (the fork's `architectures/moe/moe_architecture.py`
-and `t5x/configs/moe/architectures/moe_decoder_only.gin`): RMSNorm eps 1e-6 in
+pre-norm blocks of RMSNorm → attention with RoPE → feed-forward, where every `moe_interval`-th
+block swaps its FFN for a top-2 mixture of experts followed by one extra dense FFN
+("residual MoE"). As the released T5X/flaxformer code computes it (the fork's
+`architectures/moe/moe_architecture.py` and
+`t5x/configs/moe/architectures/moe_decoder_only.gin`): RMSNorm eps 1e-6 in
 f32; multi-head attention without biases and without a runtime 1/√head_dim (it is folded into
 the query kernel's initialization); an MoE block is attention → MoE → extra FFN in sequence,
 each with its own norm and residual (the paper's Eq. 4 parallel form is an option); untied
@@ -210,6 +211,7 @@ class Attention(nnx.Module):
         def kernel(shape, axes, factor=1.0):
             return nnx.Param(init(rngs.params(), shape, jnp.float32) * factor, logical_axes=axes)
 
+        # "joined_kv": the H·K axis of all heads side by side (flaxformer's name).
         self.query = kernel((d, hk), ("embed", "joined_kv"), factor=cfg.head_dim**-0.5)
         self.key = kernel((d, hk), ("embed", "joined_kv"))
         self.value = kernel((d, hk), ("embed", "joined_kv"))
@@ -422,10 +424,11 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
     """OpenMoE's training objective and everything worth logging about it.
 
     `batch` holds `inputs` and `targets` [B, L] (targets are inputs shifted left by one) and a
-    `loss_mask` [B, L] that is 0 on padding and on UL2 inputs; optionally `positions` and
-    `segment_ids` for packed rows. Cross-entropy and the output z-loss (log Z)² are averaged
-    over the real target tokens (T5X's NUM_REAL_TARGET_TOKENS); the router losses are averaged
-    over MoE layers. Returns (total loss, metrics).
+    `loss_mask` [B, L] that is 0 on padding and on the inputs of UL2 examples (09's objective,
+    whose examples are an input the model reads and a target it is scored on); optionally
+    `positions` and `segment_ids` for packed rows. Cross-entropy and the output z-loss (log Z)²
+    are averaged over the real target tokens (T5X's NUM_REAL_TARGET_TOKENS); the router losses
+    are averaged over MoE layers. Returns (total loss, metrics).
     """
     cfg = model.cfg
     logits_BLV, moe_stats, _ = model(batch["inputs"], positions_BL=batch.get("positions"),
