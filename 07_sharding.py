@@ -16,7 +16,8 @@ and estimates memory per device for any preset and mesh. Its last section plans 
 machine does not have: a model of shapes and shardings only (`sharded_model(abstract=True)`),
 compiled for a TPU topology (`topology_devices`, with libtpu), and the compiler's account of
 the step (`compile_report`: memory per device, FLOPs, collectives, and time and MFU on TPUs).
-Left out: pipeline parallelism, multi-slice (DCN) meshes, and ragged all-to-all (dropless MoE).
+Left out: pipeline parallelism, multi-slice meshes (several TPU slices joined over the
+data-center network, DCN), and ragged all-to-all (dropless MoE).
 Self-test: `python 07_sharding.py` simulates 8 CPU devices (about 30 s).
 """
 
@@ -93,7 +94,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("joined_kv", "model"),  # attention heads
     ("vocab", "model"),      # embedding rows and output logits
     ("embed", None),         # d_model: replicated (FSDP_RULES splits it over 'data' instead)
-    ("unmodeled", None),     # the router's expert axis and the (a, b) gate pair: replicated
+    ("unmodeled", None),     # the router's expert axis: replicated, as is 03's "pair" (no rule)
 )
 # Fully sharded data parallelism for memory-bound runs: parameters' d_model split over 'data'
 # too, gathered layer by layer as needed (T5X's parameter_partitioning_dims=2).
@@ -152,8 +153,9 @@ def infer_shardings(function: Callable, *arrays, mesh: jax.sharding.Mesh):
     """Shardings of `function(*arrays)`'s outputs, found by tracing, not by running.
 
     Traced on an Explicit copy of the mesh, sharding is part of every array's type, so JAX works
-    out each output's sharding from its inputs' (e.g. Adafactor's row statistics of a parameter
-    split as P('expert', None, 'model') come out as P('expert', None)). Those specs are then used
+    out each output's sharding from its inputs' (e.g. 08's Adafactor keeps, per parameter, a mean
+    of squared gradients for each row: for a parameter split as P('expert', None, 'model') it
+    comes out as P('expert', None)). Those specs are then used
     on our Auto mesh, e.g. as `out_shardings` for creating the optimizer state.
     """
     explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 3)
@@ -288,7 +290,8 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
 
 def memory_per_device(cfg, mesh_shape: dict[str, int], *, batch: int, seq_len: int,
                       rules=RULES, remat: bool = True) -> dict[str, float]:
-    """Bytes per device of parameters, gradients and activations for one (micro)batch.
+    """Bytes per device of parameters, gradients and activations for one (micro)batch (09 can
+    split a step's batch into microbatches, run one at a time, and sum their gradients).
 
     Parameters and gradients are exact: each parameter's f32 bytes divided by the number of
     devices that split it. Activations are an estimate of what the backward pass keeps, per
