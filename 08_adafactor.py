@@ -118,7 +118,7 @@ class LeafPlan:
     """How one parameter is treated, decided from its shape (optax) or axis names (T5X)."""
     factored: tuple[tuple[int, ...], tuple[int, ...]] | None  # (row axes, column axes) or None
     rms_axes: tuple[int, ...]  # axes averaged for clipping and parameter scale: all but batch axes
-    stats_dtype: Any  # dtype of v_row / v_col / v
+    stats_dtype: Any  # dtype of the second-moment statistics v_row / v_col / v (AdafactorState)
 
 
 def optax_plan(shape, dtype, min_dim_size_to_factor: int) -> LeafPlan:
