@@ -359,7 +359,7 @@ def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> 
 
 
 def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:
-    """A T5X `checkpoint_N/`: a msgpack of the train state {"optimizer": {"target": ...}} whose
+    """A T5X `checkpoint_<step>/`: a msgpack of the train state {"optimizer": {"target": ...}} whose
     parameters are tensorstore specs of zarr arrays beside it (small ones may be inline arrays)."""
     import tensorstore as ts
     from flax import serialization
@@ -526,7 +526,7 @@ def load_config(path: str | os.PathLike, *, preset: str | None = None,
                 **overrides) -> tuple[pathlib.Path, Any, Any]:
     """(directory, ModelConfig, tokenizer or None) of a checkpoint, its weights left unread.
 
-    The config is config.json's (beside the weights or, for T5X's checkpoint_N/, in the parent)
+    The config is config.json's (beside the weights or, for T5X's checkpoint_<step>/, in the parent)
     or `preset`'s; the tokenizer is spiece.model's, found the same way. `overrides` are
     ModelConfig fields. A hub name is downloaded here.
     """
