@@ -183,7 +183,8 @@ def other_language_texts(path: pathlib.Path = OTHER_LANGUAGES) -> list[str]:
 
 
 def analysis_texts() -> dict[str, list[str]]:
-    """Source name → documents: in-distribution validation text and code, then the two OOD sets."""
+    """Source name → documents: in-distribution validation text and code, then the two
+    out-of-distribution sets (text the router never trained on)."""
     validation = tok.embedded_corpus("validation")
     texts = {name: list(validation[name]["text"]) for name in IN_DISTRIBUTION}
     return {**texts, "chat": chat_formatted(texts["text"]), "other languages": other_language_texts()}
@@ -309,7 +310,8 @@ def max_spread(num_experts: int, top_k: int) -> float:
 def specialization_score(group_N, expert_NA, num_experts: int, min_count: int) -> dict:
     """The paper's App. E measure: the std over experts of each value's routing distribution,
     averaged over the values seen at least `min_count` times, divided by `max_spread`: 1 when
-    every value always goes to the same experts, near 0 when it says nothing about routing."""
+    every value always goes to the same experts, near 0 when it says nothing about routing.
+    "keys" counts the values kept (a value of the grouping, not an attention key)."""
     values_U, _, distribution_UE = routing_distribution(group_N, expert_NA, num_experts, min_count)
     spread_U = distribution_UE.std(axis=1)
     reference = max_spread(num_experts, expert_NA.shape[1])
@@ -465,9 +467,10 @@ def drop_towards_the_end(subject: Subject, decisions_at: Callable[[float, str], 
 def specialization_lines(spec: dict) -> list[str]:
     """Finding 1: scores per layer, each expert's top tokens, expert shares by source."""
     scores = spec["by_layer"][spec["layer"]]
-    lines = [f"1. Context-independent specialization (keys seen >= {spec['min_count']} times; "
-             f"score = mean std over experts / {scores['token_id']['max_std']:.3f}, the std of a "
-             "key that always picks the same experts)",
+    lines = [f"1. Context-independent specialization (token ids and positions seen >= "
+             f"{spec['min_count']} times; score = mean std over experts / "
+             f"{scores['token_id']['max_std']:.3f}, the std of one that always picks the same "
+             "experts)",
              f"   {'MoE layer':>10} {'token ids':>10} {'score':>7} {'positions':>10} {'score':>7}"]
     lines += [f"   {layer:>10} {s['token_id']['keys']:>10} {s['token_id']['score']:7.2f} "
               f"{s['position']['keys']:>10} {s['position']['score']:7.2f}"
