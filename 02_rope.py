@@ -4,8 +4,10 @@ RoPE (Su et al. 2021) tells attention where each token is without adding anythin
 embeddings: before the dot product, each query and key vector is split into K/2 pairs, and
 pair i is rotated by the angle position · θ_i. Rotations compose, so q·k ends up depending only
 on how far apart the two tokens are (derivation in `apply_rope`). The OpenMoE paper inherits
-this from its ST-MoE/LLaMA-style decoder (paper §2.2); the released code is flaxformer's
-`components/embedding.py` (`generate_fixed_pos_embedding`, `apply_rotary_embedding`).
+this from its ST-MoE/LLaMA-style decoder (paper §2.2). OpenMoE was trained with T5X (Google's
+JAX training framework, configured by `.gin` files) on layers from flaxformer (T5X's library of
+transformer layers); the released code is flaxformer's `components/embedding.py`
+(`generate_fixed_pos_embedding`, `apply_rotary_embedding`).
 OpenMoE's variant (Fuzhao Xue's flaxformer fork, `use_rotary_embedding=True` in
 `t5x/configs/moe/architectures/moe_decoder_only.gin`): it rotates the *full* head_dim,
 θ_i = 10000^(−2i/K), in the rotate-half (GPT-NeoX) layout where pair i is (x[i], x[i + K/2]);
