@@ -303,7 +303,7 @@ class TokenizerConfig:
     """How to train (or complete) a tokenizer. Defaults are OpenMoE's umT5 tokenizer."""
 
     vocab_size: int = 256_000            # SentencePiece pieces (umT5: 256,000)
-    num_extra_ids: int = 300             # sentinels for span corruption (OpenMoE: 300; early gins 100)
+    num_extra_ids: int = 300             # span-corruption sentinels (OpenMoE: 300; early configs 100)
     pad_vocab_to_multiple: int = 128     # embedding rows are padded (256,300 -> 256,384)
     model_type: str = "unigram"          # umT5's SentencePiece algorithm ("bpe" also works)
     character_coverage: float = 0.9995   # rarer characters are left to byte fallback
