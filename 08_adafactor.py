@@ -8,7 +8,8 @@ model parallelism. The released run (T5X `adafactor.py` with the rules of
 `contrib/moe/adafactor_utils.py`, set in the fork's gins) used T5X's Adafactor:
 β₂ₜ = 1 − t^−0.8, no momentum, factored when a matrix's smaller side is ≥ 128, updates clipped
 at RMS 1, scaled by the parameter's RMS (floor ε₂ = 1e-3), no weight decay, MoE factor rules in
-which the expert axis is a batch axis; learning rate 1/√max(step, 10⁴) (`openmoe_schedule`).
+which the expert axis is a batch axis (each expert is factored, clipped and scaled on its own);
+learning rate 1/√max(step, 10⁴) (`openmoe_schedule`).
 `adafactor()` is one `optax.GradientTransformation` with two modes:
   optax mode (default): equal to `optax.adafactor` to float32 round-off, checked in the tests;
   T5X mode (`logical_axes=`): factoring from logical axis names, clipping and parameter scale per
