@@ -174,8 +174,8 @@ def dispatch_gather(x_GTD, routing, experts, num_experts: int, capacity: int, va
 def grouped_experts(rows, row_expert, experts, variant: str, dtype):
     """Each row (rows [n, D]) through its own expert `row_expert` [n] with grouped matmuls
     (`jax.lax.ragged_dot`): rows are sorted by expert, every expert runs on its contiguous run,
-    and the results are unsorted. Rows whose expert is E (none) sort last, outside every group,
-    and come out as zeros."""
+    and the results are unsorted. Rows whose expert is E (none) sort last, outside every
+    expert's run, and come out as zeros."""
     num_experts = experts[0].shape[0]
     order = jnp.argsort(row_expert, stable=True)
     grouped = functools.partial(jax.lax.ragged_dot,
