@@ -3,10 +3,12 @@
 OpenMoE pretrained with T5X (arXiv 2402.01739 §2.3–2.5, App. B, Table 12; Fuzhao Xue's t5x
 fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): documents from a 50% text / 50% code
 mixture packed into 2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K
-steps); batch 1,024 (8B: 8 microbatches); capacity factor 1.25 training, 2.0 evaluating. The
-objective was UL2's mixture of denoisers on a causal decoder (50% PrefixLM "[S2S] ", span
-corruption "[NLU] " µ=3,8 r=0.15 and "[NLG] " µ=3,8,64 r=0.5, loss on targets only), then
-plain next-token prediction after 390K steps. This file is that program, read top to bottom:
+steps); batch 1,024 (8B: in 8 microbatches, slices of the batch whose gradients are averaged);
+capacity factor 1.25 training, 2.0 evaluating. The objective was UL2's mixture of denoisers on a
+causal decoder (50% PrefixLM "[S2S] ": read a prefix, predict the rest; span corruption, hidden
+spans of mean length µ covering a share r of the tokens: "[NLU] " µ=3,8 r=0.15 and "[NLG] "
+µ=3,8,64 r=0.5; loss on targets only), then plain next-token prediction after 390K steps.
+This file is that program, read top to bottom:
   config: TrainConfig holds 06's ModelConfig and adds the data, schedule and bookkeeping;
   data:   texts → tokens (+eos) → packed rows (LM: one causal stream, as OpenMoE's full_lm;
           UL2: one example per segment, with segment ids and positions, as T5X packs);
@@ -148,7 +150,8 @@ class TrainConfig:
 # cores see the loss fall within ~10 minutes. Its schedule keeps OpenMoE's shape (flat plateau,
 # then 1/√step) with warmup a tenth of the run; peak 0.03 (3× OpenMoE's) because a 4-layer
 # model seeing only ~1M tokens needs bigger steps (at step 80: train loss 5.97 against 7.18 with
-# 0.01). Every 80th step's checkpoint is kept for the early-routing curve of chapter 11.
+# 0.01). Every 80th step's checkpoint is kept for chapter 11's measure of how early each
+# token's experts settle.
 OPENMOE = TrainConfig()
 CONFIGS: dict[str, TrainConfig] = {
     "laptop": dataclasses.replace(
@@ -453,8 +456,9 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(graphdef, rest, tx, microbatches: int):
     """grads of 06's loss (averaged over microbatches, T5X-style) → Adafactor → new params.
 
-    Microbatch i takes rows i, i+M, i+2M, … so that every device keeps its own rows; gradients
-    and metrics are averaged over the M slices with a `lax.scan`, one slice in memory at a time.
+    With m microbatches, microbatch i takes rows i, i+m, i+2m, … so that every device keeps its
+    own rows; gradients and metrics are averaged over the m slices with a `lax.scan`, one slice
+    in memory at a time.
     """
     def loss_of(params, batch):
         return model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=True)
@@ -1130,13 +1134,14 @@ def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(v
         examples.append(ul2_example(tokens, denoiser, tokenizer.encode(denoiser.prefix), tokenizer, rng))
         print(f"  mean span {denoiser.mean_span:<2} rate {denoiser.density:<4}  "
               f"{tokenizer.decode(examples[-1][0])!r} -> {tokenizer.decode(examples[-1][1])!r} + eos")
-    (inputs_1, targets_1), (inputs_2, targets_2) = examples[:2]
-    row = decoder_row(examples[:2], len(inputs_1) + len(targets_1) + len(inputs_2) + len(targets_2) + 3)
+    (first_inputs, first_targets), (second_inputs, second_targets) = examples[:2]
+    length = len(first_inputs) + len(first_targets) + len(second_inputs) + len(second_targets)
+    row = decoder_row(examples[:2], length + 3)
     print(f"The first two packed into one decoder row of {len(row['targets'])} tokens, 3 of them "
           "padding (positions restart at 0 in each segment):")
     for name in ("segment_ids", "loss_mask"):
         print(f"  {name:12} " + "".join(str(int(v)) for v in row[name]))
-    if row["loss_mask"].sum() != len(targets_1) + len(targets_2):
+    if row["loss_mask"].sum() != len(first_targets) + len(second_targets):
         sys.exit("self-test FAILED: the packed row's loss does not cover exactly the targets")
 
 
