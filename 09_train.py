@@ -520,7 +520,6 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
     """Model born sharded with experts parallel (07), Adafactor state sharded like the params
     (08 + 07), jitted steps. `abstract`: shapes and shardings only, nothing allocated, so that
     OpenMoE-8B's step can be compiled on a laptop (`--dry-run`)."""
-    model_cfg = shard.config_for_mesh(model_config(cfg), mesh)
     with jax.set_mesh(mesh):
         model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed, abstract=abstract)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -533,7 +532,8 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
             opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(graphdef, rest))
-    return Trainer(cfg, model_cfg, mesh, params, opt_state, train_step, eval_step)
+    # model.cfg is the config as 07 adjusted it to the mesh (its group layout).
+    return Trainer(cfg, model.cfg, mesh, params, opt_state, train_step, eval_step)
 
 
 def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
