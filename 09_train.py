@@ -1112,7 +1112,7 @@ def keep_freed_memory_mapped() -> bool:
 
     XLA:CPU allocates and frees buffers of many MiB every step, and glibc returns blocks that
     large to the OS at once, so every step page-faults fresh memory. With no block served by
-    mmap and trimming off, the pages stay and are reused (benchmarks/README.md has the figure).
+    mmap and trimming off, the pages stay and are reused (README's Benchmarks section has the figure).
     Set OPENMOE_MALLOC=default to turn it off. Returns whether it was applied.
     """
     if os.environ.get("OPENMOE_MALLOC", "keep") == "default" or jax.default_backend() != "cpu":
