@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -38,11 +39,14 @@ import re
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import datasets
+import numpy as np
 import sentencepiece as spm
 from datasets.distributed import split_dataset_by_node
+
+from support import files
 
 log = logging.getLogger(__name__)
 
@@ -474,9 +478,7 @@ def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
         raise
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    partial = directory / f"spiece.model.{os.getpid()}.tmp"
-    partial.write_bytes(model.getvalue())
-    os.replace(partial, model_path)
+    files.replace_file(model_path, model.getvalue())
     return Tokenizer(model.getvalue(), num_extra_ids=config.num_extra_ids,
                      pad_vocab_to_multiple=config.pad_vocab_to_multiple, path=str(model_path))
 
@@ -484,6 +486,50 @@ def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
 def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The default run's tokenizer: trained on the embedded corpus' train split, then cached."""
     return train_tokenizer(embedded_corpus("train"), EMBEDDED_TOKENIZER, cache_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# From documents to training rows: a mixture's texts → one stream of ids → packed rows
+# ------------------------------------------------------------------------------------------------
+
+# The arrays of every training row (as 06's loss_fn reads them), each [L] for a row of L tokens.
+ROW_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
+              "segment_ids": np.int32, "positions": np.int32}
+
+
+def document_texts(sources: Mapping[str, datasets.Dataset], probabilities: Mapping[str, float],
+                   seed: int) -> Iterator[str]:
+    """Endless texts from a mixture of `sources`. Each pass reshuffles every source (seed + pass
+    number), so the order is a pure function of the seed: a resumed run can replay it exactly."""
+    for epoch in itertools.count():
+        shuffled = {name: s.shuffle(seed=seed + epoch) for name, s in sources.items()}
+        for row in mix(shuffled, probabilities, seed=seed + epoch):
+            yield row["text"]
+
+
+def token_stream(texts: Iterator[str], tokenizer: Tokenizer, chunk: int = 64) -> Iterator[int]:
+    """Every document's ids followed by eos, as one stream (encoded `chunk` documents at a time)."""
+    while batch := list(itertools.islice(texts, chunk)):
+        for ids in tokenizer.encode_batch(batch, add_eos=True):
+            yield from ids
+
+
+def pack_lm_rows(tokens: Iterator[int], seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Cut the stream into rows of seq_len + 1 tokens: inputs row[:-1], targets row[1:].
+
+    Documents are simply concatenated (eos between them) and attention runs across them, as
+    OpenMoE's full_lm task did: no padding, every token is a target. E.g. with seq_len 4,
+    [a b eos c d e ...] → inputs [a b eos c], targets [b eos c d].
+    """
+    while len(row := np.fromiter(itertools.islice(tokens, seq_len + 1), np.int32)) == seq_len + 1:
+        yield {"inputs": row[:-1], "targets": row[1:], "loss_mask": np.ones(seq_len, np.float32),
+               "segment_ids": np.ones(seq_len, np.int32),
+               "positions": np.arange(seq_len, dtype=np.int32)}
+
+
+def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of ROW_DTYPES arrays → one batch of arrays [B, L]."""
+    return {name: np.stack([row[name] for row in rows]) for name in ROW_DTYPES}
 
 
 # ------------------------------------------------------------------------------------------------

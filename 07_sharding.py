@@ -81,6 +81,29 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
     return mesh.shape["expert"] * mesh.shape["data"]
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """A mesh as a command line writes it: "data=2,expert=4,model=1" → {"data": 2, "expert": 4,
+    "model": 1}; "" → {} (every device on 'data')."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1 or name in sizes:
+            raise ValueError(f"mesh={text!r}: write it as 'data=N,expert=N,model=N' with each "
+                             f"axis of {MESH_AXES} at most once, sizes >= 1")
+        sizes[name] = int(value)
+    return sizes
+
+
+def mesh_from_text(text: str, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The mesh `text` names (see parse_mesh) over `devices` (default: all), whose axes'
+    product must be the device count; "" puts every device on 'data'."""
+    sizes, devices = parse_mesh(text), list(devices if devices is not None else jax.devices())
+    if sizes and math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh={text!r} has {math.prod(sizes.values())} devices but there are "
+                         f"{len(devices)}; the axes' product must equal the count")
+    return make_mesh(**sizes, devices=devices) if sizes else make_mesh(devices=devices)
+
+
 # ------------------------------------------------------------------------------------------------
 # The rules: logical axis names -> mesh axes
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 ffn = importlib.import_module("03_swiglu")
 moe = importlib.import_module("05_moe_layer")
-train_lib = importlib.import_module("09_train")
+from support import host  # noqa: E402
 
 
 def forward_backward(module, x):
@@ -90,7 +90,7 @@ def main():
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     args = parser.parse_args()
-    train_lib.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
+    host.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
 
     seq_len = min(args.tokens, 2048)
     x_BLD = jax.random.normal(jax.random.key(0), (args.tokens // seq_len, seq_len, args.d_model))

@@ -22,6 +22,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 train_lib = importlib.import_module("09_train")
+from support import host  # noqa: E402
 
 
 def active_matched_dense(cfg):
@@ -50,7 +51,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120, help="training steps for each model")
     args = parser.parse_args()
-    train_lib.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
+    host.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
     with tempfile.TemporaryDirectory() as root:
         small = train_lib.model_lib.PRESETS["small"]
         rows = [run("small", small, args.steps, root),

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 model_lib = importlib.import_module("06_model")
 shard = importlib.import_module("07_sharding")
 train_lib = importlib.import_module("09_train")
+from support import host  # noqa: E402
 
 model_lib.PRESETS.setdefault("small-wide", dataclasses.replace(
     model_lib.PRESETS["small"], d_model=512, num_heads=8, d_ff=1024))
@@ -79,7 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
-    malloc = "kept" if train_lib.keep_freed_memory_mapped() else "default"  # as 09 on a CPU
+    malloc = "kept" if host.keep_freed_memory_mapped() else "default"  # as 09 on a CPU
     peaks, rows = [matmul_peak_flops()], []
     for preset in ("small", "small-wide"):
         rows.append(step_throughput(preset, args.steps, args.batch_size, args.seq_len))

@@ -5,7 +5,8 @@ checkpoint every 2). One trains straight through while a second process on its d
 be refused. A copy is trained by processes that are SIGKILLed at start-up, mid-run and inside a
 checkpoint write, stopped by a full disk (RLIMIT_FSIZE), and finished after its newest
 checkpoint is corrupted; it must end with the straight run's losses bit for bit and exactly one
-metrics line per step. Another run diverges on purpose and resumes with a lower learning rate.
+metrics line per step, as must a copy stopped and resumed twice in a row. Another run diverges
+on purpose and resumes with a lower learning rate.
 Every command-line error is checked, in this process, to name its field and change nothing.
 """
 
@@ -22,6 +23,8 @@ import time
 
 import numpy as np
 import pytest
+
+from support import run_dir as run_dir_lib
 
 from conftest import REPO_ROOT, load
 
@@ -110,9 +113,11 @@ def wait_until(process: subprocess.Popen, condition) -> None:
 
 
 def kill_when(process: subprocess.Popen, condition) -> None:
+    """SIGKILL `process` as soon as `condition()` holds, and check that the signal ended it."""
     wait_until(process, condition)
     process.send_signal(signal.SIGKILL)
     process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the process ended before it was killed"
 
 
 def read_text(path: pathlib.Path) -> str:
@@ -202,6 +207,23 @@ def test_kills_and_a_full_disk_lose_nothing(reference, child_env, tmp_path):
     assert checkpoint_steps(run_dir) == checkpoint_steps(ref_dir)
 
 
+def test_resuming_twice_in_a_row_matches_the_straight_run(reference, child_env, tmp_path):
+    # Stopped between checkpoints twice (step 3 redoes from 2, step 5 from 4), then finished:
+    # a bug that shows only on a second resume (state restored into a restored trainer, the
+    # data stream replayed twice) would change the losses or the metrics lines.
+    ref_cfg, ref_dir, _, _ = reference
+    run_dir = tmp_path / "run"
+    args = flags(dataclasses.replace(ref_cfg, run_dir=str(run_dir)))
+    for stop_after, resumed_from in ((3, None), (5, 2), (None, 4)):
+        process = launch(args + ([f"--stop-after={stop_after}"] if stop_after else []), child_env)
+        stdout, stderr = process.communicate()
+        assert process.returncode == 0, stderr
+        assert (f"resuming {run_dir} from step {resumed_from}" in stdout) == bool(resumed_from)
+    assert metric_steps(run_dir) == list(range(1, ref_cfg.steps + 1))
+    assert metric_losses(run_dir) == metric_losses(ref_dir)
+    assert checkpoint_steps(run_dir) == checkpoint_steps(ref_dir)
+
+
 def test_divergence_saves_nothing_non_finite_and_a_lower_lr_resumes(child_env, tmp_path):
     # A learning rate of 1e38 keeps step 1's loss finite but overflows its update: the new
     # parameters hold inf. No checkpoint may be written from that state, even one due now.
@@ -250,12 +272,14 @@ def refused(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("extra, message", [
     (["--remat", "on"], "argument --remat: 'on' is not a boolean: write true or false"),
     (["--remat", "maybe"], "argument --remat: 'maybe' is not a boolean"),
-    (["--stop-after", "0"], "argument --stop-after: '0' is not a step: write an int >= 1"),
-    (["--stop-after", "-3"], "argument --stop-after: '-3' is not a step"),
-    (["--train-capacity-factor", "inf"], "ModelConfig.train_capacity_factor=inf: must be a finite"),
-    (["--z-loss-weight", "nan"], "ModelConfig.z_loss_weight=nan: must be a finite number >= 0"),
-    (["--peak-lr", "inf"], "TrainConfig.peak_lr=inf: must be a finite number"),
-    (["--peak-lr", "nan"], "TrainConfig.peak_lr=nan: must be a finite number"),
+    (["--stop-after", "0"], "argument --stop-after: '0' must be an int >= 1"),
+    (["--stop-after", "-3"], "argument --stop-after: '-3' must be an int >= 1"),
+    (["--train-capacity-factor", "inf"], "argument --train-capacity-factor: 'inf' is not a finite"),
+    (["--z-loss-weight", "nan"], "argument --z-loss-weight: 'nan' is not a finite number"),
+    (["--z-loss-weight", "-1"], "ModelConfig.z_loss_weight=-1.0: must be a finite number >= 0"),
+    (["--peak-lr", "0"], "TrainConfig.peak_lr=0.0: must be a finite number > 0"),
+    (["--peak-lr", "nan"], "argument --peak-lr: 'nan' is not a finite number"),
+    (["--step", "3"], "unrecognized arguments: --step"),  # no prefix matching of --steps
     (["--seed", "-1"], "TrainConfig.seed=-1: must be an int from 0 to 2**32 - 1"),
     (["--objective", "mlm"], "argument --objective: invalid choice: 'mlm'"),
 ])
@@ -276,8 +300,8 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
     (other_run / "notes.txt").write_text("the user's own file")
     before = snapshot(tmp_path)
     for run_dir, message in [
-            (a_file, f"TrainConfig.run_dir={str(a_file)!r} is a file, not a directory"),
-            (a_file / "run", f"TrainConfig.run_dir={str(a_file / 'run')!r} cannot be created "
+            (a_file, f"run_dir={str(a_file)!r} is a file, not a directory"),
+            (a_file / "run", f"run_dir={str(a_file / 'run')!r} cannot be created "
                              "(Not a directory)"),
             (tmp_path / "metrics-is-a-directory", "metrics.jsonl: it is a directory or read-only"),
             (other_run, "holds a different run (field: (saved, now) = {'seq_len': (64, 32)})")]:
@@ -294,9 +318,12 @@ def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
     (run_dir / "config.json").write_text(json.dumps(train_lib.config_json(small_run(run_dir, seq_len=64))))
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     (run_dir / "notes.txt").write_text("the user's own file")
-    train_lib.prepare_run_dir(small_run(run_dir), overwrite=True)
+    cfg = small_run(run_dir)
+    with run_dir_lib.claim(run_dir, train_lib.config_json(cfg), resumable=train_lib.RESUMABLE_FIELDS,
+                           read=train_lib.check_run_config, overwrite=True):
+        pass
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt", "run.lock"]
     assert json.loads((run_dir / "config.json").read_text())["seq_len"] == 32
 
 
@@ -304,7 +331,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(train_lib.fcntl, "flock", no_locks)
-    with train_lib.run_lock(tmp_path):
+    monkeypatch.setattr(run_dir_lib.fcntl, "flock", no_locks)
+    with run_dir_lib.run_lock(tmp_path):
         assert f"process {os.getpid()} " in (tmp_path / "run.lock").read_text()
     assert "run.lock cannot be locked (No locks available)" in capsys.readouterr().err

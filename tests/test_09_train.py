@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import pytest
 
+from support import checkpoints, health, run_dir
+
 from conftest import load
 
 tok = load("01_tokenizer")
@@ -33,6 +35,13 @@ def tiny(tmp_path, **overrides) -> "train_lib.TrainConfig":
         warmup_steps=2, eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=5,
         keep_period=100, sample_tokens=0, mesh="data=8")
     return dataclasses.replace(base, **overrides)
+
+
+def claim(cfg, overwrite: bool) -> None:
+    """What 09's train() does to the run directory before it trains, and nothing else."""
+    with run_dir.claim(cfg.run_dir, train_lib.config_json(cfg), resumable=train_lib.RESUMABLE_FIELDS,
+                       read=train_lib.check_run_config, overwrite=overwrite):
+        pass
 
 
 def reconstruct(inputs: np.ndarray, targets: np.ndarray, prefix_len: int, tokenizer) -> list[int]:
@@ -61,9 +70,9 @@ def tokenizer():
 
 def test_lm_packing_concatenates_documents_with_eos_and_shifts_by_one(tokenizer):
     texts = ["first document", "second one", "and a third document here"] * 5
-    stream = list(train_lib.token_stream(iter(texts), tokenizer))
+    stream = list(tok.token_stream(iter(texts), tokenizer))
     assert stream.count(tokenizer.eos_id) == len(texts)  # one eos closes every document
-    rows = list(train_lib.pack_lm_rows(iter(stream), seq_len=8))
+    rows = list(tok.pack_lm_rows(iter(stream), seq_len=8))
     assert len(rows) == len(stream) // 9
     for index, row in enumerate(rows):
         chunk = stream[index * 9:(index + 1) * 9]
@@ -105,7 +114,7 @@ def test_ul2_rows_put_the_loss_on_targets_only(tokenizer):
     assert list(row["segment_ids"]) == [1] * 6 + [2] * 3 + [0]
     assert list(row["positions"]) == [0, 1, 2, 3, 4, 5, 0, 1, 2, 0]
     # Real packed rows: every row fits, and each segment's loss covers exactly its targets.
-    stream = train_lib.token_stream(iter(tokenizer.decode(range(300, 900)).split(" ") * 50), tokenizer)
+    stream = tok.token_stream(iter(tokenizer.decode(range(300, 900)).split(" ") * 50), tokenizer)
     rows = list(itertools.islice(train_lib.pack_ul2_rows(stream, 128, tokenizer,
                                                          np.random.default_rng(0)), 20))
     for row in rows:
@@ -161,16 +170,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             yield batch
 
     monkeypatch.setattr(train_lib, "train_batches", poisoned_batches)
-    with pytest.raises(train_lib.TrainingDiverged, match="step 3: loss nan.*newest checkpoint, step 2"):
+    with pytest.raises(health.TrainingDiverged, match="step 3: loss nan.*newest checkpoint, step 2"):
         train_lib.train(cfg, progress=False)
-    assert list(train_lib.checkpoint_manager(cfg).all_steps()) == [2]
+    assert checkpoints.saved_steps(cfg.run_dir) == (2,)
 
 
 def test_a_stalled_run_is_reported(tmp_path, monkeypatch, capsys):
     # With every loss weight 0 and no target counted, the gradient is exactly zero: nothing moves.
     silent = dataclasses.replace(TINY_MODEL, aux_loss_weight=0.0, z_loss_weight=0.0,
                                  router_z_loss_weight=0.0)
-    cfg = tiny(tmp_path, steps=train_lib.STALL_STEPS + 1, checkpoint_every=100, model=silent)
+    cfg = tiny(tmp_path, steps=health.STALL_STEPS + 1, checkpoint_every=100, model=silent)
     real_batches = train_lib.train_batches
 
     def unlearnable_batches(*args, **kwargs):
@@ -182,7 +191,7 @@ def test_a_stalled_run_is_reported(tmp_path, monkeypatch, capsys):
     assert summary["stalled_since"] == 1
     assert "gradient has been exactly zero since step 1" in capsys.readouterr().out
     assert "warning: the gradient has been exactly zero since step 1" in "\n".join(
-        train_lib.summary_lines(summary))
+        run_dir.summary_lines(summary))
 
 
 def test_bad_inputs_fail_before_anything_is_written(tmp_path):
@@ -206,15 +215,15 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
 def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_path, monkeypatch):
     cfg, _ = uninterrupted
     with pytest.raises(ValueError, match="holds a different run.*seq_len"):
-        train_lib.prepare_run_dir(dataclasses.replace(cfg, seq_len=64), overwrite=False)
+        claim(dataclasses.replace(cfg, seq_len=64), overwrite=False)
     # The same run opened by a relative path, or moved: accepted, the new path recorded.
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copy(f"{cfg.run_dir}/config.json", moved / "config.json")
     monkeypatch.chdir(tmp_path)
-    train_lib.prepare_run_dir(dataclasses.replace(cfg, run_dir="moved"), overwrite=False)
+    claim(dataclasses.replace(cfg, run_dir="moved"), overwrite=False)
     # Resumable fields (length, schedule) may change; each change is appended to the history.
-    train_lib.prepare_run_dir(dataclasses.replace(cfg, run_dir="moved", steps=10, peak_lr=0.01),
+    claim(dataclasses.replace(cfg, run_dir="moved", steps=10, peak_lr=0.01),
                               overwrite=False)
     history = [json.loads(line) for line in (moved / "config_history.jsonl").read_text().splitlines()]
     assert [h["changed"] for h in history] == [
@@ -223,23 +232,18 @@ def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_pat
     assert json.loads((moved / "config.json").read_text())["peak_lr"] == 0.01
 
 
-def test_config_json_round_trips_and_old_run_directories_still_resume(tmp_path):
+def test_config_json_round_trips_and_a_foreign_config_is_refused(tmp_path):
     cfg = tiny(tmp_path, model=dataclasses.replace(model_lib.PRESETS["tiny"], remat=True))
     record = train_lib.config_json(cfg)
     assert train_lib.config_from_json(json.loads(json.dumps(record))) == cfg
-    # A config.json written before the model moved into TrainConfig: a preset name and seven of
-    # the model's fields, flat. It reads back as the same run, and resuming rewrites it.
-    old = {k: v for k, v in record.items() if not k.startswith("model.")}
-    old.update(preset="tiny", train_capacity_factor=1.25, eval_capacity_factor=2.0,
-               aux_loss_weight=0.01, z_loss_weight=0.001, router_z_loss_weight=0.0001,
-               dtype="float32", remat=True)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps(old))
-    assert train_lib.read_run_config(run_dir / "config.json") == cfg
-    train_lib.prepare_run_dir(cfg, overwrite=False)
-    assert json.loads((run_dir / "config.json").read_text()) == record
-    assert not (run_dir / "config_history.jsonl").exists()  # nothing about the run changed
+    # A config.json this program did not write (here: an early version's, which named a preset)
+    # is refused in one line, and left as it is.
+    old = {k: v for k, v in record.items() if not k.startswith("model.")} | {"preset": "tiny"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="config.json cannot be read as this program's run config"):
+        claim(cfg, overwrite=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == old
 
 
 def test_the_command_line_sets_run_and_model_fields(tmp_path):
@@ -257,15 +261,15 @@ def test_a_finished_run_says_so_without_training(uninterrupted, capsys):
     cfg, _ = uninterrupted
     summary = train_lib.train(cfg, progress=False)
     assert summary["complete"] and summary["losses"] == {} and summary["steps"] == cfg.steps
-    assert "is complete: 6 steps" in train_lib.summary_lines(summary)[0]
+    assert "is complete: 6 steps" in run_dir.summary_lines(summary)[0]
 
 
 def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
-    # Lines an older version appended on resume (duplicates, out of order), a line cut short.
+    # Lines past the restored step, repeated steps (the newest kept), a line cut short by a kill.
     lines = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4, 3, 4, 5, 2, 3)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "lo')
-    train_lib.cut_metrics(path, last_step=4)
+    run_dir.cut_metrics(path, last_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 

@@ -49,6 +49,30 @@ def test_chapter_imports_only_earlier_chapters(path):
         assert int(name[:2]) < _number(path), f"{path.name} imports {name}, a later chapter"
 
 
+SUPPORT = sorted((REPO_ROOT / "support").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SUPPORT, ids=[p.name for p in SUPPORT])
+def test_support_imports_no_chapter(path):
+    # support/ is below every chapter: it may import the standard library, the pinned
+    # dependencies and itself, never a chapter (by importlib or otherwise).
+    tree = ast.parse(path.read_text())
+    chapters = _imported_chapters(tree) + [
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        if re.match(r"\d\d_", alias.name)]
+    assert not chapters, f"support/{path.name} imports the chapters {chapters}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            assert not re.match(r"\d\d_", node.module), f"support/{path.name} imports {node.module}"
+
+
+@pytest.mark.parametrize("path", SUPPORT, ids=[p.name for p in SUPPORT])
+def test_support_module_states_its_guarantee(path):
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring and docstring.startswith("Plumbing") and "uarantee" in docstring, (
+        f"support/{path.name} must open with a docstring saying it is plumbing and what it guarantees")
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=CHAPTER_IDS)
 def test_chapter_has_teaching_docstring(path):
     docstring = ast.get_docstring(ast.parse(path.read_text()))

@@ -1,0 +1,217 @@
+"""Plumbing: a run directory holds one run, and loses nothing.
+
+Guarantees:
+  - one run per directory: a second process is refused at its start while the first trains (the
+    kernel's lock, released however the holder ends, SIGKILL included: never a stale lock);
+  - a run resumes only as itself: its identity is its config outside the resumable fields, so a
+    changed model, data or seed is refused (whatever the spelling of the directory's path), and
+    each change of a resumable field (the schedule, the mesh, ...) is appended to
+    config_history.jsonl;
+  - every check comes before the first change to the directory, and `overwrite` deletes the
+    run's own files (RUN_FILES) and nothing else that lives there;
+  - config.json and metrics.jsonl are replaced atomically, and metrics.jsonl always ends with
+    one line per step up to the checkpoint the run resumes from.
+A run's config arrives here as a flat JSON record, with a function that reads one back (and
+raises on a record it cannot read): this module knows no chapter's config class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator, Set
+
+from support import cli, files
+
+# What a run writes into its directory, and all that `overwrite` deletes: anything else there
+# (notes, 11's routing_analysis/, ...) is never touched.
+RUN_FILES = ("config.json", "config_history.jsonl", "metrics.jsonl", "checkpoints",
+             "unreadable_checkpoints")
+
+
+class RunError(cli.Refused):
+    """A run stopped for a reason the user can act on; the message says what to do."""
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: pathlib.Path) -> Iterator[None]:
+    """Hold run_dir/run.lock while training, so that a second process is refused at its start.
+
+    The lock is the kernel's (flock) on an open file, released when the process ends in any way,
+    SIGKILL included: a killed run never leaves a stale lock behind. The file names the holder.
+    """
+    path = run_dir / "run.lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"cannot write {str(path)!r} ({error.strerror}); the run directory must "
+                         "be writable: fix its permissions or choose another --run-dir") from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(f"run directory {str(run_dir)!r} is in use by {holder}; wait for it "
+                           "to finish, or stop it (it resumes from its last checkpoint), or "
+                           "choose another --run-dir") from None
+        except OSError as error:  # a file system without locks (some bucket mounts)
+            print(f"warning: {path} cannot be locked ({error.strerror}); make sure no other "
+                  "process trains in this directory", file=sys.stderr)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {now()}\n")
+        handle.flush()
+        yield
+
+
+def saved_record(run_dir: pathlib.Path, read: Callable[[dict], dict]) -> dict | None:
+    """The config.json of the run in run_dir, passed through `read` (None if there is none)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return read(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} cannot be read as this program's run config "
+                         f"({cli.one_line(error)}); restore it, or choose another --run-dir") from error
+
+
+def identity_differences(saved: dict, record: dict, resumable: Set[str]) -> dict:
+    """{field: (saved, now)} for the fields outside `resumable` that `record` changes."""
+    return {k: (saved.get(k), v) for k, v in record.items()
+            if k not in resumable and saved.get(k) != v}
+
+
+def finished_summary(run_dir: pathlib.Path, record: dict, *, resumable: Set[str],
+                     read: Callable[[dict], dict], steps: int) -> dict | None:
+    """The summary of the run `record` describes if run_dir holds it finished (a checkpoint at
+    `steps` or later), from the files alone; None when there is training to do (or a problem
+    that the run's start will report)."""
+    try:
+        saved = saved_record(run_dir, read)
+        saved_steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
+                             if p.name.isdigit())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        evals = [{k: v for k, v in json.loads(line).items() if k.startswith("eval/")}
+                 for line in lines]
+    except (OSError, ValueError):
+        return None
+    if (not saved or identity_differences(saved, record, resumable) or not saved_steps
+            or saved_steps[-1] < steps):
+        return None
+    return {"run_dir": str(run_dir), "steps": saved_steps[-1], "complete": True, "losses": {},
+            "eval": next((e for e in reversed(evals) if e), {}), "checkpoints": saved_steps}
+
+
+def check(run_dir: pathlib.Path, record: dict, *, resumable: Set[str],
+          read: Callable[[dict], dict], overwrite: bool) -> dict | None:
+    """Refuse a run_dir that cannot hold this run, changing nothing; return its saved record
+    (None when it holds none, or `overwrite` will delete it)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a directory; pass a "
+                         "directory path to --run-dir")
+    saved = None if overwrite else saved_record(run_dir, read)
+    if saved and (locked := identity_differences(saved, record, resumable)):
+        raise ValueError(
+            f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
+            f"only {sorted(resumable)} may change when resuming. Choose another --run-dir, or "
+            f"pass --overwrite to delete this run's files ({', '.join(RUN_FILES)}) and start "
+            "again here")
+    for path in (run_dir / "config.json", run_dir / "metrics.jsonl"):
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"cannot write {path}: it is a directory or read-only; move it "
+                             "away or choose another --run-dir")
+    return saved
+
+
+def write_config(run_dir: pathlib.Path, record: dict, saved: dict | None, overwrite: bool) -> None:
+    """Delete the previous run's files if `overwrite`, append the changed resumable fields to
+    config_history.jsonl, and (atomically) write config.json: each change said in one line."""
+    removed = [name for name in RUN_FILES if overwrite and (run_dir / name).exists()]
+    for path in (run_dir / name for name in removed):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        print(f"--overwrite: deleted {', '.join(removed)} from {run_dir} (nothing else)")
+    if changed := {k: [saved.get(k), v] for k, v in record.items() if saved and saved.get(k) != v}:
+        with open(run_dir / "config_history.jsonl", "a") as history:
+            history.write(json.dumps({"time": now(), "changed": changed}) + "\n")
+        print(f"resuming {run_dir} with changed settings (recorded in config_history.jsonl): "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    files.replace_file(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def claim(run_dir: str | os.PathLike, record: dict, *, resumable: Set[str],
+          read: Callable[[dict], dict], overwrite: bool, writer: bool = True) -> Iterator[None]:
+    """Make run_dir hold the run `record` describes, for as long as the `with` block lasts.
+
+    Every host checks the directory; the `writer` (the first host) creates it, takes its lock,
+    checks again holding it (another process may have started in between), and writes the
+    config. Nothing is written before every check has passed.
+    """
+    run_dir = pathlib.Path(run_dir)
+    check(run_dir, record, resumable=resumable, read=read, overwrite=overwrite)
+    if not writer:
+        yield
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"run_dir={str(run_dir)!r} cannot be created ({error.strerror}); "
+                         "choose a writable --run-dir") from error
+    with run_lock(run_dir):
+        saved = check(run_dir, record, resumable=resumable, read=read, overwrite=overwrite)
+        write_config(run_dir, record, saved, overwrite)
+        yield
+
+
+def cut_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Leave metrics.jsonl with exactly one line per step 1..last_step, in order: lines past the
+    restored checkpoint are dropped (the run redoes those steps), and so is a line a kill cut
+    short."""
+    lines = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(step, int) and 1 <= step <= last_step:
+            lines[step] = line
+    files.replace_file(path, "".join(lines[step] + "\n" for step in sorted(lines)))
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The end-of-run report: train loss smoothed over ten steps, validation loss and accuracy."""
+    lines, losses = [], list(summary["losses"].items())
+    if summary.get("complete"):
+        lines.append(f"{summary['run_dir']} is complete: {summary['steps']} steps. Its loss curve "
+                     f"is {summary['run_dir']}/metrics.jsonl; pass a larger --steps to train further.")
+    elif losses:
+        window = max(1, min(10, len(losses) // 2))
+        first, last = (f"step{'s' * (window > 1)} {part[0][0]}"
+                       + (f"-{part[-1][0]}" if window > 1 else "")
+                       + f": {sum(loss for _, loss in part) / len(part):.3f}"
+                       for part in (losses[:window], losses[-window:]))
+        lines.append(f"\n{len(losses)} steps in {summary['seconds']:.0f} s; train loss"
+                     f"{f' (mean of {window} steps)' if window > 1 else ''}, {first} -> {last}")
+    lines += [f"  {name:24} " + (f"{value:.1%}" if name.endswith("accuracy") else f"{value:.3f}")
+              for name, value in summary["eval"].items()]
+    if summary.get("stalled_since"):
+        lines.append(f"warning: the gradient has been exactly zero since step "
+                     f"{summary['stalled_since']}: the run stalled; lower --peak-lr")
+    if "sample" in summary:
+        lines.append(f"sample: {summary['sample']!r}")
+    lines.append(f"checkpoints at steps {summary['checkpoints']} in {summary['run_dir']}/checkpoints")
+    return lines

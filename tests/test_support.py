@@ -1,0 +1,225 @@
+"""Tests for support/'s guarantees, each on its own, without a chapter: atomic files, the shared
+command line, the run directory's identity and lock, the health checks, checkpoints set aside.
+
+(09's end-to-end guarantees, with real processes killed, are in test_09_faults.py.)
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from support import checkpoints, cli, files, health, host, run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+def test_replace_file_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    files.replace_file(path, "old")
+    files.replace_file(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    # A write that fails half-way (here: the rename) leaves the old file and no partial one.
+    def failing_replace(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        files.replace_file(path, "newer")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# cli
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A config as the chapters write theirs: one commented line per field."""
+
+    steps: int = 10          # optimizer steps
+    peak_lr: float = 0.01    # lr on the plateau
+    remat: bool = False      # recompute each block; this comment
+    #                          continues on the next line
+    name: str = "run"        # 100% of the name
+
+
+def test_field_flags_take_their_help_from_the_comments():
+    parser = cli.ArgumentParser()
+    cli.add_field_flags(parser, Example, examples={"laptop": {"steps": 480, "peak_lr": 0.03,
+                                                              "remat": False, "name": "x"}})
+    help_text = " ".join(parser.format_help().split())
+    assert "--steps INT optimizer steps (laptop: 480)" in help_text
+    assert "recompute each block; this comment continues on the next line" in help_text
+    assert "100% of the name" in help_text  # a % in a comment is not a format directive
+    assert vars(parser.parse_args(["--remat", "TRUE", "--peak-lr", "1e-3"])) == {
+        "remat": True, "peak_lr": 1e-3}  # flags not given stay out: the config's value stays
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--remat", "maybe"], "'maybe' is not a boolean: write true or false"),
+    (["--peak-lr", "nan"], "'nan' is not a finite number"),
+    (["--steps", "ten"], "'ten' is not an int"),
+    (["--step", "3"], "unrecognized arguments: --step 3"),  # no prefix matching
+])
+def test_a_bad_flag_is_one_line(argv, message, capsys):
+    parser = cli.ArgumentParser()
+    cli.add_field_flags(parser, Example)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, line", [
+    (ValueError("steps=0 must be >= 1"), "error: steps=0 must be >= 1"),
+    (FileNotFoundError(2, "No such file or directory", "model.bin"),
+     "error: No such file or directory (model.bin)"),
+    (run_dir.RunError("run directory x is in use"), "error: run directory x is in use"),
+])
+def test_user_errors_are_one_line(error, line):
+    with pytest.raises(SystemExit) as stopped, cli.user_errors():
+        raise error
+    assert stopped.value.code == line
+
+
+def test_bugs_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError), cli.user_errors():
+        1 / 0
+
+
+def test_one_line_cuts_the_middle_of_a_long_message():
+    line = cli.one_line(OSError("x" * 400 + " File too large"))
+    assert line.startswith("OSError: xxx") and line.endswith("File too large") and " ... " in line
+
+
+# ---------------------------------------------------------------------------------------------
+# run_dir
+# ---------------------------------------------------------------------------------------------
+
+RESUMABLE = {"steps", "run_dir"}
+
+
+def claim(directory, record, overwrite=False):
+    with run_dir.claim(directory, record, resumable=RESUMABLE, read=dict, overwrite=overwrite):
+        return sorted(p.name for p in pathlib.Path(directory).iterdir())
+
+
+def test_a_run_directory_holds_one_run(tmp_path):
+    record = {"run_dir": str(tmp_path), "steps": 4, "seed": 0}
+    assert claim(tmp_path, record) == ["config.json", "run.lock"]
+    # Resumable fields may change (and are recorded); the identity may not.
+    claim(tmp_path, dict(record, steps=8))
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [h["changed"] for h in history] == [{"steps": [4, 8]}]
+    with pytest.raises(ValueError, match=r"holds a different run .*'seed': \(0, 1\)"):
+        claim(tmp_path, dict(record, seed=1))
+    # A config.json this program cannot read is refused, and kept.
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        claim(tmp_path, record)
+    assert (tmp_path / "config.json").read_text() == "{not json"
+
+
+def test_a_second_holder_of_the_lock_is_refused(tmp_path):
+    with run_dir.run_lock(tmp_path):
+        with pytest.raises(run_dir.RunError, match=f"in use by process {os.getpid()} "):
+            with run_dir.run_lock(tmp_path):
+                pass
+    with run_dir.run_lock(tmp_path):  # released with its holder
+        pass
+
+
+def test_overwrite_deletes_the_runs_files_only(tmp_path, capsys):
+    for name in ("metrics.jsonl", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
+    assert claim(tmp_path, {"seed": 0}, overwrite=True) == ["config.json", "notes.txt", "run.lock"]
+    assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_read_from_its_files(tmp_path):
+    record = {"run_dir": str(tmp_path), "steps": 4, "seed": 0}
+    claim(tmp_path, record)
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 3, "eval/text/loss": 2.0}) + "\n" + json.dumps({"step": 4}) + "\n")
+    summary = run_dir.finished_summary(tmp_path, record, resumable=RESUMABLE, read=dict, steps=4)
+    assert summary["complete"] and summary["eval"] == {"eval/text/loss": 2.0}
+    assert run_dir.finished_summary(tmp_path, record, resumable=RESUMABLE, read=dict, steps=5) is None
+    assert run_dir.finished_summary(tmp_path, dict(record, seed=1), resumable=RESUMABLE,
+                                    read=dict, steps=4) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# health
+# ---------------------------------------------------------------------------------------------
+
+def test_divergence_names_the_step_and_the_way_back():
+    health.stop_if_diverged(3, 2.0, 1.0, True, run_dir="r", peak_lr=0.01, saved_step=2)  # finite
+    for loss, grad_norm, finite in ((float("nan"), 1.0, True), (2.0, float("inf"), True),
+                                    (2.0, 1.0, False)):
+        with pytest.raises(health.TrainingDiverged, match="diverged at step 3.*newest checkpoint, "
+                                                          "step 2.*--peak-lr 0.001"):
+            health.stop_if_diverged(3, loss, grad_norm, finite, run_dir="r", peak_lr=0.01,
+                                    saved_step=2)
+
+
+def test_a_stall_is_reported_once_after_stall_steps():
+    watch, warnings = health.StallWatch(), []
+    for step, grad_norm in enumerate([1.0] + [0.0] * (2 * health.STALL_STEPS) + [1.0], start=1):
+        warnings.append(watch.observe(step, 1.0, grad_norm))
+    reported = [step for step, w in enumerate(warnings, start=1) if w]
+    assert reported == [1 + health.STALL_STEPS] and "since step 2" in warnings[reported[0] - 1]
+    assert watch.since is None  # the last gradient moved again
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and host
+# ---------------------------------------------------------------------------------------------
+
+def test_a_damaged_or_non_finite_checkpoint_is_set_aside(tmp_path, capsys):
+    params, opt_state = {"w": jnp.arange(4.0)}, {"v": jnp.ones(2)}
+    manager = checkpoints.manager(tmp_path, keep_last=5, keep_period=100)
+    checkpoints.save(manager, 1, params, opt_state, {"step": 1})
+    checkpoints.save(manager, 2, {"w": jnp.full(4, jnp.nan)}, opt_state, {"step": 2})
+    checkpoints.save(manager, 3, params, opt_state, {"step": 3})
+    for data in (tmp_path / "checkpoints" / "3").rglob("d/*"):  # cut short, as by a full disk
+        data.write_bytes(data.read_bytes()[:1])
+
+    def finite(state):
+        return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+    step, restored, _ = checkpoints.restore_newest_readable(manager, tmp_path, params, opt_state,
+                                                            finite=finite)
+    assert step == 1 and np.array_equal(restored["w"], params["w"])
+    aside = sorted(p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir())
+    assert aside == ["2", "3"]  # kept, not deleted
+    err = capsys.readouterr().err
+    assert "checkpoint step 3 cannot be read" in err and "checkpoint step 2 holds NaN or inf" in err
+    manager.close()
+    assert checkpoints.saved_steps(tmp_path) == (1,)
+    only_params = checkpoints.restore_params(tmp_path, 1, params)
+    assert np.array_equal(only_params["w"], params["w"])
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    manager = checkpoints.manager(tmp_path, keep_last=5, keep_period=100)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda _: argparse.Namespace(free=8))
+    with pytest.raises(OSError, match="the checkpoint needs about"):
+        checkpoints.save(manager, 1, {"w": jnp.zeros(1024)}, {}, {"step": 1})
+    assert checkpoints.saved_steps(tmp_path) == ()
+    manager.close()
+
+
+def test_memory_of_a_cpu_device_is_the_hosts():
+    assert host.memory_bytes(jax.devices("cpu")[0]) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
