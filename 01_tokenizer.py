@@ -1,24 +1,21 @@
-"""Chapter 1: where OpenMoE's text comes from, and how it becomes token ids.
+"""Chapter 1: where OpenMoE's text comes from, and how it becomes token ids and training rows.
 
 OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) and 50% The Stack
 (deduplicated source code), sampled as a mixture of documents by seqio, T5's data library (arXiv
 2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000
 pieces with byte fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos;
 2 = unk), plus 300 sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A
-sentinel is a placeholder that stands for a hidden stretch of text in T5's fill-in-the-blanks
-objective, *span corruption* (09 trains with it).
+sentinel stands for a hidden stretch of text in T5's fill-in-the-blanks objective, *span
+corruption* (09 trains with it).
 
-This file builds the same two halves from what every Python installation carries, so that
-everything runs offline: *code* is the standard library's `.py` files (test suites skipped),
-*text* is the English prose that ships with Python (the language-reference topics of
-`pydoc_data.topics` and the standard library's docstrings). Real runs name hub datasets instead
-(RedPajama, The Stack, or any dataset with a text column), streamed with `datasets`.
-A small unigram model is trained on the embedded corpus and cached; an existing `.model` file
-(umT5's `spiece.model`) loads unchanged and gives exactly its ids.
-
-Left out: umT5's Unicode normalization (we keep text byte-exact so code round-trips), and
-tokenization inside a `datasets` pipeline (09 does that).
-Self-test: `python 01_tokenizer.py` (about 30 s: builds the corpus, trains, shows examples).
+This file builds the same two halves offline, from what every Python installation carries: *code*
+is the standard library's `.py` files (test suites skipped), *text* the English prose that ships
+with Python (`pydoc_data.topics` and the standard library's docstrings). Real runs stream hub
+datasets instead (RedPajama, The Stack, or any dataset with a text column) with `datasets`. A
+small unigram model is trained on the embedded corpus and cached; an existing `.model` file
+(umT5's `spiece.model`) loads unchanged and gives exactly its ids. Last, a mixture's documents
+become one stream of ids, packed into training rows. Left out: umT5's Unicode normalization (text
+stays byte-exact, so code round-trips). Self-test: `python 01_tokenizer.py` (about 30 s).
 """
 
 from __future__ import annotations
@@ -72,33 +69,27 @@ def split_into_chunks(document: str, max_chars: int = MAX_DOCUMENT_CHARS) -> lis
     ['para one\\n\\n', 'para two\\n']
     """
     # Paragraphs keep their trailing separators, so joining the chunks restores the document.
-    paragraphs = re.split(r"(?<=\n\n)", document)
     pieces = []
-    for paragraph in paragraphs:
+    for paragraph in re.split(r"(?<=\n\n)", document):
         # A paragraph longer than a chunk is cut at line ends, and a single huge line hard-cut.
         for line in (paragraph.splitlines(keepends=True) if len(paragraph) > max_chars else [paragraph]):
             pieces.extend(line[i:i + max_chars] for i in range(0, len(line), max_chars))
-    chunks, current = [], ""
+    chunks = [""]
     for piece in pieces:
-        if current and len(current) + len(piece) > max_chars:
-            chunks.append(current)
-            current = ""
-        current += piece
-    return chunks + [current] if current else chunks
+        if chunks[-1] and len(chunks[-1]) + len(piece) > max_chars:
+            chunks.append("")
+        chunks[-1] += piece
+    return [chunk for chunk in chunks if chunk]
 
 
 def is_validation(document_id: str, fraction: float = VALIDATION_FRACTION) -> bool:
     """Deterministic split by document: a hash of the id, the same on every machine."""
-    digest = hashlib.sha256(document_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(hashlib.sha256(document_id.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
 def python_files(directory: pathlib.Path) -> tuple[list[tuple[str, str]], int]:
-    """(relative path, source) of every `.py` file under `directory` outside test suites.
-
-    Returns the files and how many were skipped because they are not valid UTF-8: a source
-    tree may hold a few such files, and one bad file should not stop a run.
-    """
+    """(relative path, source) of every `.py` file under `directory` outside test suites, and how
+    many were skipped as not valid UTF-8 (a source tree may hold a few; they should not stop a run)."""
     files, undecodable = [], 0
     for path in sorted(directory.rglob("*.py")):
         relative = path.relative_to(directory)
@@ -127,7 +118,6 @@ def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, 
     """Every embedded document as {"id", "source", "text"}, before chunking and splitting.
     Parsing the standard library takes seconds, so both splits share one reading."""
     import pydoc_data.topics
-
     directory = pathlib.Path(directory or sysconfig.get_paths()["stdlib"])
     files, undecodable = python_files(directory)
     if undecodable:
@@ -153,22 +143,21 @@ def embedded_corpus(split: str = "train", directory: str | None = None) -> dict[
     """
     if split not in ("train", "validation"):
         raise ValueError(f"split={split!r} is not a split of the embedded corpus; use 'train' or 'validation'")
-    columns: dict[str, dict[str, list[str]]] = {}
+    by_source: dict[str, list[dict[str, str]]] = {}
     for document in embedded_documents(pathlib.Path(directory) if directory else None):
         if is_validation(document["id"]) != (split == "validation"):
             continue
-        rows = columns.setdefault(document["source"], {"id": [], "source": [], "text": []})
-        for index, chunk in enumerate(split_into_chunks(document["text"])):
-            rows["id"].append(f"{document['id']}#{index}")
-            rows["source"].append(document["source"])
-            rows["text"].append(chunk)
-    if not columns:
+        by_source.setdefault(document["source"], []).extend(
+            {**document, "id": f"{document['id']}#{index}", "text": chunk}
+            for index, chunk in enumerate(split_into_chunks(document["text"])))
+    if not by_source:
         raise ValueError(f"the embedded corpus under {directory or 'the standard library'} is empty")
-    return {source: datasets.Dataset.from_dict(rows) for source, rows in sorted(columns.items())}
+    return {source: datasets.Dataset.from_list(rows) for source, rows in sorted(by_source.items())}
 
 
 # ------------------------------------------------------------------------------------------------
-# Hub corpora, streamed by name, for real runs.
+# Hub corpora, streamed by name for real runs, and mixtures: documents sampled from several
+# sources with fixed probabilities, like seqio.
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -182,18 +171,12 @@ class HubSource:
     data_files: str | Sequence[str] | None = None  # local files, for the "json"/"parquet" builders
 
 
-_REDPAJAMA = "togethercomputer/RedPajama-Data-1T"
 # The datasets OpenMoE trained on (RedPajama subsets, The Stack dedup), plus English Wikipedia,
 # which the phase-II and 34B mixtures add (they used TFDS wikipedia/20190301.en; this is the hub's
 # current dump). The Stack is gated: accept its terms on the hub and log in before streaming it.
 HUB_SOURCES: dict[str, HubSource] = {
-    "redpajama_c4": HubSource(_REDPAJAMA, "c4"),
-    "redpajama_wikipedia": HubSource(_REDPAJAMA, "wikipedia"),
-    "redpajama_stackexchange": HubSource(_REDPAJAMA, "stackexchange"),
-    "redpajama_arxiv": HubSource(_REDPAJAMA, "arxiv"),
-    "redpajama_book": HubSource(_REDPAJAMA, "book"),
-    "redpajama_github": HubSource(_REDPAJAMA, "github"),
-    "redpajama_common_crawl": HubSource(_REDPAJAMA, "common_crawl"),
+    **{f"redpajama_{subset}": HubSource("togethercomputer/RedPajama-Data-1T", subset) for subset in (
+        "c4", "wikipedia", "stackexchange", "arxiv", "book", "github", "common_crawl")},
     "the_stack_dedup": HubSource("bigcode/the-stack-dedup", column="content"),
     "wikipedia": HubSource("wikimedia/wikipedia", "20231101.en"),
 }
@@ -232,16 +215,10 @@ def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_i
     stream = stream.select_columns([spec.column])
     if spec.column != "text":
         stream = stream.rename_column(spec.column, "text")
-    source = name or spec.path
-    stream = stream.map(lambda example: {"source": source})
+    stream = stream.map(lambda example: {"source": name or spec.path})
     if process_count > 1:
         stream = split_dataset_by_node(stream, process_index, process_count)
     return stream
-
-
-# ------------------------------------------------------------------------------------------------
-# Mixtures: sample documents from several sources with fixed probabilities, like seqio.
-# ------------------------------------------------------------------------------------------------
 
 # Sampling rates per source (normalized to probabilities by `mixture_probabilities`), from
 # OpenMoE's seqio mixtures (t5/data/mixtures.py of its t5 fork; paper Table 1).
@@ -272,8 +249,7 @@ def mixture_probabilities(name: str) -> dict[str, float]:
 
 
 def mix(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
-        probabilities: Mapping[str, float], *, seed: int = 0,
-        stopping_strategy: str = "all_exhausted"):
+        probabilities: Mapping[str, float], *, seed: int = 0, stopping_strategy: str = "all_exhausted"):
     """Interleave sources, drawing each next document's source with the given probabilities.
 
     The draw sequence is fixed by `seed`. With "all_exhausted" (the default) sampling goes on
@@ -346,9 +322,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, *, num_extra_ids: int = 300,
                  pad_vocab_to_multiple: int = 128, path: str | None = None):
         self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.path = path
+        self.path, self.num_extra_ids = path, num_extra_ids
         self.piece_count = self.processor.get_piece_size()
-        self.num_extra_ids = num_extra_ids
         self.pad_id, self.eos_id, self.unk_id = (
             self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id())
         if self.pad_id < 0 or self.eos_id < 0:
@@ -405,8 +380,7 @@ class Tokenizer:
     def tokens_per_byte(self, texts: Iterable[str]) -> float:
         """Tokens per UTF-8 byte over `texts`: lower means the tokenizer compresses better."""
         texts = list(texts)
-        tokens = sum(map(len, self.encode_batch(texts)))
-        return tokens / max(1, sum(len(t.encode()) for t in texts))
+        return sum(map(len, self.encode_batch(texts))) / max(1, sum(len(t.encode()) for t in texts))
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -434,53 +408,42 @@ def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
                     cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """Train a SentencePiece model on a sample of `sources`, or load it from the cache.
 
-    The cache key hashes the exact training text, the config and the SentencePiece version, so
-    the second run with the same corpus and settings loads in milliseconds instead of retraining,
-    and any change retrains. The model file is written atomically: a crash never leaves half a
-    file behind. A cached file that no longer loads (cut short by a full disk or a copy, say) is
-    trained again and replaced, with a warning.
+    The cache key hashes the exact training text, the config and the SentencePiece version: a
+    second run with the same corpus and settings loads in milliseconds, and any change retrains.
+    (Atomic writes, and retraining a cached file that no longer loads: support/files.py.)
     """
     texts = training_sample(sources, config.max_training_chars, config.seed)
     if not any(texts):
         raise ValueError(f"cannot train a tokenizer on an empty corpus (sources: {sorted(sources)})")
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(config), spm.__version__]).encode())
-    for text in texts:
-        key.update(hashlib.sha256(text.encode()).digest())
-    directory = pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers" / key.hexdigest()[:16]
-    model_path = directory / "spiece.model"
-    if model_path.is_file():
-        # A cache entry that no longer parses (a disk filled mid-copy, a file cut short) is
-        # derived data: say so and train it again, which replaces it atomically below.
-        try:
-            return Tokenizer.load(model_path, num_extra_ids=config.num_extra_ids,
-                                  pad_vocab_to_multiple=config.pad_vocab_to_multiple)
-        except ValueError as error:
-            print(f"warning: {error}; training the cached tokenizer again", file=sys.stderr)
+    key = files.content_key(json.dumps([dataclasses.asdict(config), spm.__version__]), texts)
 
-    # umT5's layout (pad 0, eos 1, unk 2, no bos) with byte fallback, so no text becomes unk.
-    # Identity normalization and kept whitespace make decode(encode(x)) == x, which code needs.
-    model = io.BytesIO()
-    spm.set_random_generator_seed(config.seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
-            model_type=config.model_type, character_coverage=config.character_coverage,
-            byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, max_sentence_length=4 * MAX_DOCUMENT_CHARS + 16,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
-    except RuntimeError as error:
-        limit = re.search(r"value <= (\d+)", str(error))
-        if limit:
-            raise ValueError(f"vocab_size={config.vocab_size} is larger than this corpus supports "
-                             f"(at most {limit.group(1)} pieces for {sum(map(len, texts)):,} "
-                             "characters); lower vocab_size or train on more text") from error
-        raise
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    files.replace_file(model_path, model.getvalue())
-    return Tokenizer(model.getvalue(), num_extra_ids=config.num_extra_ids,
-                     pad_vocab_to_multiple=config.pad_vocab_to_multiple, path=str(model_path))
+    def train() -> bytes:
+        # umT5's layout (pad 0, eos 1, unk 2, no bos) with byte fallback, so no text becomes unk.
+        # Identity normalization and kept whitespace make decode(encode(x)) == x, which code needs.
+        model = io.BytesIO()
+        spm.set_random_generator_seed(config.seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size,
+                model_type=config.model_type, character_coverage=config.character_coverage,
+                byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True, max_sentence_length=4 * MAX_DOCUMENT_CHARS + 16,
+                num_threads=os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as error:
+            if limit := re.search(r"value <= (\d+)", str(error)):
+                raise ValueError(f"vocab_size={config.vocab_size} is larger than this corpus supports "
+                                 f"(at most {limit.group(1)} pieces for {sum(map(len, texts)):,} "
+                                 "characters); lower vocab_size or train on more text") from error
+            raise
+        return model.getvalue()
+
+    return files.load_or_build(
+        pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers" / key / "spiece.model",
+        functools.partial(Tokenizer.load, num_extra_ids=config.num_extra_ids,
+                          pad_vocab_to_multiple=config.pad_vocab_to_multiple),
+        train, notes={"config.json": json.dumps(dataclasses.asdict(config), indent=2)},
+        redo="training the cached tokenizer again")
 
 
 def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
@@ -523,13 +486,49 @@ def pack_lm_rows(tokens: Iterator[int], seq_len: int) -> Iterator[dict[str, np.n
     """
     while len(row := np.fromiter(itertools.islice(tokens, seq_len + 1), np.int32)) == seq_len + 1:
         yield {"inputs": row[:-1], "targets": row[1:], "loss_mask": np.ones(seq_len, np.float32),
-               "segment_ids": np.ones(seq_len, np.int32),
-               "positions": np.arange(seq_len, dtype=np.int32)}
+               "segment_ids": np.ones(seq_len, np.int32), "positions": np.arange(seq_len, dtype=np.int32)}
+
+
+def decoder_row(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """Pack (inputs, targets) examples into one decoder row, as seqio's DecoderFeatureConverter:
+    each example is the sequence inputs+targets, its decoder inputs shifted right by one with the
+    start token 0, loss on targets only, its own segment id and positions from 0; zeros pad."""
+    row = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_DTYPES.items()}
+    start = 0
+    for segment, (inputs, targets) in enumerate(examples, start=1):
+        sequence = np.concatenate([inputs, targets])
+        end = start + len(sequence)
+        row["targets"][start:end] = sequence
+        row["inputs"][start + 1:end] = sequence[:-1]
+        row["loss_mask"][start + len(inputs):end] = 1.0
+        row["segment_ids"][start:end] = segment
+        row["positions"][start:end] = np.arange(len(sequence))
+        start = end
+    return row
 
 
 def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Rows of ROW_DTYPES arrays → one batch of arrays [B, L]."""
     return {name: np.stack([row[name] for row in rows]) for name in ROW_DTYPES}
+
+
+def mixture_sources(mixture: str, process_index: int = 0, process_count: int = 1) -> dict:
+    """This host's share of every source of a named mixture (hub sources stream; errors early)."""
+    if mixture != "embedded":
+        return {name: load_hub_source(name, process_index=process_index, process_count=process_count)
+                for name in mixture_probabilities(mixture)}
+    return {name: ds.shard(process_count, process_index) for name, ds in embedded_corpus("train").items()}
+
+
+def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int) -> dict[str, list]:
+    """Up to `count` held-out next-token batches of `rows` rows per domain, from the embedded
+    corpus' validation split (held out from every mixture, with text and code apart)."""
+    batches = {}
+    for domain, ds in embedded_corpus("validation").items() if count else ():
+        flat = list(itertools.islice(pack_lm_rows(token_stream(iter(ds["text"]), tokenizer), seq_len),
+                                     rows * count))
+        batches[domain] = [stack_rows(flat[i:i + rows]) for i in range(0, len(flat) - rows + 1, rows)]
+    return batches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -554,13 +553,11 @@ if __name__ == "__main__":
         megabytes = sum(map(len, train[source]["text"])) / 1e6
         print(f"  {source:8}{len(train[source]):>14,}{len(validation[source]):>12,}{megabytes:>10.1f}")
     train_ids = {i.split("#")[0] for ds in train.values() for i in ds["id"]}
-    leaked = train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}
-    if leaked:
+    if leaked := train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}:
         sys.exit(f"self-test FAILED: {len(leaked)} documents are in both splits, e.g. {min(leaked)}")
 
     # 2. The 50/50 mixture, as phase I of OpenMoE drew its documents.
-    mixture = mix(train, mixture_probabilities("embedded"), seed=0)
-    first = mixture.select(range(2000))["source"]
+    first = mix(train, mixture_probabilities("embedded"), seed=0).select(range(2000))["source"]
     print(f"\nMixture 'embedded': first 12 draws {first[:12]}; "
           f"text share of 2000 draws = {first.count('text') / 2000:.3f} (expected 0.5)")
     if abs(first.count("text") / 2000 - 0.5) >= 4 * math.sqrt(0.25 / 2000):
@@ -574,8 +571,7 @@ if __name__ == "__main__":
           f"{tokenizer.vocab_size:,} embedding rows (a multiple of 128)")
     print(f"  pad={tokenizer.pad_id} eos={tokenizer.eos_id} unk={tokenizer.unk_id}  "
           f"<extra_id_0>={tokenizer.sentinel_id(0)}  <extra_id_299>={tokenizer.sentinel_id(299)}")
-    if ((tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) != (0, 1, 2)
-            or tokenizer.vocab_size % 128
+    if ((tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) != (0, 1, 2) or tokenizer.vocab_size % 128
             or tokenizer.decode([tokenizer.sentinel_id(0)]) != "<extra_id_0>"):
         sys.exit("self-test FAILED: the ids are not T5's layout (pad 0, eos 1, unk 2, sentinels "
                  "on top, rows a multiple of 128)")
@@ -594,7 +590,6 @@ if __name__ == "__main__":
     for source in validation:
         sample = validation[source]["text"][:200]
         print(f"\n  tokens per byte, {source} (validation): {tokenizer.tokens_per_byte(sample):.3f}")
-        if any(tokenizer.decode(ids) != text
-               for ids, text in zip(tokenizer.encode_batch(sample), sample)):
+        if [tokenizer.decode(ids) for ids in tokenizer.encode_batch(sample)] != sample:
             sys.exit(f"self-test FAILED: a held-out {source} document does not round-trip")
     print("\nAll round trips exact, no <unk>: OK")

@@ -37,6 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from support import host
+
 model_lib = importlib.import_module("06_model")
 moe = importlib.import_module("05_moe_layer")
 
@@ -102,6 +104,17 @@ def mesh_from_text(text: str, devices: Sequence[jax.Device] | None = None) -> ja
         raise ValueError(f"mesh={text!r} has {math.prod(sizes.values())} devices but there are "
                          f"{len(devices)}; the axes' product must equal the count")
     return make_mesh(**sizes, devices=devices) if sizes else make_mesh(devices=devices)
+
+
+def training_mesh(text: str, devices=None, *, batch_size: int, microbatches: int, model_cfg):
+    """The mesh `text` names, checked against a run before anything is compiled: the batch must
+    split over the batch shards × microbatches, and the model over the axes (config_for_mesh)."""
+    mesh = mesh_from_text(text, devices)
+    if batch_size % (batch_shards(mesh) * microbatches):
+        raise ValueError(f"batch_size={batch_size} must be divisible by the batch shards × "
+                         f"microbatches = {batch_shards(mesh)} × {microbatches}")
+    config_for_mesh(model_cfg, mesh)  # raises if experts/heads/vocab do not divide
+    return mesh
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,6 +388,24 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, float]]:
                     for shapes in found for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shapes))
         result[kind] = {"count": len(found), "mib": total / 2**20}
     return result
+
+
+def check_fits(cfg, mesh: jax.sharding.Mesh, *, batch: int, seq_len: int) -> None:
+    """Refuse a (micro)batch whose step cannot fit a device by memory_per_device's estimate,
+    before anything is compiled: XLA would say so only after compiling, in a page of text."""
+    device = mesh.devices.flat[0]
+    available = host.memory_bytes(device)
+    if available is None:
+        return
+    if device.platform == "cpu":  # the CPU devices share the host's memory
+        available //= len(jax.local_devices(backend="cpu"))
+    needed = memory_per_device(cfg, dict(mesh.shape), batch=batch, seq_len=seq_len, remat=cfg.remat)
+    if needed["total"] > available:
+        raise ValueError(
+            f"seq_len={seq_len}, batch={batch} rows: one step needs about "
+            f"{needed['total'] / 2**30:,.1f} GiB per device ({needed['activations'] / 2**30:,.1f} "
+            f"GiB of activations; attention alone grows with seq_len²) but a device has "
+            f"{available / 2**30:,.1f} GiB; lower --seq-len or --batch-size, or raise --microbatches")
 
 
 # ------------------------------------------------------------------------------------------------

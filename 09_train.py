@@ -1,28 +1,23 @@
-"""Chapter 9: the training program: data pipeline, objective, sharded step, checkpoints, eval.
+"""Chapter 9: the training program: data objective, sharded step, checkpoints, eval, loop.
 
 OpenMoE pretrained with T5X (arXiv 2402.01739 §2.3–2.5, App. B, Table 12; Fuzhao Xue's t5x
-fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): documents from a 50% text / 50% code
-mixture packed into 2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K
-steps); batch 1,024 (8B: in 8 microbatches, slices of the batch whose gradients are averaged);
-capacity factor 1.25 training, 2.0 evaluating. The objective was UL2's mixture of denoisers on a
-causal decoder (50% PrefixLM "[S2S] ": read a prefix, predict the rest; span corruption, hidden
-spans of mean length µ covering a share r of the tokens: "[NLU] " µ=3,8 r=0.15 and "[NLG] "
-µ=3,8,64 r=0.5; loss on targets only), then plain next-token prediction after 390K steps.
-This file is that program, read top to bottom:
-  config: TrainConfig holds 06's ModelConfig and adds the data, schedule and bookkeeping;
-  data:   01's packed LM rows (one causal stream, as OpenMoE's full_lm), or UL2 examples packed
-          one per segment, with segment ids and positions, as T5X packs them;
-  step:   one jitted function on 07's mesh: grads (over microbatches) → 08's Adafactor;
-  loop:   tqdm, metrics.jsonl, per-domain eval, orbax checkpoints, exact resume, NaN stop;
-  plan:   `--dry-run [--topology v3:16x16]` compiles the step for a pod with 07's planner.
-What keeps a run safe (one run per directory, nothing lost on a kill, a damaged checkpoint set
-aside, a divergence stopped before it is saved) is plumbing in support/, used here in one line each.
+fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): a 50% text / 50% code mixture packed
+into 2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K steps); batch
+1,024 (8B: in 8 microbatches, slices whose gradients are averaged); capacity factor 1.25 in
+training, 2.0 in evaluation. The objective was UL2's mixture of denoisers on a causal decoder
+(50% PrefixLM "[S2S] ": read a prefix, predict the rest; span corruption, hidden spans of mean
+length µ covering a share r of the tokens: "[NLU] " µ=3,8 r=0.15, "[NLG] " µ=3,8,64 r=0.5; loss
+on targets only), then plain next-token prediction (01's packed rows) after 390K steps.
+Read top to bottom: config (06's ModelConfig plus the run) → data (UL2 examples packed one per
+segment, as T5X packs them) → the step (one jitted function on 07's mesh: grads over
+microbatches → 08's Adafactor), and the dry run (that step compiled for a pod by 07's planner)
+→ the loop (checkpoints, metrics, eval, exact resume) → the command line. What keeps a run safe
+(one run per directory, nothing lost on a kill, no NaN saved) is support/'s, one line each here.
 `python 09_train.py` trains the small preset on the embedded corpus (~10 min on 2 CPU cores);
-`--config openmoe-8b` is the same program on a TPU v3 pod.
+`--config openmoe-8b` is the same program on a TPU v3 pod, `--dry-run --topology v3:16x16` its plan.
 Left out: T5X's "NaN skipping", data-loader state beyond "rows consumed" (resume replays the
 stream), pipeline parallelism. Self-test: `python 09_train.py --quick` (about a minute).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +25,6 @@ import dataclasses
 import importlib
 import itertools
 import json
-import math
 import pathlib
 import tempfile
 import time
@@ -41,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from support import checkpoints, cli, health, host, run_dir
 
@@ -58,27 +53,14 @@ OBJECTIVES = ("lm", "ul2")
 
 
 def tpu_model(preset: str) -> "model_lib.ModelConfig":
-    """06's preset as OpenMoE pretrained it on TPUs: bf16 activations, every block rematerialized
-    (the preset's capacity factors and loss weights are already the released ones)."""
+    """06's preset as OpenMoE pretrained it on TPUs: bf16 activations, every block rematerialized."""
     return dataclasses.replace(model_lib.PRESETS[preset], dtype=jnp.bfloat16, remat=True)
-
-
-def _int_at_least(low):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _finite_above(low):
-    return lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > low
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are OpenMoE-8B's (T5X gins, paper Table 12); CONFIGS scales them.
-
-    The network, its routing (capacity factors), its loss weights, dtype and remat are 06's
-    ModelConfig, held whole in `model`: nothing here copies them. The command line sets its
-    fields by name too (`--train-capacity-factor 2`), and `--preset` swaps its architecture.
-    """
+    """One training run. Defaults are OpenMoE-8B's (T5X gins, paper Table 12); CONFIGS scales
+    them. The network, its routing, losses, dtype and remat are 06's ModelConfig, held whole."""
 
     model: model_lib.ModelConfig = tpu_model("openmoe-8b")  # the network, routing, losses, dtype, remat (06)
     run_dir: str = "runs/openmoe-8b"     # config.json, metrics.jsonl and checkpoints/ live here
@@ -103,37 +85,32 @@ class TrainConfig:
     sample_tokens: int = 48              # tokens generated at the end (0 = none)
 
     def __post_init__(self):
-        # Every field's rule in one table, checked before anything is built; the error names
-        # the field, its value and what is allowed. (ModelConfig checks its own fields.)
-        rules = {
+        # Every field's rule, checked before anything is built (ModelConfig checks its own).
+        cli.check_fields(self, {
             "model": (lambda v: isinstance(v, model_lib.ModelConfig), "a 06_model.ModelConfig"),
             "mixture": (lambda v: v in tok.MIXTURES, f"one of {sorted(tok.MIXTURES)}"),
             "objective": (lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}"),
             "run_dir": (bool, "a directory path"),
-            "seq_len": (_int_at_least(32), "an int >= 32 (UL2 needs room for prefix and spans)"),
-            "seed": (lambda v: _int_at_least(0)(v) and v < 2**32, "an int from 0 to 2**32 - 1"),
-            "peak_lr": (_finite_above(0), "a finite number > 0 (OpenMoE: 0.01)"),
-            "peak_tflops_per_device": (lambda v: v == 0 or _finite_above(0)(v), "a finite number >= 0"),
-            "batch_size": (lambda v: _int_at_least(1)(v) and v % max(self.microbatches, 1) == 0,
+            "seq_len": (cli.int_at_least(32), "an int >= 32 (UL2 needs room for prefix and spans)"),
+            "seed": (lambda v: cli.int_at_least(0)(v) and v < 2**32, "an int from 0 to 2**32 - 1"),
+            "peak_lr": (cli.finite_at_least(0, above=True), "a finite number > 0 (OpenMoE: 0.01)"),
+            "peak_tflops_per_device": (cli.finite_at_least(0), "a finite number >= 0"),
+            "batch_size": (lambda v: cli.int_at_least(1)(v) and v % max(self.microbatches, 1) == 0,
                            f"an int >= 1 divisible by microbatches={self.microbatches}"),
-            **{name: (_int_at_least(1), "an int >= 1") for name in (
-                "microbatches", "steps", "warmup_steps", "checkpoint_every", "keep_last",
-                "keep_period")},
-            **{name: (_int_at_least(0), "an int >= 0") for name in (
-                "ul2_until_step", "eval_every", "eval_batches", "sample_tokens")},
-        }
-        for name, (valid, allowed) in rules.items():
-            if not valid(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be {allowed}")
+            **{name: (cli.int_at_least(1), "an int >= 1") for name in ("microbatches", "steps",
+               "warmup_steps", "checkpoint_every", "keep_last", "keep_period")},
+            **{name: (cli.int_at_least(0), "an int >= 0") for name in ("ul2_until_step",
+               "eval_every", "eval_batches", "sample_tokens")}})
         shard.parse_mesh(self.mesh)
 
+    def schedule(self) -> "ada.ScheduleConfig":
+        return ada.ScheduleConfig(peak=self.peak_lr, warmup_steps=self.warmup_steps)
 
-# Named starting points. "laptop" is the default run: the small preset, scaled so that 2 CPU
-# cores see the loss fall within ~10 minutes. Its schedule keeps OpenMoE's shape (flat plateau,
-# then 1/√step) with warmup a tenth of the run; peak 0.03 (3× OpenMoE's) because a 4-layer
-# model seeing only ~1M tokens needs bigger steps (at step 80: train loss 5.97 against 7.18 with
-# 0.01). Every 80th step's checkpoint is kept for chapter 11's measure of how early each
-# token's experts settle.
+
+# Named starting points. "laptop", the default run, scales OpenMoE's recipe to 2 CPU cores and
+# ~10 minutes: the same schedule shape (warmup a tenth of the run), peak 0.03 because a 4-layer
+# model seeing ~1M tokens needs bigger steps (step 80: loss 5.97, against 7.18 with 0.01), and
+# every 80th checkpoint kept for chapter 11's measure of how early routing settles.
 OPENMOE = TrainConfig()
 CONFIGS: dict[str, TrainConfig] = {
     "laptop": dataclasses.replace(
@@ -141,24 +118,23 @@ CONFIGS: dict[str, TrainConfig] = {
         objective="lm", ul2_until_step=0, seq_len=128, batch_size=16, microbatches=1, steps=480,
         peak_lr=0.03, warmup_steps=48, mesh="", eval_every=120, eval_batches=4,
         checkpoint_every=40, keep_last=2, keep_period=80),
-    "openmoe-base": dataclasses.replace(
-        OPENMOE, model=tpu_model("openmoe-base"),
-        run_dir="runs/openmoe-base", microbatches=1, mesh="data=8,expert=16,model=1"),
+    "openmoe-base": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-base"),
+                                        run_dir="runs/openmoe-base", microbatches=1,
+                                        mesh="data=8,expert=16,model=1"),
     "openmoe-8b": OPENMOE,
-    "openmoe-34b": dataclasses.replace(
-        OPENMOE, model=tpu_model("openmoe-34b"),
-        run_dir="runs/openmoe-34b", mixture="openmoe_v3", ul2_until_step=25_000, microbatches=16,
-        mesh="data=1,expert=32,model=16"),
+    "openmoe-34b": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-34b"),
+                                       run_dir="runs/openmoe-34b", mixture="openmoe_v3",
+                                       ul2_until_step=25_000, microbatches=16,
+                                       mesh="data=1,expert=32,model=16"),
 }
 # `--quick`, the self-test: a short laptop run through both objectives with two microbatches.
 QUICK = dataclasses.replace(
     CONFIGS["laptop"], run_dir="runs/quick", objective="ul2", ul2_until_step=15, seq_len=64,
     batch_size=8, microbatches=2, steps=30, warmup_steps=5, eval_every=15, eval_batches=1,
     checkpoint_every=10, keep_period=20, sample_tokens=8)
-# Fields that may change when a run is resumed: its length, the learning-rate schedule (the cure
-# for a divergence), how often it evaluates, saves and reports, how the same math is laid out on
-# devices, and where the run lives (a run may be moved). Everything else (model, data,
-# objective, seed, precision, losses) is the run's identity and stays locked.
+# What may change when a run resumes: its length, the schedule (the cure for a divergence), how
+# often it evaluates and saves, the layout of the same math on devices, and where it lives.
+# Everything else (model, data, objective, seed, precision, losses) is its locked identity.
 RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches",
                     "sample_tokens", "checkpoint_every", "keep_last", "keep_period",
                     "peak_tflops_per_device", "mesh", "microbatches", "model.remat",
@@ -170,65 +146,19 @@ def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
     return dataclasses.replace(cfg.model, max_seq_len=cfg.seq_len)
 
 
-def config_json(cfg: TrainConfig) -> dict:
-    """The run's config.json: one flat record, the model's fields as "model.<name>"."""
-    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
-    for field in dataclasses.fields(cfg.model):
-        value = getattr(cfg.model, field.name)
-        record[f"model.{field.name}"] = jnp.dtype(value).name if field.name == "dtype" else value
-    return record
-
-
-def config_from_json(record: dict) -> TrainConfig:
-    """The inverse of config_json."""
-    record = dict(record)
-    fields = {k[len("model."):]: record.pop(k) for k in list(record) if k.startswith("model.")}
-    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-    return TrainConfig(model=model_lib.ModelConfig(**fields), **record)
-
-
-def check_run_config(record: dict) -> dict:
-    """A saved config.json as config_json writes it; raises if it is not a run config of today's
-    program (support/run_dir then refuses its directory in one line)."""
-    return config_json(config_from_json(record))
-
-
 def read_run_config(path: str | pathlib.Path) -> TrainConfig:
-    """The TrainConfig of the run whose config.json is at `path`."""
-    return config_from_json(json.loads(pathlib.Path(path).read_text()))
+    """The TrainConfig of the run whose config.json is at `path` (support/run_dir writes it)."""
+    return run_dir.read_config(TrainConfig, path)
 
 
 def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
-    """07's mesh from the config, checked against the devices and the batch before compiling."""
-    mesh = shard.mesh_from_text(cfg.mesh, devices)
-    if cfg.batch_size % (shard.batch_shards(mesh) * cfg.microbatches):
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the batch "
-                         f"shards × microbatches = {shard.batch_shards(mesh)} × {cfg.microbatches}")
-    shard.config_for_mesh(model_config(cfg), mesh)  # raises if experts/heads/vocab do not divide
-    return mesh
-
-
-def check_fits(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    """Refuse a step whose activations cannot fit a device (07's estimate for one microbatch),
-    before compiling: XLA would only say so after compiling, in a page of text."""
-    device = mesh.devices.flat[0]
-    available = host.memory_bytes(device)
-    if available is None:
-        return
-    if device.platform == "cpu":  # the simulated CPU devices share the host's memory
-        available //= len(jax.local_devices(backend="cpu"))
-    needed = shard.memory_per_device(model_config(cfg), dict(mesh.shape), remat=cfg.model.remat,
-                                     batch=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len)
-    if needed["total"] > available:
-        raise ValueError(
-            f"seq_len={cfg.seq_len}, batch_size={cfg.batch_size}: one step needs about "
-            f"{needed['total'] / 2**30:,.1f} GiB per device ({needed['activations'] / 2**30:,.1f} "
-            f"GiB of activations; attention alone grows with seq_len²) but a device has "
-            f"{available / 2**30:,.1f} GiB; lower --seq-len or --batch-size, or raise --microbatches")
+    """07's mesh from the config, checked against the devices, the batch and the model."""
+    return shard.training_mesh(cfg.mesh, devices, batch_size=cfg.batch_size,
+                               microbatches=cfg.microbatches, model_cfg=model_config(cfg))
 
 
 # ------------------------------------------------------------------------------------------------
-# Data, part 1: UL2's mixture of denoisers on a causal decoder (plain LM rows are 01's)
+# Data: UL2's mixture of denoisers on a causal decoder, and each step's batch (LM rows: 01)
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -303,24 +233,6 @@ def ul2_example(tokens: np.ndarray, denoiser: Denoiser, prefix_ids: list[int], t
             np.concatenate([targets, np.array([tokenizer.eos_id], np.int32)]))
 
 
-def decoder_row(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict:
-    """Pack (inputs, targets) examples into one decoder row, as seqio's DecoderFeatureConverter:
-    each example is the sequence inputs+targets, its decoder inputs shifted right by one with the
-    start token 0, loss on targets only, its own segment id and positions from 0; zeros pad."""
-    row = {name: np.zeros(seq_len, dtype) for name, dtype in tok.ROW_DTYPES.items()}
-    start = 0
-    for segment, (inputs, targets) in enumerate(examples, start=1):
-        sequence = np.concatenate([inputs, targets])
-        end = start + len(sequence)
-        row["targets"][start:end] = sequence
-        row["inputs"][start + 1:end] = sequence[:-1]
-        row["loss_mask"][start + len(inputs):end] = 1.0
-        row["segment_ids"][start:end] = segment
-        row["positions"][start:end] = np.arange(len(sequence))
-        start = end
-    return row
-
-
 def pack_ul2_rows(tokens: Iterator[int], seq_len: int, tokenizer, rng: np.random.Generator,
                   denoisers=UL2_DENOISERS) -> Iterator[dict]:
     """Draw a denoiser per example (by its rate), cut its raw length from the stream (T5's
@@ -338,28 +250,15 @@ def pack_ul2_rows(tokens: Iterator[int], seq_len: int, tokenizer, rng: np.random
         example = ul2_example(raw, denoiser, prefix_ids, tokenizer, rng)
         size = len(example[0]) + len(example[1])
         if used + size > seq_len:
-            yield decoder_row(pending, seq_len)
+            yield tok.decoder_row(pending, seq_len)
             pending, used = [], 0
         pending.append(example)
         used += size
 
 
-# ------------------------------------------------------------------------------------------------
-# Data, part 2: sources, per-step batches (with the objective switch), validation sets
-# ------------------------------------------------------------------------------------------------
-
 def load_tokenizer(cfg: TrainConfig):
     """The run's tokenizer: its --tokenizer file, or 01's embedded one."""
     return tok.Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else tok.embedded_tokenizer()
-
-
-def training_sources(cfg: TrainConfig, process_index: int = 0, process_count: int = 1) -> dict:
-    """This host's share of every source of the mixture (hub sources stream; errors come early)."""
-    if cfg.mixture == "embedded":
-        return {name: ds.shard(process_count, process_index)
-                for name, ds in tok.embedded_corpus("train").items()}
-    return {name: tok.load_hub_source(name, process_index=process_index, process_count=process_count)
-            for name in tok.mixture_probabilities(cfg.mixture)}
 
 
 def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int = 0) -> Iterator[dict]:
@@ -381,32 +280,9 @@ def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int
             yield tok.stack_rows(rows)
 
 
-def validation_batches(cfg: TrainConfig, tokenizer, rows: int) -> dict[str, list[dict]]:
-    """Held-out next-token batches per domain, from the embedded corpus' validation split (hub
-    mixtures are evaluated on it too: it is held out from everything, and text and code apart)."""
-    if cfg.eval_batches == 0:
-        return {}
-    batches = {}
-    for domain, ds in tok.embedded_corpus("validation").items():
-        packed = tok.pack_lm_rows(tok.token_stream(iter(ds["text"]), tokenizer), cfg.seq_len)
-        flat = list(itertools.islice(packed, rows * cfg.eval_batches))
-        batches[domain] = [tok.stack_rows(flat[i:i + rows])
-                           for i in range(0, len(flat) - rows + 1, rows)]
-    return batches
-
-
-
-
 # ------------------------------------------------------------------------------------------------
 # The step: one jitted function that takes the state and returns the new state
 # ------------------------------------------------------------------------------------------------
-
-def all_finite(tree) -> jax.Array:
-    """True when no floating-point leaf of `tree` holds a NaN or an inf."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.array(True)
-
 
 def make_train_step(graphdef, rest, tx, microbatches: int):
     """grads of 06's loss (averaged over microbatches, T5X-style) → Adafactor → new params.
@@ -439,25 +315,15 @@ def make_train_step(graphdef, rest, tx, microbatches: int):
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         # The loop saves a checkpoint only from a state it has seen to be finite.
-        metrics["state_finite"] = all_finite((params, opt_state))
+        metrics["state_finite"] = health.all_finite((params, opt_state))
         return params, opt_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, rest):
-    """Next-token loss and accuracy of a batch, at the evaluation capacity factor (train=False)."""
-    def eval_step(params, batch):
-        _, metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)
-        return {"loss": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
-
-    return eval_step
-
-
 @dataclasses.dataclass
 class Trainer:
     """Everything the loop needs, built sharded on the mesh."""
-
     cfg: TrainConfig
     model_cfg: "model_lib.ModelConfig"
     mesh: jax.sharding.Mesh
@@ -467,10 +333,6 @@ class Trainer:
     eval_step: object
 
 
-def schedule_config(cfg: TrainConfig) -> "ada.ScheduleConfig":
-    return ada.ScheduleConfig(peak=cfg.peak_lr, warmup_steps=cfg.warmup_steps)
-
-
 def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool = False) -> Trainer:
     """Model born sharded with experts parallel (07), Adafactor state sharded like the params
     (08 + 07), jitted steps. `abstract`: shapes and shardings only, nothing allocated, so that
@@ -478,7 +340,7 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
     with jax.set_mesh(mesh):
         model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed, abstract=abstract)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        tx = ada.openmoe_adafactor(params, schedule_config(cfg))
+        tx = ada.openmoe_adafactor(params, cfg.schedule())
         opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
         if abstract:
             opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -486,9 +348,13 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
         else:
             opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(graphdef, rest))
+
+    def eval_step(params, batch):  # next-token loss and accuracy at the eval capacity factor
+        metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)[1]
+        return {"loss": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
+
     # model.cfg is the config as 07 adjusted it to the mesh (its group layout).
-    return Trainer(cfg, model.cfg, mesh, params, opt_state, train_step, eval_step)
+    return Trainer(cfg, model.cfg, mesh, params, opt_state, train_step, jax.jit(eval_step))
 
 
 def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
@@ -509,7 +375,7 @@ def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: what a checkpoint holds, and where the loop resumes (orbax's side: support/)
+# The loop: checkpoints (what one holds; orbax's side is support/checkpoints'), eval, metrics
 # ------------------------------------------------------------------------------------------------
 
 def save_checkpoint(manager, step: int, trainer: Trainer) -> None:
@@ -519,19 +385,6 @@ def save_checkpoint(manager, step: int, trainer: Trainer) -> None:
         checkpoints.save(manager, step, trainer.params, trainer.opt_state,
                          {"step": step, "data_rows_consumed": step * trainer.cfg.batch_size})
 
-
-def resume(manager, trainer: Trainer) -> int:
-    """Load the newest checkpoint that reads back whole and finite into the trainer; return its
-    step, 0 for a fresh run. A damaged one is set aside and the one before it tried."""
-    step, trainer.params, trainer.opt_state = checkpoints.restore_newest_readable(
-        manager, trainer.cfg.run_dir, trainer.params, trainer.opt_state,
-        finite=lambda state: bool(jax.jit(all_finite)(state)), writer=jax.process_index() == 0)
-    return step
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------
 
 def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, float]:
     """Next-token loss and accuracy per domain at the eval capacity factor (train=False)."""
@@ -545,30 +398,18 @@ def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, floa
     return results
 
 
-@dataclasses.dataclass(frozen=True)
-class Speedometer:
-    """What turns a step's seconds into tokens/s and MFU (model FLOPs utilization: the share of
-    the devices' peak FLOP/s spent on the model's own math, 6 × active parameters per token)."""
-
-    tokens_per_step: int
-    flops_per_token: float
-    peak_flops: float | None  # all devices together, per second; None where unknown
-
-    def measure(self, seconds: float) -> dict:
-        tokens_per_s = self.tokens_per_step / seconds
-        mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
-        return {"tokens_per_s": tokens_per_s, "step_s": seconds, "mfu": mfu}
-
-
-def step_record(step: int, metrics: dict, lr: float, speed: dict) -> dict:
-    """One metrics.jsonl line: loss components, lr, speed, MFU, drop rate per MoE layer."""
-    record = {"step": step, "lr": lr, "tokens_per_s": speed["tokens_per_s"], "step_s": speed["step_s"]}
+def step_record(step: int, metrics: dict, *, lr: float, seconds: float, tokens: int,
+                mfu_per_token_s: float | None) -> dict:
+    """One metrics.jsonl line: lr, speed, loss components, drop rate per MoE layer, and MFU
+    (model FLOPs utilization: the model's FLOPs per second over the devices' peak, so
+    `mfu_per_token_s` is FLOPs per token ÷ peak FLOP/s, None where the peak is unknown)."""
+    record = {"step": step, "lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds}
     for name in ("loss", "cross_entropy", "z_loss", "load_balance_loss", "router_z_loss",
                  "accuracy", "fraction_dropped", "grad_norm"):
         record[name] = float(metrics[name])
     if "drop_rate_by_position" in metrics:
         record["drop_rate_by_layer"] = np.asarray(metrics["drop_rate_by_position"]).mean(-1).tolist()
-    record["mfu"] = speed["mfu"]
+    record["mfu"] = mfu_per_token_s * record["tokens_per_s"] if mfu_per_token_s else None
     return record
 
 
@@ -587,46 +428,42 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
           progress: bool = True) -> dict:
     """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the work
     after that step as if the process were killed there (a later run resumes)."""
-    identity = dict(resumable=RESUMABLE_FIELDS, read=check_run_config)  # what locks a run's directory
     # A finished run is reported at once, before any data, model or compile.
     if not overwrite and (finished := run_dir.finished_summary(
-            pathlib.Path(cfg.run_dir), config_json(cfg), steps=cfg.steps, **identity)):
+            cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, steps=cfg.steps)):
         return finished
 
     # Everything that can be wrong is checked before anything is compiled or written.
     mesh = build_mesh(cfg)
-    check_fits(cfg, mesh)
+    shard.check_fits(model_config(cfg), mesh, batch=cfg.batch_size // cfg.microbatches,
+                     seq_len=cfg.seq_len)
     tokenizer = load_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{cfg.model.vocab_size} embedding rows; pick a matching --tokenizer")
-    sources = training_sources(cfg, jax.process_index(), jax.process_count())
+    sources = tok.mixture_sources(cfg.mixture, jax.process_index(), jax.process_count())
 
     # One process per run directory: the first host holds its lock for the whole run.
-    with run_dir.claim(cfg.run_dir, config_json(cfg), overwrite=overwrite,
-                       writer=jax.process_index() == 0, **identity):
-        manager = checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last,
-                                      keep_period=cfg.keep_period)
-        try:
-            return training_loop(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
-        finally:
-            manager.close()
+    with (run_dir.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
+                        writer=jax.process_index() == 0),
+          checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.keep_period) as manager):
+        return training_loop(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
 
 
 def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
                   stop_after: int | None, progress: bool) -> dict:
     """The loop proper: resume, then step, evaluate, log and checkpoint until the run ends."""
-    from tqdm import tqdm
-
-    trainer = build_trainer(cfg, mesh)
-    if start_step := resume(manager, trainer):
+    trainer = build_trainer(cfg, mesh)  # then the newest checkpoint that reads back whole and finite
+    start_step, trainer.params, trainer.opt_state = checkpoints.restore_newest_readable(
+        manager, cfg.run_dir, trainer.params, trainer.opt_state, writer=jax.process_index() == 0)
+    if start_step:
         print(f"resuming {cfg.run_dir} from step {start_step}")
-    eval_sets = validation_batches(cfg, tokenizer, cfg.batch_size // jax.process_count())
-    schedule = ada.openmoe_schedule(schedule_config(cfg))
+    eval_sets = tok.validation_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(),
+                                      cfg.eval_batches)
+    schedule = ada.openmoe_schedule(cfg.schedule())
     peak = shard.peak_tflops(jax.devices()[0], cfg.peak_tflops_per_device)
-    speedometer = Speedometer(cfg.batch_size * cfg.seq_len,
-                              model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len),
-                              peak * 1e12 * mesh.size if peak else None)
+    mfu_per_token_s = (model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len)
+                       / (peak * 1e12 * mesh.size) if peak else None)
     # The metrics file holds one line per step: the lines of steps this run will redo go first.
     metrics_path, first_host = pathlib.Path(cfg.run_dir) / "metrics.jsonl", jax.process_index() == 0
     if first_host:
@@ -636,7 +473,6 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     bar = tqdm(range(start_step, last_step), initial=start_step, total=cfg.steps,
                disable=not progress or not first_host, dynamic_ncols=True)
     losses, evals, started, stalls = {}, {}, time.time(), health.StallWatch()
-
     with contextlib.closing(bar):
         for step in bar:
             # One step: this host's rows become global arrays, then the jitted step runs.
@@ -645,7 +481,8 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
                 trainer.params, trainer.opt_state, metrics = trainer.train_step(
                     trainer.params, trainer.opt_state, shard.global_batch(next(batches), mesh))
             done = step + 1
-            record = step_record(done, metrics, float(schedule(step)), speedometer.measure(time.time() - tick))
+            record = step_record(done, metrics, lr=float(schedule(step)), seconds=time.time() - tick,
+                                 tokens=cfg.batch_size * cfg.seq_len, mfu_per_token_s=mfu_per_token_s)
             # A NaN stops the run here, before this step reaches the metrics or a checkpoint.
             health.stop_if_diverged(done, record["loss"], record["grad_norm"],
                                     bool(metrics["state_finite"]), run_dir=cfg.run_dir,
@@ -655,19 +492,16 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
             losses[done] = record["loss"]
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             drop=f"{record['fraction_dropped']:.1%}")
-
             # Periodic evaluation per domain, the step's metrics line, and checkpoints.
             if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 record.update(evals.setdefault(done, evaluate(trainer, eval_sets)))
-                bar.write(f"step {done}: " + ", ".join(
-                    f"{k[5:]} {v:.1%}" if k.endswith("accuracy") else f"{k[5:]} {v:.3f}"
-                    for k, v in evals[done].items()))
+                bar.write(f"step {done}: " + ", ".join(f"{k[5:]} {v:.1%}" if "accuracy" in k
+                                                        else f"{k[5:]} {v:.3f}" for k, v in evals[done].items()))
             if first_host:
                 with checkpoints.resumable_write(metrics_path, manager), open(metrics_path, "a") as file:
                     file.write(json.dumps(record) + "\n")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(manager, done, trainer)
-
     summary = {"run_dir": cfg.run_dir, "steps": last_step, "seconds": time.time() - started,
                "losses": losses, "eval": evals[max(evals)] if evals else {},
                "checkpoints": list(manager.all_steps()), "stalled_since": stalls.since}
@@ -681,45 +515,38 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> tuple[TrainConfig, object]:
-    """The chosen --config (or --quick's) with --preset's architecture and every field flag
-    given on the command line replacing its value."""
-    parser = cli.ArgumentParser(
-        description="Train OpenMoE. With no arguments: the small preset on the embedded 50/50 "
-                    "text/code corpus on this machine's devices (~10 min on 2 CPU cores). "
-                    "Every field flag below overrides the chosen --config.")
+    """The chosen --config (or --quick's), --preset's architecture, then every field flag given."""
+    parser = cli.ArgumentParser(description=(
+        "Train OpenMoE. With no arguments: the small preset on the embedded 50/50 text/code corpus "
+        "on this machine's devices (~10 min on 2 CPU cores). Field flags override the --config."))
     parser.add_argument("--config", default="laptop", choices=sorted(CONFIGS),
                         help="starting point: laptop (the default run) or an OpenMoE recipe")
-    parser.add_argument("--quick", action="store_true",
-                        help="the self-test: a short run (UL2 then LM, 2 microbatches) in a "
-                             "temporary directory, removed afterwards; with --run-dir, it trains there")
-    parser.add_argument("--preset", choices=sorted(model_lib.PRESETS), default=None,
-                        help="06's model preset: its architecture, keeping the config's dtype and remat")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run's own files in --run-dir (config.json, metrics, "
-                             "checkpoints; nothing else) and start again")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="compile the train step for the model and mesh, report memory/FLOPs, exit")
+    parser.add_argument("--quick", action="store_true", help="the self-test: a short run (UL2 "
+                        "then LM, 2 microbatches) in a temporary directory, or in --run-dir")
+    parser.add_argument("--preset", choices=sorted(model_lib.PRESETS), help="06's model preset: its "
+                        "architecture, keeping the config's dtype and remat")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run's own files in "
+                        "--run-dir (config.json, metrics, checkpoints; nothing else), start again")
+    parser.add_argument("--dry-run", action="store_true", help="compile the train step for the "
+                        "model and mesh, report memory, FLOPs and MFU, exit")
     parser.add_argument("--topology", default="", help="with --dry-run: compile for a TPU topology "
                         "such as v3:4x4 on this CPU machine (needs requirements-tpu.txt)")
-    parser.add_argument("--stop-after", type=cli.at_least_one, default=None, metavar="STEP",
+    parser.add_argument("--stop-after", type=cli.at_least_one, metavar="STEP",
                         help="stop after this step as if killed (a later run resumes)")
     cli.add_multihost_flags(parser)
-    examples = {"laptop": config_json(CONFIGS["laptop"]), "OpenMoE-8B": config_json(OPENMOE)}
-    choices = {"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
-               "dtype": ("float32", "bfloat16")}
-    cli.add_field_flags(parser.add_argument_group("run fields (TrainConfig)"), TrainConfig,
-                        skip={"model"}, choices=choices, examples=examples)
-    # The model's length is --seq-len's, and its group layout 07's (from the mesh).
-    cli.add_field_flags(parser.add_argument_group("model fields (06's ModelConfig)"),
-                        model_lib.ModelConfig, prefix="model.", choices=choices, examples=examples,
-                        skip={"max_seq_len", "group_multiple", "expert_replicas"})
+    # Every field a flag; the model's length is --seq-len's, its group layout 07's (the mesh's).
+    cli.add_config_flags(parser, TrainConfig, examples={"laptop": run_dir.flat_record(CONFIGS["laptop"]),
+                                                        "OpenMoE-8B": run_dir.flat_record(OPENMOE)},
+                         choices={"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
+                                  "dtype": ("float32", "bfloat16")},
+                         skip={"model.max_seq_len", "model.group_multiple", "model.expert_replicas"})
     args = parser.parse_args(argv)
     base = QUICK if args.quick else CONFIGS[args.config]
-    model = base.model
     if args.preset:
-        model = dataclasses.replace(model_lib.PRESETS[args.preset], dtype=model.dtype, remat=model.remat)
-    record = {**config_json(dataclasses.replace(base, model=model)), **vars(args)}
-    return config_from_json({k: record[k] for k in config_json(base)}), args
+        base = dataclasses.replace(base, model=dataclasses.replace(
+            model_lib.PRESETS[args.preset], dtype=base.model.dtype, remat=base.model.remat))
+    record = run_dir.flat_record(base)
+    return run_dir.from_flat_record(TrainConfig, {k: vars(args).get(k, v) for k, v in record.items()}), args
 
 
 def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(values) / len(values)\n"):
@@ -731,19 +558,17 @@ def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(v
         examples.append(ul2_example(tokens, denoiser, tokenizer.encode(denoiser.prefix), tokenizer, rng))
         print(f"  mean span {denoiser.mean_span:<2} rate {denoiser.density:<4}  "
               f"{tokenizer.decode(examples[-1][0])!r} -> {tokenizer.decode(examples[-1][1])!r} + eos")
-    (first_inputs, first_targets), (second_inputs, second_targets) = examples[:2]
-    length = len(first_inputs) + len(first_targets) + len(second_inputs) + len(second_targets)
-    row = decoder_row(examples[:2], length + 3)
+    row = tok.decoder_row(examples[:2], sum(map(len, (*examples[0], *examples[1]))) + 3)
     print(f"The first two packed into one decoder row of {len(row['targets'])} tokens, 3 of them "
           "padding (positions restart at 0 in each segment):")
     for name in ("segment_ids", "loss_mask"):
         print(f"  {name:12} " + "".join(str(int(v)) for v in row[name]))
-    return row["loss_mask"].sum() == len(first_targets) + len(second_targets)
+    return row["loss_mask"].sum() == len(examples[0][1]) + len(examples[1][1])  # the targets only
 
 
 def main(argv=None) -> None:
-    """The command line: a dry run, or training (with --quick: the self-test, which also shows
-    UL2's worked example and checks the loss fell). A mistake is one `error:` line."""
+    """A dry run, or training (with --quick: the self-test, which also shows UL2's worked example
+    and checks that the loss fell). A user's mistake is one `error:` line."""
     with cli.user_errors("interrupted; the same command resumes from the newest complete checkpoint"):
         cfg, args = parse_args(argv)
         shard.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
@@ -757,20 +582,18 @@ def main(argv=None) -> None:
         host.keep_freed_memory_mapped()
         if args.quick and not show_ul2_example(load_tokenizer(cfg)):
             raise SystemExit("self-test FAILED: the packed row's loss does not cover exactly the targets")
-        # The self-test trains in a directory of its own and leaves nothing behind.
-        scratch = (tempfile.TemporaryDirectory(prefix="openmoe-quick-")
-                   if args.quick and not hasattr(args, "run_dir") else contextlib.nullcontext())
-        with scratch as scratch_dir:
-            summary = train(dataclasses.replace(cfg, run_dir=scratch_dir or cfg.run_dir),
+        # The self-test trains in a directory of its own (unless given one) and leaves nothing behind.
+        scratch = args.quick and not hasattr(args, "run_dir")
+        with tempfile.TemporaryDirectory(prefix="openmoe-quick-") if scratch else contextlib.nullcontext() as tmp:
+            summary = train(dataclasses.replace(cfg, run_dir=tmp or cfg.run_dir),
                             overwrite=args.overwrite, stop_after=args.stop_after)
     print("\n".join(run_dir.summary_lines(summary)))
+    losses = list(summary["losses"].values())
+    if args.quick and not (losses and losses[-1] < losses[0]):
+        raise SystemExit(f"self-test FAILED: the quick run's loss did not fall ({losses})")
     if args.quick:
-        values = list(summary["losses"].values())
-        if not (values and values[-1] < values[0]):
-            raise SystemExit(f"self-test FAILED: the quick run's loss did not fall ({values})")
-        print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled."
-              + ("" if hasattr(args, "run_dir") else " Its directory was temporary and is now "
-                 "removed; pass --run-dir to keep the run."))
+        print("OK: the quick run trained (UL2 then LM), evaluated, checkpointed and sampled"
+              + ("." if hasattr(args, "run_dir") else "; its temporary directory is removed."))
 
 
 if __name__ == "__main__":

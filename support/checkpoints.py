@@ -26,11 +26,11 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 
-from support import cli
+from support import cli, health
 from support.run_dir import RunError
 
 
@@ -122,18 +122,18 @@ def restore(manager, step: int, params, opt_state):
 
 
 def restore_newest_readable(manager, run_dir: str | os.PathLike, params, opt_state, *,
-                            finite: Callable[[object], bool], writer: bool = True):
-    """(step, params, opt_state) of the newest checkpoint that reads back whole and `finite`,
+                            writer: bool = True):
+    """(step, params, opt_state) of the newest checkpoint that reads back whole and finite,
     shaped like the given trees; (0, params, opt_state) as given when there is none.
 
-    A checkpoint that fails to restore, or is not finite, is moved to RUN/unreadable_checkpoints/
+    A checkpoint that fails to restore, or holds a NaN or an inf, is moved to RUN/unreadable_checkpoints/
     (by the `writer`, the first host) and the one before it is tried: nothing is deleted, and
     the run continues from the newest state it can trust.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = restore(manager, step, params, opt_state)
-            problem = None if finite(restored) else "holds NaN or inf"
+            problem = None if bool(jax.jit(health.all_finite)(restored)) else "holds NaN or inf"
         except Exception as error:  # orbax and tensorstore raise many types for a damaged file
             problem = f"cannot be read ({cli.one_line(error)})"
         if problem is None:

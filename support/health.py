@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
+
 from support.run_dir import RunError
 
 # A step whose gradient is exactly zero changes nothing; this many in a row is a stalled run.
 STALL_STEPS = 5
+
+
+def all_finite(tree) -> jax.Array:
+    """True when no floating-point leaf of `tree` holds a NaN or an inf (traceable: the train
+    step computes it on device, for the state it returns)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
 class TrainingDiverged(RunError):

@@ -11,13 +11,14 @@ Guarantees:
     run's own files (RUN_FILES) and nothing else that lives there;
   - config.json and metrics.jsonl are replaced atomically, and metrics.jsonl always ends with
     one line per step up to the checkpoint the run resumes from.
-A run's config arrives here as a flat JSON record, with a function that reads one back (and
-raises on a record it cannot read): this module knows no chapter's config class.
+A run's config arrives here as a dataclass, written to config.json as one flat record; this
+module knows no chapter's config class.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -26,7 +27,10 @@ import pathlib
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Iterator, Set
+
+import jax.numpy as jnp
+import numpy as np
 
 from support import cli, files
 
@@ -76,16 +80,62 @@ def run_lock(run_dir: pathlib.Path) -> Iterator[None]:
         yield
 
 
-def saved_record(run_dir: pathlib.Path, read: Callable[[dict], dict]) -> dict | None:
-    """The config.json of the run in run_dir, passed through `read` (None if there is none)."""
+# ------------------------------------------------------------------------------------------------
+# A run's config.json: its config dataclass as one flat JSON record
+# ------------------------------------------------------------------------------------------------
+
+def _is_dtype(value) -> bool:
+    return isinstance(value, (type, np.dtype))  # jnp.bfloat16 is a type, jnp.dtype(...) a dtype
+
+
+def flat_record(config) -> dict:
+    """A config dataclass as one flat JSON record: the fields of a dataclass held in a field
+    `model` appear as "model.<name>", and dtypes by name ("bfloat16")."""
+    record = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            record.update({f"{field.name}.{k}": v for k, v in flat_record(value).items()})
+        else:
+            record[field.name] = jnp.dtype(value).name if _is_dtype(value) else value
+    return record
+
+
+def from_flat_record(cls: type, record: dict):
+    """The inverse of flat_record for the dataclass `cls`; nested classes and dtype fields are
+    known from its defaults. A field `cls` does not have is a TypeError (the record is foreign)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        prefix = field.name + "."
+        if dataclasses.is_dataclass(default):
+            nested = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+            values[field.name] = from_flat_record(type(default), nested)
+        elif field.name in record:
+            value = record[field.name]
+            values[field.name] = jnp.dtype(value) if _is_dtype(default) else value
+    unknown = [k for k in record if k.split(".")[0] not in values]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {unknown}")
+    return cls(**values)
+
+
+def saved_record(run_dir: pathlib.Path, cls: type) -> dict | None:
+    """The config.json of the run in run_dir, as flat_record writes a `cls` today (None if
+    there is none); one that is not such a record is a one-line error, and is left alone."""
     path = run_dir / "config.json"
     if not path.exists():
         return None
     try:
-        return read(json.loads(path.read_text()))
+        return flat_record(from_flat_record(cls, json.loads(path.read_text())))
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{path} cannot be read as this program's run config "
                          f"({cli.one_line(error)}); restore it, or choose another --run-dir") from error
+
+
+def read_config(cls: type, path: str | os.PathLike):
+    """The `cls` config of the run whose config.json is at `path`."""
+    return from_flat_record(cls, json.loads(pathlib.Path(path).read_text()))
 
 
 def identity_differences(saved: dict, record: dict, resumable: Set[str]) -> dict:
@@ -94,13 +144,14 @@ def identity_differences(saved: dict, record: dict, resumable: Set[str]) -> dict
             if k not in resumable and saved.get(k) != v}
 
 
-def finished_summary(run_dir: pathlib.Path, record: dict, *, resumable: Set[str],
-                     read: Callable[[dict], dict], steps: int) -> dict | None:
-    """The summary of the run `record` describes if run_dir holds it finished (a checkpoint at
+def finished_summary(run_dir: str | os.PathLike, config, *, resumable: Set[str],
+                     steps: int) -> dict | None:
+    """The summary of the run `config` describes if run_dir holds it finished (a checkpoint at
     `steps` or later), from the files alone; None when there is training to do (or a problem
     that the run's start will report)."""
+    run_dir = pathlib.Path(run_dir)
     try:
-        saved = saved_record(run_dir, read)
+        saved = saved_record(run_dir, type(config))
         saved_steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
                              if p.name.isdigit())
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -108,22 +159,21 @@ def finished_summary(run_dir: pathlib.Path, record: dict, *, resumable: Set[str]
                  for line in lines]
     except (OSError, ValueError):
         return None
-    if (not saved or identity_differences(saved, record, resumable) or not saved_steps
+    if (not saved or identity_differences(saved, flat_record(config), resumable) or not saved_steps
             or saved_steps[-1] < steps):
         return None
     return {"run_dir": str(run_dir), "steps": saved_steps[-1], "complete": True, "losses": {},
             "eval": next((e for e in reversed(evals) if e), {}), "checkpoints": saved_steps}
 
 
-def check(run_dir: pathlib.Path, record: dict, *, resumable: Set[str],
-          read: Callable[[dict], dict], overwrite: bool) -> dict | None:
-    """Refuse a run_dir that cannot hold this run, changing nothing; return its saved record
-    (None when it holds none, or `overwrite` will delete it)."""
+def check(run_dir: pathlib.Path, config, *, resumable: Set[str], overwrite: bool) -> dict | None:
+    """Refuse a run_dir that cannot hold the run `config` describes, changing nothing; return
+    its saved record (None when it holds none, or `overwrite` will delete it)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a directory; pass a "
                          "directory path to --run-dir")
-    saved = None if overwrite else saved_record(run_dir, read)
-    if saved and (locked := identity_differences(saved, record, resumable)):
+    saved = None if overwrite else saved_record(run_dir, type(config))
+    if saved and (locked := identity_differences(saved, flat_record(config), resumable)):
         raise ValueError(
             f"run directory {run_dir} holds a different run (field: (saved, now) = {locked}); "
             f"only {sorted(resumable)} may change when resuming. Choose another --run-dir, or "
@@ -153,16 +203,16 @@ def write_config(run_dir: pathlib.Path, record: dict, saved: dict | None, overwr
 
 
 @contextlib.contextmanager
-def claim(run_dir: str | os.PathLike, record: dict, *, resumable: Set[str],
-          read: Callable[[dict], dict], overwrite: bool, writer: bool = True) -> Iterator[None]:
-    """Make run_dir hold the run `record` describes, for as long as the `with` block lasts.
+def claim(run_dir: str | os.PathLike, config, *, resumable: Set[str], overwrite: bool,
+          writer: bool = True) -> Iterator[None]:
+    """Make run_dir hold the run `config` describes, for as long as the `with` block lasts.
 
     Every host checks the directory; the `writer` (the first host) creates it, takes its lock,
     checks again holding it (another process may have started in between), and writes the
     config. Nothing is written before every check has passed.
     """
     run_dir = pathlib.Path(run_dir)
-    check(run_dir, record, resumable=resumable, read=read, overwrite=overwrite)
+    check(run_dir, config, resumable=resumable, overwrite=overwrite)
     if not writer:
         yield
         return
@@ -172,8 +222,8 @@ def claim(run_dir: str | os.PathLike, record: dict, *, resumable: Set[str],
         raise ValueError(f"run_dir={str(run_dir)!r} cannot be created ({error.strerror}); "
                          "choose a writable --run-dir") from error
     with run_lock(run_dir):
-        saved = check(run_dir, record, resumable=resumable, read=read, overwrite=overwrite)
-        write_config(run_dir, record, saved, overwrite)
+        saved = check(run_dir, config, resumable=resumable, overwrite=overwrite)
+        write_config(run_dir, flat_record(config), saved, overwrite)
         yield
 
 

@@ -46,7 +46,7 @@ def flags(cfg: "train_lib.TrainConfig") -> list[str]:
     """The command line that gives exactly `cfg`: every field spelled out, the model's too (but
     its length, which is --seq-len, and its group layout, which 07 sets from the mesh)."""
     return [f"--{name.removeprefix('model.').replace('_', '-')}={value}"
-            for name, value in train_lib.config_json(cfg).items()
+            for name, value in run_dir_lib.flat_record(cfg).items()
             if name not in ("model.max_seq_len", "model.group_multiple", "model.expert_replicas")]
 
 
@@ -296,7 +296,7 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
     (tmp_path / "metrics-is-a-directory" / "metrics.jsonl").mkdir(parents=True)
     other_run = tmp_path / "other-run"
     other_run.mkdir()
-    (other_run / "config.json").write_text(json.dumps(train_lib.config_json(small_run(other_run, seq_len=64))))
+    (other_run / "config.json").write_text(json.dumps(run_dir_lib.flat_record(small_run(other_run, seq_len=64))))
     (other_run / "notes.txt").write_text("the user's own file")
     before = snapshot(tmp_path)
     for run_dir, message in [
@@ -315,12 +315,11 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
 def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(train_lib.config_json(small_run(run_dir, seq_len=64))))
+    (run_dir / "config.json").write_text(json.dumps(run_dir_lib.flat_record(small_run(run_dir, seq_len=64))))
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     (run_dir / "notes.txt").write_text("the user's own file")
     cfg = small_run(run_dir)
-    with run_dir_lib.claim(run_dir, train_lib.config_json(cfg), resumable=train_lib.RESUMABLE_FIELDS,
-                           read=train_lib.check_run_config, overwrite=True):
+    with run_dir_lib.claim(run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS, overwrite=True):
         pass
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt", "run.lock"]

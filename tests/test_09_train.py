@@ -39,8 +39,8 @@ def tiny(tmp_path, **overrides) -> "train_lib.TrainConfig":
 
 def claim(cfg, overwrite: bool) -> None:
     """What 09's train() does to the run directory before it trains, and nothing else."""
-    with run_dir.claim(cfg.run_dir, train_lib.config_json(cfg), resumable=train_lib.RESUMABLE_FIELDS,
-                       read=train_lib.check_run_config, overwrite=overwrite):
+    with run_dir.claim(cfg.run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS,
+                       overwrite=overwrite):
         pass
 
 
@@ -107,7 +107,7 @@ def test_ul2_targets_and_sentinels_reconstruct_the_text(tokenizer, denoiser):
 
 def test_ul2_rows_put_the_loss_on_targets_only(tokenizer):
     inputs, targets = np.array([5, 6, 7], np.int32), np.array([8, 9, 1], np.int32)
-    row = train_lib.decoder_row([(inputs, targets), (inputs[:1], targets[1:])], seq_len=10)
+    row = tok.decoder_row([(inputs, targets), (inputs[:1], targets[1:])], seq_len=10)
     assert list(row["targets"]) == [5, 6, 7, 8, 9, 1, 5, 9, 1, 0]
     assert list(row["inputs"]) == [0, 5, 6, 7, 8, 9, 0, 5, 9, 0]  # start token 0 per segment
     assert list(row["loss_mask"]) == [0, 0, 0, 1, 1, 1, 0, 1, 1, 0]
@@ -141,7 +141,7 @@ def test_schedule_is_openmoes_scaled_to_the_run(uninterrupted):
             "drop_rate_by_layer", "mfu"} <= set(records[0])
     assert len(records[0]["drop_rate_by_layer"]) == 1
     # The optimizer the step uses is built from the same schedule.
-    assert train_lib.schedule_config(cfg) == load("08_adafactor").ScheduleConfig(
+    assert cfg.schedule() == load("08_adafactor").ScheduleConfig(
         peak=cfg.peak_lr, warmup_steps=cfg.warmup_steps)
 
 
@@ -234,8 +234,8 @@ def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_pat
 
 def test_config_json_round_trips_and_a_foreign_config_is_refused(tmp_path):
     cfg = tiny(tmp_path, model=dataclasses.replace(model_lib.PRESETS["tiny"], remat=True))
-    record = train_lib.config_json(cfg)
-    assert train_lib.config_from_json(json.loads(json.dumps(record))) == cfg
+    record = run_dir.flat_record(cfg)
+    assert run_dir.from_flat_record(train_lib.TrainConfig, json.loads(json.dumps(record))) == cfg
     # A config.json this program did not write (here: an early version's, which named a preset)
     # is refused in one line, and left as it is.
     old = {k: v for k, v in record.items() if not k.startswith("model.")} | {"preset": "tiny"}

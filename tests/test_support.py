@@ -105,27 +105,51 @@ def test_one_line_cuts_the_middle_of_a_long_message():
 # run_dir
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    width: int = 8
+    dtype: object = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: Inner = Inner()
+    run_dir: str = "run"
+    steps: int = 4
+    seed: int = 0
+
+
 RESUMABLE = {"steps", "run_dir"}
 
 
-def claim(directory, record, overwrite=False):
-    with run_dir.claim(directory, record, resumable=RESUMABLE, read=dict, overwrite=overwrite):
+def test_a_config_is_one_flat_json_record():
+    run = Run(model=Inner(width=16, dtype=jnp.bfloat16))
+    record = run_dir.flat_record(run)
+    assert record == {"model.width": 16, "model.dtype": "bfloat16", "run_dir": "run", "steps": 4,
+                      "seed": 0}
+    assert run_dir.from_flat_record(Run, json.loads(json.dumps(record))) == run
+    with pytest.raises(TypeError, match=r"no fields \['preset'\]"):
+        run_dir.from_flat_record(Run, dict(record, preset="tiny"))
+
+
+def claim(directory, config, overwrite=False):
+    with run_dir.claim(directory, config, resumable=RESUMABLE, overwrite=overwrite):
         return sorted(p.name for p in pathlib.Path(directory).iterdir())
 
 
 def test_a_run_directory_holds_one_run(tmp_path):
-    record = {"run_dir": str(tmp_path), "steps": 4, "seed": 0}
-    assert claim(tmp_path, record) == ["config.json", "run.lock"]
+    run = Run(run_dir=str(tmp_path))
+    assert claim(tmp_path, run) == ["config.json", "run.lock"]
     # Resumable fields may change (and are recorded); the identity may not.
-    claim(tmp_path, dict(record, steps=8))
+    claim(tmp_path, dataclasses.replace(run, steps=8))
     history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert [h["changed"] for h in history] == [{"steps": [4, 8]}]
     with pytest.raises(ValueError, match=r"holds a different run .*'seed': \(0, 1\)"):
-        claim(tmp_path, dict(record, seed=1))
+        claim(tmp_path, dataclasses.replace(run, seed=1))
     # A config.json this program cannot read is refused, and kept.
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json cannot be read"):
-        claim(tmp_path, record)
+        claim(tmp_path, run)
     assert (tmp_path / "config.json").read_text() == "{not json"
 
 
@@ -142,22 +166,22 @@ def test_overwrite_deletes_the_runs_files_only(tmp_path, capsys):
     for name in ("metrics.jsonl", "notes.txt"):
         (tmp_path / name).write_text("{}\n")
     (tmp_path / "checkpoints" / "2").mkdir(parents=True)
-    (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
-    assert claim(tmp_path, {"seed": 0}, overwrite=True) == ["config.json", "notes.txt", "run.lock"]
+    (tmp_path / "config.json").write_text(json.dumps(run_dir.flat_record(Run(seed=1))))
+    assert claim(tmp_path, Run(), overwrite=True) == ["config.json", "notes.txt", "run.lock"]
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
 
 
 def test_a_finished_run_is_read_from_its_files(tmp_path):
-    record = {"run_dir": str(tmp_path), "steps": 4, "seed": 0}
-    claim(tmp_path, record)
+    run = Run(run_dir=str(tmp_path))
+    claim(tmp_path, run)
     (tmp_path / "checkpoints" / "4").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 3, "eval/text/loss": 2.0}) + "\n" + json.dumps({"step": 4}) + "\n")
-    summary = run_dir.finished_summary(tmp_path, record, resumable=RESUMABLE, read=dict, steps=4)
+    summary = run_dir.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=4)
     assert summary["complete"] and summary["eval"] == {"eval/text/loss": 2.0}
-    assert run_dir.finished_summary(tmp_path, record, resumable=RESUMABLE, read=dict, steps=5) is None
-    assert run_dir.finished_summary(tmp_path, dict(record, seed=1), resumable=RESUMABLE,
-                                    read=dict, steps=4) is None
+    assert run_dir.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=5) is None
+    assert run_dir.finished_summary(tmp_path, dataclasses.replace(run, seed=1),
+                                    resumable=RESUMABLE, steps=4) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +219,7 @@ def test_a_damaged_or_non_finite_checkpoint_is_set_aside(tmp_path, capsys):
     checkpoints.save(manager, 3, params, opt_state, {"step": 3})
     for data in (tmp_path / "checkpoints" / "3").rglob("d/*"):  # cut short, as by a full disk
         data.write_bytes(data.read_bytes()[:1])
-
-    def finite(state):
-        return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
-
-    step, restored, _ = checkpoints.restore_newest_readable(manager, tmp_path, params, opt_state,
-                                                            finite=finite)
+    step, restored, _ = checkpoints.restore_newest_readable(manager, tmp_path, params, opt_state)
     assert step == 1 and np.array_equal(restored["w"], params["w"])
     aside = sorted(p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir())
     assert aside == ["2", "3"]  # kept, not deleted
