@@ -5,17 +5,15 @@ OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) a
 2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000
 pieces with byte fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos;
 2 = unk), plus 300 sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A
-sentinel stands for a hidden stretch of text in T5's fill-in-the-blanks objective, *span
-corruption* (09 trains with it).
+sentinel stands for a hidden stretch of text in T5's fill-in-the-blanks span corruption (09).
 
 This file builds the same two halves offline, from what every Python installation carries: *code*
-is the standard library's `.py` files (test suites skipped), *text* the English prose that ships
-with Python (`pydoc_data.topics` and the standard library's docstrings). Real runs stream hub
-datasets instead (RedPajama, The Stack, or any dataset with a text column) with `datasets`. A
-small unigram model is trained on the embedded corpus and cached; an existing `.model` file
-(umT5's `spiece.model`) loads unchanged and gives exactly its ids. Last, a mixture's documents
-become one stream of ids, packed into training rows. Left out: umT5's Unicode normalization (text
-stays byte-exact, so code round-trips). Self-test: `python 01_tokenizer.py` (about 30 s).
+is the standard library's `.py` files (test suites skipped), *text* its English prose
+(`pydoc_data.topics`, the docstrings). Real runs stream hub datasets instead (RedPajama, The Stack,
+any dataset with a text column). A small unigram model is trained on the embedded corpus and
+cached; umT5's own `spiece.model` loads unchanged. Last, a mixture's documents become one stream
+of ids, packed into training rows. Left out: umT5's Unicode normalization (text stays byte-exact,
+so code round-trips). Self-test: `python 01_tokenizer.py` (about 30 s).
 """
 
 from __future__ import annotations
@@ -47,10 +45,7 @@ from support import files
 
 log = logging.getLogger(__name__)
 
-# ------------------------------------------------------------------------------------------------
-# The embedded corpus: Python's own prose and code, as two `datasets.Dataset`s.
-# ------------------------------------------------------------------------------------------------
-
+# --- The embedded corpus: Python's own prose and code, as two `datasets.Dataset`s. ----------------
 # Directories inside a Python source tree that hold test suites or third-party code, not stdlib.
 SKIPPED_DIRECTORIES = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 # Documents are cut into chunks of at most this many characters, at paragraph boundaries, so that
@@ -155,11 +150,30 @@ def embedded_corpus(split: str = "train", directory: str | None = None) -> dict[
     return {source: datasets.Dataset.from_list(rows) for source, rows in sorted(by_source.items())}
 
 
-# ------------------------------------------------------------------------------------------------
-# Hub corpora, streamed by name for real runs, and mixtures: documents sampled from several
-# sources with fixed probabilities, like seqio.
-# ------------------------------------------------------------------------------------------------
+# Text the corpus lacks, to see what a model does with it (11 routes both): chats, other languages.
+OTHER_LANGUAGES = pathlib.Path(__file__).resolve().parent / "data" / "other_languages.txt"
 
+
+def chat_formatted(texts: list[str]) -> list[str]:
+    """Each document as a chat: paragraphs alternate User and Assistant turns (MT-Bench's shape).
+    The words are in distribution; the format is what the router never trained on."""
+    chats = []
+    for text in texts:
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        turns = [f"### {'Assistant' if i % 2 else 'User'}:\n{p}" for i, p in enumerate(paragraphs)]
+        chats.append("\n\n".join(turns) + "\n\n### Assistant:\n")
+    return chats
+
+
+def other_language_texts(path: pathlib.Path = OTHER_LANGUAGES) -> list[str]:
+    """data/other_languages.txt's documents (German … Japanese), one per `== name ==` header."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("#"))
+    return [document.strip() for document in re.split(r"^== .* ==$", text, flags=re.M)
+            if document.strip()]
+
+
+# --- Hub corpora, streamed by name for real runs, and mixtures of sources, sampled like seqio -----
 @dataclasses.dataclass(frozen=True)
 class HubSource:
     """Where one mixture component lives: a hub dataset (or a local json/parquet builder)."""
@@ -270,10 +284,7 @@ def mix(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
                                         seed=seed, stopping_strategy=stopping_strategy)
 
 
-# ------------------------------------------------------------------------------------------------
-# The tokenizer: a SentencePiece unigram model in umT5's layout, with sentinels on top.
-# ------------------------------------------------------------------------------------------------
-
+# --- The tokenizer: a SentencePiece unigram model in umT5's layout, with sentinels on top. --------
 # Pieces SentencePiece reserves before it learns any: pad, eos, unk and the 256 byte pieces.
 RESERVED_PIECES = 3 + 256
 
@@ -451,10 +462,7 @@ def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     return train_tokenizer(embedded_corpus("train"), EMBEDDED_TOKENIZER, cache_dir)
 
 
-# ------------------------------------------------------------------------------------------------
-# From documents to training rows: a mixture's texts → one stream of ids → packed rows
-# ------------------------------------------------------------------------------------------------
-
+# --- From documents to training rows: a mixture's texts → one stream of ids → packed rows ---------
 # The arrays of every training row (as 06's loss_fn reads them), each [L] for a row of L tokens.
 ROW_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
               "segment_ids": np.int32, "positions": np.int32}
@@ -531,10 +539,7 @@ def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int
     return batches
 
 
-# ------------------------------------------------------------------------------------------------
-# Self-test: build the corpus, train a tokenizer, show it working, check the round trips.
-# ------------------------------------------------------------------------------------------------
-
+# --- Self-test: build the corpus, train a tokenizer, show it working, check the round trips. ------
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(
         "Build the embedded text+code corpus, train (or load from cache) a small umT5-style "

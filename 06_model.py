@@ -4,23 +4,17 @@ OpenMoE is a decoder-only transformer (arXiv 2402.01739 §2.2, Table 11) built l
 pre-norm blocks of RMSNorm → attention with RoPE → feed-forward, where every `moe_interval`-th
 block swaps its FFN for a top-2 mixture of experts followed by one extra dense FFN
 ("residual MoE"). As the released T5X/flaxformer code computes it (the fork's
-`architectures/moe/moe_architecture.py` and
-`t5x/configs/moe/architectures/moe_decoder_only.gin`): RMSNorm eps 1e-6 in
-f32; multi-head attention without biases and without a runtime 1/√head_dim (it is folded into
-the query kernel's initialization); an MoE block is attention → MoE → extra FFN in sequence,
-each with its own norm and residual (the paper's Eq. 4 parallel form is an option); untied
-embeddings (input N(0, 1), output projection computed in f32); init scale 0.1 everywhere.
-The loss is cross-entropy over real target tokens + output z-loss + load-balance and router
-z-losses averaged over MoE layers (§2.3 Eq. 8; weights 0.001, 0.01, 0.0001 from Table 12).
-`t5x_padding` adds T5X's treatment of padding for the released weights (chapter 10): a logit
-mask zeroes pad tokens before every sublayer, and attention skips queries and keys whose target
-is padding, their scores set to −1e10 (flaxformer `get_decoder_logit_mask`, `make_decoder_mask`).
-Shape letters (x_BLD is [B, L, D]) follow the legend in 02_rope.py's docstring.
+`architectures/moe/moe_architecture.py`, `t5x/configs/moe/architectures/moe_decoder_only.gin`):
+RMSNorm eps 1e-6 in f32; attention without biases or a runtime 1/√head_dim (it is folded into
+the query kernel's init); an MoE block is attention → MoE → extra FFN in sequence, each with its
+own norm and residual (the paper's Eq. 4 parallel form is an option); untied embeddings (input
+N(0, 1), output projection in f32); init scale 0.1 everywhere. The loss is cross-entropy over
+real target tokens + output z-loss + load-balance and router z-losses averaged over MoE layers
+(§2.3 Eq. 8; weights 0.001, 0.01, 0.0001 from Table 12). `t5x_padding` adds T5X's padding
+masks for the released weights (chapter 10). Shape letters (x_BLD) follow 02_rope.py's legend.
 
-Left out: dropout (0 in pretraining), multi-query attention (OpenMoE reverted to MHA), and any
-mesh: parameters carry logical axis names only, which 07_sharding.py maps onto devices, and
-`OpenMoE(cfg, rngs=..., run_groups=...)` hands every MoE layer 05's runner, where 07 plugs in
-expert parallelism.
+Left out: dropout (0 in pretraining), multi-query attention (OpenMoE reverted to MHA), and any mesh
+(parameters carry logical axis names for 07_sharding.py, which also plugs in expert parallelism).
 Self-test: `python 06_model.py` (preset table, a few training steps, KV-cache decoding).
 """
 
@@ -45,14 +39,10 @@ ffn = importlib.import_module("03_swiglu")
 moe = importlib.import_module("05_moe_layer")
 
 
-# ------------------------------------------------------------------------------------------------
-# Configuration and presets
-# ------------------------------------------------------------------------------------------------
-
-# What each rematerialized block saves for the backward pass. "dots" keeps the outputs of the
-# matmuls without batch axes (projections and dense FFNs: 03 flattens tokens to [N, D]) and
-# recomputes the rest, trading some memory for not running those matmuls twice; "full" keeps
-# only block inputs.
+# --- Configuration, presets and their sizes -------------------------------------------------------
+# What a rematerialized block saves for the backward pass: "dots" keeps the outputs of matmuls
+# without batch axes (projections, dense FFNs: 03 flattens tokens to [N, D]) so they never run
+# twice, and recomputes the rest (MaxText's usual choice); "full" keeps only the block's input.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -88,43 +78,40 @@ class ModelConfig:
     init_scale: float = 0.1              # variance-scaling scale of every kernel (OpenMoE SCALE)
     dtype: Any = jnp.float32             # activations (bf16 on TPU); params, router, logits f32
     remat: bool = False                  # recompute each block in the backward pass (saves memory)
-    remat_policy: str = "dots"           # what a rematerialized block keeps: "dots" its 2-D matmul
-    #                                      outputs (MaxText's usual choice), "full" only its input
+    remat_policy: str = "dots"           # what a rematerialized block keeps (REMAT_POLICIES)
     t5x_padding: bool = False            # T5X's pad-token masks (flaxformer), for released weights
     z_loss_weight: float = 0.001         # output-logit z-loss (paper Table 12; released gin 1e-4)
     aux_loss_weight: float = 0.01        # load-balance loss
     router_z_loss_weight: float = 0.0001  # router z-loss (34B's final gin: 1e-3)
 
     def __post_init__(self):
+        def require(name: str, holds: bool, rule: str) -> None:
+            if not holds:
+                value = getattr(self, name)
+                shown = repr(value) if isinstance(value, (str, float)) else value
+                raise ValueError(f"ModelConfig.{name}={shown}{rule}")
+
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff",
                      "num_experts", "max_group_size", "max_seq_len", "min_capacity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
-        # Capacity factors, loss weights, RoPE base and init scale: a NaN or inf would only
-        # surface as NaN losses, so every float field must be a finite number >= 0.
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "float" and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"ModelConfig.{field.name}={value!r}: must be a finite number >= 0")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even: RoPE rotates "
-                             "pairs of features, so num_heads × head_dim must split into pairs")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"ModelConfig.top_k={self.top_k} must be in [1, num_experts="
-                             f"{self.num_experts}]")
-        if self.moe_interval < 0 or (self.moe_interval and self.num_layers % self.moe_interval):
-            raise ValueError(f"ModelConfig.moe_interval={self.moe_interval} must be 0 (dense) or "
-                             f"divide num_layers={self.num_layers}, so MoE blocks are evenly spaced")
-        if self.moe_wiring not in ("sequential", "parallel"):
-            raise ValueError(f"ModelConfig.moe_wiring={self.moe_wiring!r}; use 'sequential' "
-                             "(released code) or 'parallel' (paper Eq. 4)")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; use one of "
-                             f"{sorted(REMAT_POLICIES)}")
-        if not jnp.issubdtype(self.dtype, jnp.floating):
-            raise ValueError(f"ModelConfig.dtype={self.dtype} must be a float dtype")
-        # The FFN and router configs validate the remaining fields with their own messages.
-        self.ffn_config(), self.moe_config()
+            require(name, getattr(self, name) >= 1, " must be >= 1")
+        # Capacity factors, loss weights, RoPE base, init scale: a NaN or inf would only surface
+        # later, as NaN losses (and NaN fails every comparison, so 0 <= x < inf excludes it).
+        for name in [field.name for field in dataclasses.fields(self) if field.type == "float"]:
+            require(name, 0 <= getattr(self, name) < math.inf, ": must be a finite number >= 0")
+        require("head_dim", self.head_dim % 2 == 0, " must be even: RoPE rotates pairs of "
+                "features, so num_heads × head_dim must split into pairs")
+        require("top_k", 1 <= self.top_k <= self.num_experts,
+                f" must be in [1, num_experts={self.num_experts}]")
+        interval = self.moe_interval
+        require("moe_interval", interval == 0 or (interval > 0 and self.num_layers % interval == 0),
+                f" must be 0 (dense) or divide num_layers={self.num_layers}, so MoE blocks are "
+                "evenly spaced")
+        require("moe_wiring", self.moe_wiring in ("sequential", "parallel"),
+                "; use 'sequential' (released code) or 'parallel' (paper Eq. 4)")
+        require("remat_policy", self.remat_policy in REMAT_POLICIES,
+                f"; use one of {sorted(REMAT_POLICIES)}")
+        require("dtype", jnp.issubdtype(self.dtype, jnp.floating), " must be a float dtype")
+        self.ffn_config(), self.moe_config()  # 03 and 05 check the remaining fields
 
     def is_moe_layer(self, layer: int) -> bool:
         """T5X's MIXED layout: layers 5, 11, 17, 23 of the 8B (interval 6)."""
@@ -138,21 +125,14 @@ class ModelConfig:
         return ffn.FFNConfig(self.d_model, self.d_ff, self.ffn_variant, self.init_scale, self.dtype)
 
     def moe_config(self) -> Any:
-        """05's MoEConfig from the fields of the same name here (its `dispatch` is `moe_dispatch`
-        here). Every MoEConfig field is one of them but the router's jitter_noise, which needs a
-        random key per step that this model does not thread (OpenMoE routed without jitter)."""
+        """05's MoEConfig from the same-named fields here (its `dispatch` is `moe_dispatch`), all
+        but jitter_noise: it needs a key per step, which OpenMoE (routed without jitter) lacks."""
         shared = {field.name: getattr(self, field.name) for field in dataclasses.fields(moe.MoEConfig)
                   if field.name not in ("dispatch", "jitter_noise")}
         return moe.MoEConfig(**shared, dispatch=self.moe_dispatch)
 
 
-def _with_dense(presets: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-    """Each preset plus its dense counterpart (the paper's "w/o MoE" ablation, Table 3)."""
-    dense = {f"{name}-dense": dataclasses.replace(cfg, moe_interval=0) for name, cfg in presets.items()}
-    return {**presets, **dense}
-
-
-PRESETS: dict[str, ModelConfig] = _with_dense({
+PRESETS: dict[str, ModelConfig] = {
     # Learns visibly in minutes on a 2-core CPU: the embedded tokenizer's 8,320 rows
     # (8,000 pieces + 300 sentinels, padded to 128), MoE in every second block.
     "small": ModelConfig(vocab_size=8_320, num_layers=4, d_model=256, num_heads=4, head_dim=64,
@@ -165,16 +145,42 @@ PRESETS: dict[str, ModelConfig] = _with_dense({
     "openmoe-8b": ModelConfig(),
     "openmoe-34b": ModelConfig(num_layers=32, d_model=3072, num_heads=24, head_dim=128,
                                d_ff=12_288, num_experts=32, moe_interval=4, max_group_size=8192),
-})
+}
+# Each preset's dense counterpart: the paper's "w/o MoE" ablation (Table 3).
+PRESETS |= {f"{name}-dense": dataclasses.replace(cfg, moe_interval=0) for name, cfg in PRESETS.items()}
 # The paper's totals and active parameters per token (Table 11), for comparison.
 PAPER_PARAMETERS = {"openmoe-base": (650e6, 142e6), "openmoe-8b": (8.7e9, 2.1e9),
                     "openmoe-34b": (34e9, 6.0e9)}
 
 
-# ------------------------------------------------------------------------------------------------
-# Building blocks: RMSNorm, attention with RoPE and a KV cache
-# ------------------------------------------------------------------------------------------------
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total and per-token-active parameters from the config alone (works for 34B on a laptop).
+    "active" is what one token touches: attention, norms, every dense FFN, and in each MoE block
+    the router, top_k experts and the extra FFN; embeddings apart (the paper's 142M is too)."""
+    d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
+    one_ffn = ffn.ffn_param_count(d, cfg.d_ff, cfg.ffn_variant)
+    attention_and_norms = 4 * d * hk + 2 * d
+    num_moe = len(cfg.moe_layers)
+    dense_layers = (cfg.num_layers - num_moe) * (attention_and_norms + one_ffn)
+    moe_shared = num_moe * (attention_and_norms + d * cfg.num_experts + one_ffn
+                            + (d if cfg.moe_wiring == "sequential" else 0))
+    embedding = 2 * cfg.vocab_size * d + d  # input table, output projection, final norm
+    total = embedding + dense_layers + moe_shared + num_moe * cfg.num_experts * one_ffn
+    active = dense_layers + moe_shared + num_moe * cfg.top_k * one_ffn
+    return {"total": total, "embedding": embedding, "active_non_embedding": active,
+            "active": active + embedding}
 
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token: 6 × active matmul weights + attention scores (PaLM's formula,
+    12 · layers · H·K · L). Experts count top_k per token, as if capacity were never short."""
+    counts = parameter_counts(cfg)
+    matmul_weights = counts["active_non_embedding"] + cfg.vocab_size * cfg.d_model
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (seq_len or cfg.max_seq_len)
+    return 6 * matmul_weights + attention
+
+
+# --- Building blocks: RMSNorm, attention with RoPE and a KV cache ---------------------------------
 class RMSNorm(nnx.Module):
     """x / rms(x) · scale, computed in f32 (T5's LayerNorm: no mean subtraction, no bias)."""
 
@@ -190,18 +196,14 @@ class RMSNorm(nnx.Module):
 
 class LayerCache(NamedTuple):
     """Keys and values of one attention layer for every cache slot written so far."""
-
     key_BSHK: jax.Array
     value_BSHK: jax.Array
 
 
 class Attention(nnx.Module):
     """Causal multi-head self-attention with RoPE; kernels stored 2-D as flaxformer stores them.
-
-    There is no 1/√K at run time: OpenMoE draws the query kernel with an extra factor 1/√K, so
-    q·k already has the right scale at initialization, and training never sees the difference.
-    (Weights converted from OpenMoE must therefore not be rescaled.)
-    """
+    No 1/√K at run time: OpenMoE draws the query kernel with an extra factor 1/√K, so q·k has the
+    right scale from initialization on (and weights converted from OpenMoE are not rescaled)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -231,17 +233,15 @@ class Attention(nnx.Module):
         v_BLHK = heads(self.value)
 
         # While decoding, this step's keys and values join the cache at `cache_index`.
+        k_BSHK, v_BSHK = k_BLHK, v_BLHK
         if cache is not None:
             k_BSHK = jax.lax.dynamic_update_slice(cache.key_BSHK, k_BLHK, (0, cache_index, 0, 0))
             v_BSHK = jax.lax.dynamic_update_slice(cache.value_BSHK, v_BLHK, (0, cache_index, 0, 0))
             cache = LayerCache(k_BSHK, v_BSHK)
-        else:
-            k_BSHK, v_BSHK = k_BLHK, v_BLHK
 
-        # Scores and softmax in f32. Masked scores become -1e10, not -inf: a fully masked row (a
-        # padding query) stays finite and attends uniformly. T5X adds a bias of -1e10 instead;
-        # in f32, score − 1e10 rounds to −1e10 for any |score| < 512, so the softmax is the same,
-        # and a select on the boolean mask is cheaper than building and adding an f32 bias.
+        # Scores and softmax in f32. Masked scores become -1e10, not -inf, so a fully masked row
+        # (a padding query) stays finite and attends uniformly. T5X adds a -1e10 bias instead: in
+        # f32, score − 1e10 rounds to −1e10 for any |score| < 512, so a cheaper select is the same.
         scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK).astype(jnp.float32)
         scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, -1e10)
         probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1).astype(cfg.dtype)
@@ -288,16 +288,10 @@ class Block(nnx.Module):
         return x_BLD + self.extra_mlp(norm(self.pre_extra_mlp_norm, x_BLD)), cache, moe_stats
 
 
-# ------------------------------------------------------------------------------------------------
-# The model
-# ------------------------------------------------------------------------------------------------
-
+# --- The model and its loss -----------------------------------------------------------------------
 def check_tokens(tokens_BL, cfg: ModelConfig) -> None:
-    """Clear errors for ids outside the vocabulary or sequences that are too long.
-
-    The length check is static, so it runs even under `jax.jit`; the id check needs concrete
-    values, so it runs wherever the ids are not traced.
-    """
+    """Clear errors for ids outside the vocabulary or sequences that are too long. The ids are
+    read only where they can be: not traced, nor spread over hosts (09_train.py checks those)."""
     if tokens_BL.ndim != 2:
         raise ValueError(f"tokens must be [batch, length]; got shape {tokens_BL.shape}")
     if tokens_BL.shape[1] > cfg.max_seq_len:
@@ -305,30 +299,26 @@ def check_tokens(tokens_BL, cfg: ModelConfig) -> None:
                          f"{cfg.max_seq_len}; shorten the input or raise ModelConfig.max_seq_len")
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids; got dtype {tokens_BL.dtype}")
-    # Values are checked on the host; traced ids, and a global batch spread over several hosts,
-    # cannot be read here (09_train.py checks each host's ids before they are sharded).
-    if isinstance(tokens_BL, jax.core.Tracer) or not getattr(tokens_BL, "is_fully_addressable", True):
+    if (isinstance(tokens_BL, jax.core.Tracer) or not tokens_BL.size
+            or not getattr(tokens_BL, "is_fully_addressable", True)):
         return
-    if tokens_BL.size:
-        values = np.asarray(tokens_BL)
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got "
-                             f"min {low}, max {high} (does the tokenizer match the model?)")
+    values = np.asarray(tokens_BL)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got "
+                         f"min {low}, max {high} (does the tokenizer match the model?)")
 
 
 def t5x_padding_masks(tokens_BL, targets_BL=None):
     """T5X's two padding masks for a decoder whose inputs are targets shifted right by id 0.
 
     Id 0 is both padding and the start token, so flaxformer (`get_decoder_logit_mask`) keeps a
-    token when it is not 0, or the next one is not 0 (a start token), or it is first in its row:
-        tokens      [0, 3, 9, 0, 4, 8, 0, 0]
-        logit mask  [1, 1, 1, 1, 1, 1, 0, 0]
+    token that is not 0, or precedes one that is not 0 (a start token), or begins its row:
+        tokens [0, 3, 9, 0, 4, 8, 0, 0]  →  logit mask [1, 1, 1, 1, 1, 1, 0, 0]
     That mask [B, L, 1] multiplies the normalized activations before every sublayer and the
     output projection. Attention (`make_decoder_mask`) lets a query and a key meet only where
-    both *targets* are real (> 0); without targets, the logit mask stands in for them (the
-    last real position's target is the token being predicted). Returns (logit mask, valid_BL).
-    """
+    both *targets* are real (> 0); without targets the logit mask stands in for them (the last
+    real position's target is the token being predicted). Returns (logit mask, valid_BL)."""
     next_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
     first_BL = jnp.arange(tokens_BL.shape[1])[None, :] == 0
     keep_BL = (tokens_BL > 0) | (next_BL > 0) | first_BL
@@ -338,11 +328,8 @@ def t5x_padding_masks(tokens_BL, targets_BL=None):
 
 class OpenMoE(nnx.Module):
     """Token ids [B, L] → next-token logits [B, L, V] (f32), plus each MoE layer's stats.
-
-    `run_groups` goes to every MoE layer: where it routes its groups and runs its experts
-    (05's `MoELayer`). None is 05's `run_groups_here`, on the devices that hold the tokens;
-    07's `sharded_model` passes `expert_parallel_runner(mesh)`.
-    """
+    `run_groups`: where every MoE layer routes its groups and runs its experts (05's
+    `run_groups_here` if None; 07's `sharded_model` passes `expert_parallel_runner(mesh)`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, run_groups=None):
         self.cfg = cfg
@@ -359,19 +346,14 @@ class OpenMoE(nnx.Module):
     def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, targets_BL=None,
                  train: bool = True, cache: "DecodeCache | None" = None):
         """Logits for every position, each MoE layer's stats (05), and the updated cache.
-
-        Packed rows pass `segment_ids_BL` so tokens attend only within their own document.
-        With a `cache`, the tokens are written at `cache.index` and attend to every valid slot
-        up to their own (see `generate`). `targets_BL` matters only with `cfg.t5x_padding`,
-        where attention skips positions whose target is padding (see `t5x_padding_masks`).
-        """
+        Packed rows pass `segment_ids_BL` so tokens attend only within their own document. With
+        a `cache`, the tokens are written at `cache.index` and attend to every valid slot up to
+        their own (see `generate`). `targets_BL` matters only with `cfg.t5x_padding`."""
         cfg = self.cfg
         check_tokens(tokens_BL, cfg)
         b, l = tokens_BL.shape
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones((b, l), jnp.int32)
+        positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l)) if positions_BL is None else positions_BL
+        segment_ids_BL = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
         logit_mask_BL1 = valid_BL = None
         if cfg.t5x_padding:
             logit_mask_BL1, valid_BL = t5x_padding_masks(tokens_BL, targets_BL)
@@ -416,20 +398,12 @@ class OpenMoE(nnx.Module):
         return logits_BLV, moe_stats, cache
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------------
-
 def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
-    """OpenMoE's training objective and everything worth logging about it.
-
-    `batch` holds `inputs` and `targets` [B, L] (targets are inputs shifted left by one) and a
-    `loss_mask` [B, L] that is 0 on padding and on the inputs of UL2 examples (09's objective,
-    whose examples are an input the model reads and a target it is scored on); optionally
+    """OpenMoE's training objective and everything worth logging about it: (total, metrics).
+    `batch` holds `inputs` and `targets` [B, L] (targets are inputs shifted left by one), a
+    `loss_mask` [B, L], 0 on padding and on the inputs of 09's UL2 examples, and optionally
     `positions` and `segment_ids` for packed rows. Cross-entropy and the output z-loss (log Z)²
-    are averaged over the real target tokens (T5X's NUM_REAL_TARGET_TOKENS); the router losses
-    are averaged over MoE layers. Returns (total loss, metrics).
-    """
+    are averaged over the real target tokens (T5X's NUM_REAL_TARGET_TOKENS)."""
     cfg = model.cfg
     logits_BLV, moe_stats, _ = model(batch["inputs"], positions_BL=batch.get("positions"),
                                      segment_ids_BL=batch.get("segment_ids"),
@@ -446,64 +420,23 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
 
     # The router losses and metrics, averaged over MoE layers (zero for a dense model).
     def layer_mean(name):
-        if not moe_stats:
-            return jnp.float32(0)
-        return jnp.mean(jnp.stack([stats[name] for stats in moe_stats]))
+        per_layer = [stats[name] for stats in moe_stats]
+        return jnp.mean(jnp.stack(per_layer)) if per_layer else jnp.float32(0)
 
     load_balance, router_z = layer_mean("load_balance_loss"), layer_mean("router_z_loss")
     total = (cross_entropy + cfg.z_loss_weight * z_loss + cfg.aux_loss_weight * load_balance
              + cfg.router_z_loss_weight * router_z)
     metrics = {"loss": total, "cross_entropy": cross_entropy, "z_loss": z_loss,
-               "load_balance_loss": load_balance, "router_z_loss": router_z,
-               "accuracy": accuracy, "num_tokens": num_tokens,
-               "fraction_dropped": layer_mean("fraction_dropped")}
+               "load_balance_loss": load_balance, "router_z_loss": router_z, "accuracy": accuracy,
+               "num_tokens": num_tokens, "fraction_dropped": layer_mean("fraction_dropped")}
     if moe_stats:
-        metrics["drop_rate_by_position"] = jnp.stack([stats["drop_rate_by_position"]
-                                                      for stats in moe_stats])
+        metrics["drop_rate_by_position"] = jnp.stack([s["drop_rate_by_position"] for s in moe_stats])
     return total, metrics
 
 
-# ------------------------------------------------------------------------------------------------
-# Counting parameters and FLOPs without building anything
-# ------------------------------------------------------------------------------------------------
-
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total and per-token-active parameters from the config alone (works for 34B on a laptop).
-
-    "active" counts what one token touches: attention, norms, every dense FFN, and in each MoE
-    block the router, top_k experts and the extra FFN; embeddings are reported apart, as the
-    paper's 142M for OpenMoE-Base is non-embedding.
-    """
-    d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
-    one_ffn = ffn.ffn_param_count(d, cfg.d_ff, cfg.ffn_variant)
-    attention_and_norms = 4 * d * hk + 2 * d
-    num_moe = len(cfg.moe_layers)
-    dense_layers = (cfg.num_layers - num_moe) * (attention_and_norms + one_ffn)
-    moe_shared = num_moe * (attention_and_norms + d * cfg.num_experts + one_ffn
-                            + (d if cfg.moe_wiring == "sequential" else 0))
-    embedding = 2 * cfg.vocab_size * d + d  # input table, output projection, final norm
-    total = embedding + dense_layers + moe_shared + num_moe * cfg.num_experts * one_ffn
-    active = dense_layers + moe_shared + num_moe * cfg.top_k * one_ffn
-    return {"total": total, "embedding": embedding, "active_non_embedding": active,
-            "active": active + embedding}
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
-    """Training FLOPs per token: 6 × active matmul weights + attention scores (PaLM's formula,
-    12 · layers · H·K · L). Experts count top_k per token, as if capacity were never short."""
-    counts = parameter_counts(cfg)
-    matmul_weights = counts["active_non_embedding"] + cfg.vocab_size * cfg.d_model
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (seq_len or cfg.max_seq_len)
-    return 6 * matmul_weights + attention
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation with a KV cache
-# ------------------------------------------------------------------------------------------------
-
+# --- Generation with a KV cache -------------------------------------------------------------------
 class DecodeCache(NamedTuple):
     """Every layer's keys and values, which slots hold real tokens, and the next slot to fill."""
-
     layers: tuple[LayerCache, ...]
     valid_BS: jax.Array
     index: jax.Array
@@ -517,18 +450,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
 
 @jax.jit
 def _decode_step(model, tokens_BL, positions_BL, valid_BL, cache):
-    """Run new tokens through the model against the cache: the last position's logits, the
-    cache, and each MoE layer's routing of the new tokens (experts and kept, [B, L, k] each)."""
-    logits_BLV, moe_stats, cache = model(tokens_BL, positions_BL=positions_BL,
-                                         segment_ids_BL=valid_BL.astype(jnp.int32), train=False,
-                                         cache=cache)
-    routing = [(stats["expert_BLA"], stats["kept_BLA"]) for stats in moe_stats]
-    return logits_BLV[:, -1], cache, routing
+    """New tokens against the cache → last logits, the cache, each MoE layer's (experts, kept)."""
+    logits_BLV, moe_stats, cache = model(tokens_BL, positions_BL=positions_BL, train=False,
+                                         segment_ids_BL=valid_BL.astype(jnp.int32), cache=cache)
+    return logits_BLV[:, -1], cache, [(stats["expert_BLA"], stats["kept_BLA"]) for stats in moe_stats]
 
 
 class RoutedStep(NamedTuple):
     """What one decoding step fed the model, and where each MoE layer sent it."""
-
     tokens_BL: np.ndarray
     expert_BLA: list[np.ndarray]  # per MoE layer: each token's k experts, best first
     kept_BLA: list[np.ndarray]    # per MoE layer: whether that expert had room (False: dropped)
@@ -557,12 +486,9 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_id: int = 1, pad_id: int = 0, return_routing: bool = False):
     """Continue each prompt token by token, reusing every earlier key and value (a KV cache).
-
-    Prompts are left-padded to one length, so all rows write the same cache slot each step;
-    each row's positions start at 0 at its first real token. Routing uses the evaluation
-    capacity factor. Each continuation stops at (and excludes) eos. With `return_routing`,
-    also returns a `RoutedStep` per model call (the prefill, then one per generated token).
-    """
+    Prompts are left-padded to one length, so all rows write the same cache slot each step; each
+    row's positions start at 0 at its first real token. Routing uses the evaluation capacity
+    factor; each continuation ends before eos. `return_routing`: a `RoutedStep` per model call."""
     cfg = model.cfg
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs a token "
@@ -582,12 +508,13 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
     # Prefill: the whole prompt at once; then one token per step at the next position.
     cache = init_cache(cfg, len(prompts), longest + max_new_tokens)
     positions_BL = jnp.maximum(jnp.cumsum(valid_BL, axis=1) - 1, 0)
-    logits_BV, cache, routing = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
-    steps = [RoutedStep.of(tokens_BL, routing)]
-    next_position_B1 = positions_BL[:, -1:] + 1
-    key = jax.random.key(seed)
+    key, steps = jax.random.key(seed), []
     outputs, finished = [[] for _ in prompts], np.zeros(len(prompts), bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens + 1):
+        logits_BV, cache, routing = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
+        steps.append(RoutedStep.of(tokens_BL, routing))
+        if step == max_new_tokens:
+            break
         key, step_key = jax.random.split(key)
         token_B = sample_token(logits_BV, step_key, temperature=temperature, top_p=top_p)
         for row, token in enumerate(np.asarray(token_B)):
@@ -596,17 +523,10 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
                 outputs[row].append(int(token))
         if finished.all():
             break
-        logits_BV, cache, routing = _decode_step(model, token_B[:, None].astype(jnp.int32),
-                                                 next_position_B1, jnp.ones_like(next_position_B1),
-                                                 cache)
-        steps.append(RoutedStep.of(token_B[:, None], routing))
-        next_position_B1 = next_position_B1 + 1
+        tokens_BL = token_B[:, None].astype(jnp.int32)
+        positions_BL, valid_BL = positions_BL[:, -1:] + 1, jnp.ones_like(tokens_BL)
     return (outputs, steps) if return_routing else outputs
 
-
-# ------------------------------------------------------------------------------------------------
-# Self-test
-# ------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(
@@ -622,8 +542,7 @@ if __name__ == "__main__":
 
     print(f"{'preset':20}{'total':>9}{'active':>9}{'paper total / active':>23}{'train GFLOP/token':>19}")
     for name, cfg in PRESETS.items():
-        counts = parameter_counts(cfg)
-        paper = PAPER_PARAMETERS.get(name)
+        counts, paper = parameter_counts(cfg), PAPER_PARAMETERS.get(name)
         paper_text = f"{human(paper[0])} / {human(paper[1])}" if paper else ""
         print(f"{name:20}{human(counts['total']):>9}{human(counts['active_non_embedding']):>9}"
               f"{paper_text:>23}{train_flops_per_token(cfg) / 1e9:>19.2f}")
@@ -640,14 +559,12 @@ if __name__ == "__main__":
     # dropped while decoding; with drops, routing depends on the group, and a cache cannot match.
     cfg = dataclasses.replace(PRESETS["small"], vocab_size=tokenizer.vocab_size, num_layers=2,
                               max_seq_len=128, eval_capacity_factor=float(PRESETS["small"].num_experts))
-    model = OpenMoE(cfg, rngs=nnx.Rngs(0))
-    text = "".join(tok.embedded_corpus("train")["text"]["text"][:8])
-    ids = tokenizer.encode(text)[: 4 * 65]
+    ids = tokenizer.encode("".join(tok.embedded_corpus("train")["text"]["text"][:8]))[: 4 * 65]
     tokens_BL = jnp.array(ids, jnp.int32).reshape(4, 65)
     batch = {"inputs": tokens_BL[:, :-1], "targets": tokens_BL[:, 1:],
              "loss_mask": jnp.ones((4, 64), jnp.float32)}
     optimizer = optax.adam(3e-3)
-    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    graph, params, rest = nnx.split(OpenMoE(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -669,8 +586,7 @@ if __name__ == "__main__":
                  "by more than 2 on one repeated batch")
 
     # 3. KV-cache decoding must equal recomputing the whole sequence when nothing is dropped.
-    model = nnx.merge(graph, params, rest)
-    prompt = ids[:16]
+    model, prompt = nnx.merge(graph, params, rest), ids[:16]
     continuation = generate(model, [prompt], max_new_tokens=24)[0]
     full_BL = jnp.array([prompt + continuation], jnp.int32)
     greedy = jnp.argmax(model(full_BL, train=False)[0][0, len(prompt) - 1:-1], axis=-1)

@@ -46,11 +46,8 @@ MESH_AXES = ("data", "expert", "model")
 # Where a batch dimension lives: split over both axes, so every device holds different tokens.
 BATCH_AXES = ("expert", "data")
 
-# ------------------------------------------------------------------------------------------------
-# The mesh
-# ------------------------------------------------------------------------------------------------
 
-
+# --- The mesh -------------------------------------------------------------------------------------
 def make_mesh(*, model: int = 1, expert: int = 1, data: int | None = None,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A ('data', 'expert', 'model') mesh over `devices` (default: all of them).
@@ -117,10 +114,7 @@ def training_mesh(text: str, devices=None, *, batch_size: int, microbatches: int
     return mesh
 
 
-# ------------------------------------------------------------------------------------------------
-# The rules: logical axis names -> mesh axes
-# ------------------------------------------------------------------------------------------------
-
+# --- The rules: logical axis names -> mesh axes ---------------------------------------------------
 # T5X's MoE rules (t5x/contrib/moe/partitioning.py `standard_logical_axis_rules`) for the names
 # that 03–06 put on their parameters. A name missing here is replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -208,10 +202,7 @@ def infer_shardings(function: Callable, *arrays, mesh: jax.sharding.Mesh):
     return jax.tree.map(on_auto_mesh, outputs)
 
 
-# ------------------------------------------------------------------------------------------------
-# Expert parallelism: tokens travel to their experts by all-to-all
-# ------------------------------------------------------------------------------------------------
-
+# --- Expert parallelism: tokens travel to their experts by all-to-all -----------------------------
 def config_for_mesh(cfg, mesh: jax.sharding.Mesh):
     """The model config adjusted to a mesh: routing groups split evenly over the batch shards.
 
@@ -285,10 +276,7 @@ def sharded_model(cfg, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=RULES,
                           mesh, rules, abstract=abstract)
 
 
-# ------------------------------------------------------------------------------------------------
-# Feeding the batch, on one host or many
-# ------------------------------------------------------------------------------------------------
-
+# --- Feeding the batch, on one host or many -------------------------------------------------------
 def initialize_multihost(coordinator_address: str | None = None, num_processes: int | None = None,
                          process_id: int | None = None, *, auto: bool = False) -> None:
     """Join the hosts into one JAX cluster; a no-op for a single host.
@@ -320,10 +308,7 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
             for name, value in local_batch.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# Memory per device, computed from shapes alone
-# ------------------------------------------------------------------------------------------------
-
+# --- Memory per device, computed from shapes alone ------------------------------------------------
 def memory_per_device(cfg, mesh_shape: dict[str, int], *, batch: int, seq_len: int,
                       rules=RULES, remat: bool = True) -> dict[str, float]:
     """Bytes per device of parameters, gradients and activations for one (micro)batch (09 can
@@ -408,10 +393,7 @@ def check_fits(cfg, mesh: jax.sharding.Mesh, *, batch: int, seq_len: int) -> Non
             f"{available / 2**30:,.1f} GiB; lower --seq-len or --batch-size, or raise --microbatches")
 
 
-# ------------------------------------------------------------------------------------------------
-# Planning for a pod: compile without the hardware
-# ------------------------------------------------------------------------------------------------
-
+# --- Planning for a pod: compile without the hardware ---------------------------------------------
 # bf16 peak TFLOP/s of one JAX device, by `device_kind` prefix. A TPU v3 device is one core
 # (123 TFLOP/s per chip, 2 cores); on later TPUs a device is a chip.
 TPU_PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 137.5, "TPU v5 lite": 197.0, "TPU v5": 229.5}
@@ -474,10 +456,7 @@ def compile_report(compiled, mesh: jax.sharding.Mesh, *, model_flops: float, loo
     return report
 
 
-# ------------------------------------------------------------------------------------------------
-# A fixed small problem, run sharded: the self-test, the tests and the multi-host check share it
-# ------------------------------------------------------------------------------------------------
-
+# --- A small fixed problem, run sharded (self-test, tests and multi-host check share it) ----------
 DEMO_CONFIG = dataclasses.replace(
     model_lib.PRESETS["small"], vocab_size=512, num_layers=2, d_model=64, num_heads=4,
     head_dim=16, d_ff=128, num_experts=8, max_seq_len=64)

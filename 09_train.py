@@ -45,10 +45,7 @@ shard = importlib.import_module("07_sharding")
 ada = importlib.import_module("08_adafactor")
 
 
-# ------------------------------------------------------------------------------------------------
-# Configuration: the model (06) plus everything about the run, in one frozen dataclass
-# ------------------------------------------------------------------------------------------------
-
+# --- Configuration: the model (06) plus everything about the run, in one frozen dataclass ---------
 OBJECTIVES = ("lm", "ul2")
 
 
@@ -157,10 +154,7 @@ def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
                                microbatches=cfg.microbatches, model_cfg=model_config(cfg))
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: UL2's mixture of denoisers on a causal decoder, and each step's batch (LM rows: 01)
-# ------------------------------------------------------------------------------------------------
-
+# --- Data: UL2's mixture of denoisers on a causal decoder, and each step's batch (LM rows: 01) ----
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
     """One UL2 task (the t5 fork's `t5/data/preprocessors.py`, `ul2_objective`): its share, its
@@ -280,10 +274,7 @@ def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int
             yield tok.stack_rows(rows)
 
 
-# ------------------------------------------------------------------------------------------------
-# The step: one jitted function that takes the state and returns the new state
-# ------------------------------------------------------------------------------------------------
-
+# --- The step: one jitted function that takes the state and returns the new state -----------------
 def make_train_step(graphdef, rest, tx, microbatches: int):
     """grads of 06's loss (averaged over microbatches, T5X-style) → Adafactor → new params.
 
@@ -374,10 +365,7 @@ def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
         peak=shard.peak_tflops(mesh.devices.flat[0], cfg.peak_tflops_per_device))
 
 
-# ------------------------------------------------------------------------------------------------
-# The loop: checkpoints (what one holds; orbax's side is support/checkpoints'), eval, metrics
-# ------------------------------------------------------------------------------------------------
-
+# --- The loop: checkpoints (what one holds; orbax's side is support/checkpoints'), eval, metrics --
 def save_checkpoint(manager, step: int, trainer: Trainer) -> None:
     """Params and Adafactor state, plus the step and the data position (rows consumed): all a
     resumed run needs to continue exactly, as the data is a pure function of (seed, step)."""
@@ -510,10 +498,7 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
+# --- Command line ---------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[TrainConfig, object]:
     """The chosen --config (or --quick's), --preset's architecture, then every field flag given."""
     parser = cli.ArgumentParser(description=(

@@ -3,8 +3,8 @@
 A synthetic checkpoint with OpenMoE-Base's tensors (06 preset "openmoe-base": 0.8 B parameters,
 3.2 GB in f32) is written once in the layout of the hub's `OrionZheng/openmoe-base`: config.json
 and one `pytorch_model.bin`, produced here without torch (torch's zip layout and pickle, byte
-for byte; tests/test_10_released_models.py checks that against a file torch wrote). Then, each in
-a fresh process, chapter 10's `load_model` loads it as f32 and as bf16, and we report
+for byte; tests/test_support_tensor_files.py checks that against a file torch wrote). Then,
+each in a fresh process, chapter 10's `load_model` loads it as f32 and as bf16, and we report
 
   peak RSS / loaded model bytes   the goal is <= 1.2: the model plus about one tensor in flight.
                                   "above baseline" first subtracts the same process's RSS just

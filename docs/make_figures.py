@@ -21,14 +21,19 @@ import numpy as np
 
 
 def specialization_figure(plt, spec: dict):
-    """Two heat maps, [rows, E] shares of assignments: by token id, and by position bin."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for axis, (title, (labels, shares)) in zip(axes, spec["heat_maps"].items()):
-        image = axis.imshow(np.asarray(shares), aspect="auto", cmap="viridis", vmin=0)
-        axis.set(title=title, xlabel="expert")
+    """Two heat maps, [rows, E] shares of assignments: by token id, and by position bin, on ONE
+    colour scale, so that a flat panel (position) looks flat beside a one-hot one (token id)."""
+    maps = {title: np.asarray(shares) for title, (_, shares) in spec["heat_maps"].items()}
+    top = max(float(shares.max()) for shares in maps.values())
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    for axis, (title, (labels, _)) in zip(axes, spec["heat_maps"].items()):
+        image = axis.imshow(maps[title], aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        axis.set(title=title, xlabel="expert", xticks=range(maps[title].shape[1]),
+                 ylabel="token (most frequent first)" if "token" in title
+                 else "position in the sequence (bins)")
         axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (share of assignments)")
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the row's assignments")
+    figure.suptitle(f"Routing distribution, MoE layer {spec['layer']} (one colour scale)")
     return figure
 
 
@@ -67,7 +72,8 @@ def drops_figure(plt, drops: dict, bins: int = 16):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Draw the PNG figures of an analysis.json "
-                                                 "written by 11_routing_analysis.py.")
+                                                 "written by 11_routing_analysis.py.",
+                                     allow_abbrev=False)
     parser.add_argument("analysis_dir", nargs="?", default="runs/laptop/routing_analysis",
                         help="where 11 wrote analysis.json (default: the default run's)")
     parser.add_argument("--out", help="where the PNGs go (default: ANALYSIS_DIR)")
@@ -90,7 +96,8 @@ def main(argv=None) -> None:
     out = pathlib.Path(args.out or args.analysis_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, figure in figures.items():
-        figure.tight_layout()
+        if not figure.get_layout_engine():
+            figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=120)
         print(f"wrote {out / name}.png")
 

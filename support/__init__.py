@@ -1,7 +1,8 @@
 """Plumbing: what a user of the book relies on but a reader of it need not read to learn MoE.
 
 Each module opens with the guarantee it gives, and each guarantee has tests:
-  files         a file is replaced whole or not at all (atomic writes)
+  files         a file is replaced whole or not at all; a cache entry that no longer loads is
+                built again
   cli           one command line for every chapter: flags that mean one thing, help that says
                 what each does, and a user's mistake as one `error: ...` line, never a traceback
   run_dir       one run per directory, locked while it trains; a run is resumed only with its
@@ -11,6 +12,7 @@ Each module opens with the guarantee it gives, and each guarantee has tests:
   host          the host's memory: glibc told to keep freed memory, and how much there is
   tensor_files  torch `.bin` (safe unpickling, no torch), safetensors and T5X zarr, read a
                 block of rows at a time
+  report        text tables whose columns line up, and reports written as text and strict JSON
 This package imports no chapter (only the standard library and the pinned dependencies);
 tests/test_layout.py checks it. Chapters import it with ordinary imports: `from support import cli`.
 """

@@ -21,7 +21,7 @@ import math
 import sys
 import textwrap
 import tokenize
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 
 class Refused(RuntimeError):
@@ -34,7 +34,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         default = action.default
-        if default in (None, False, "", argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        if (default is None or default is False or default == "" or default is argparse.SUPPRESS
+                or "%(default)" in (action.help or "")):
             return action.help
         return f"{action.help} (default: %(default)s)"
 
@@ -71,6 +72,12 @@ def user_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
+
+
+def progress(message: str) -> None:
+    """One line on stderr while a long job works, so that no wait is silent (stdout stays the
+    job's own output)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,6 +121,29 @@ def at_least_one(text: str) -> int:
 
 
 PARSERS = {"bool": boolean, "int": integer, "float": finite, "str": str}
+
+
+# ------------------------------------------------------------------------------------------------
+# A config's fields, checked when it is built (flags are only one way to make one)
+# ------------------------------------------------------------------------------------------------
+
+def int_at_least(low: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def finite_at_least(low: float, *, above: bool = False) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v > low if above else v >= low))
+
+
+def check_fields(config, rules: Mapping[str, tuple[Callable[[object], bool], str]]) -> None:
+    """Raise a ValueError naming the first field of `config` that breaks its rule, e.g.
+    "TrainConfig.seed=-1: must be an int from 0 to 2**32 - 1"; `rules` maps a field to
+    (its test, what is allowed in words)."""
+    for name, (valid, allowed) in rules.items():
+        if not valid(getattr(config, name)):
+            raise ValueError(f"{type(config).__name__}.{name}={getattr(config, name)!r}: "
+                             f"must be {allowed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +192,21 @@ def add_field_flags(group, cls: type, *, prefix: str = "", skip: Iterable[str] =
                   ).replace("%", "%%"))  # argparse formats help with %
 
 
+def add_config_flags(parser, cls: type, *, skip: Iterable[str] = (),
+                     choices: Mapping[str, Iterable] | None = None,
+                     examples: Mapping[str, Mapping] | None = None) -> None:
+    """Field flags (add_field_flags) for every field of the config class `cls`, in a group of
+    their own; a field holding a nested config (e.g. `model`) gets its fields' flags in a second
+    group, stored as "model.<name>". `skip` names fields to leave out, nested ones as "model.x"."""
+    nested = [f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)]
+    groups = [(cls, "", {f.name for f in nested})] + [(type(f.default), f.name + ".", set()) for f in nested]
+    for group_cls, prefix, group_skip in groups:
+        group = parser.add_argument_group(f"{prefix.rstrip('.') or 'run'} fields ({group_cls.__name__})")
+        add_field_flags(group, group_cls, prefix=prefix, choices=choices, examples=examples,
+                        skip=group_skip | {s[len(prefix):] for s in skip if s.startswith(prefix)
+                                           and "." not in s[len(prefix):]})
+
+
 def add_multihost_flags(parser) -> None:
     """The flags that join this process to a multi-host JAX cluster (07's initialize_multihost)."""
     group = parser.add_argument_group("multi-host (one process per host)")
@@ -171,3 +216,14 @@ def add_multihost_flags(parser) -> None:
     group.add_argument("--process-id", type=integer, default=None, help="this host's index, from 0")
     group.add_argument("--multihost-auto", action="store_true",
                        help="on a Cloud TPU pod: discover the hosts automatically")
+
+
+def add_flags(parser, table: Iterable[tuple]) -> None:
+    """Flags from a compact table, one row each: (name, type, default, help) and, optionally, a
+    dict of further add_argument options (choices, required, ...). A type of `bool` makes a
+    switch (store_true); `boolean` shows its values as {true,false}."""
+    for name, kind, default, text, *options in table:
+        how = ({"action": "store_true"} if kind is bool else
+               {"type": kind, "default": default,
+                **({"metavar": "{true,false}"} if kind is boolean else {})})
+        parser.add_argument(name, help=text, **{**how, **(options[0] if options else {})})

@@ -18,7 +18,10 @@ Guarantees:
     before anything is read: a damaged or hostile file is a ValueError naming it, never a read
     of other data or a crash past the end of a memory map;
   - a tensor is read a block of rows at a time (`host_array`, BLOCK_BYTES per block) into the
-    one array that holds the result, so loading a 34B needs little host memory beyond it.
+    one array that holds the result, and goes to its devices from there (`on_device`: with a
+    sharding, each device receives only its slice), so a 34B loads with little host memory;
+  - an HF checkpoint written here (`write_hf_checkpoint`) replaces an earlier one only when
+    asked to (`overwrite`), and each of its files whole: a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from support import cli, files
+
 
 def local_or_download(path_or_name, released: Iterable[str] = ()) -> pathlib.Path:
     """A local path as it is; a hub name ("owner/model") downloaded once, weights, configs and
@@ -54,9 +59,8 @@ def local_or_download(path_or_name, released: Iterable[str] = ()) -> pathlib.Pat
         return pathlib.Path(snapshot_download(
             name, allow_patterns=["*.json", "*.bin", "*.safetensors", "*.model"]))
     except OSError as error:  # the hub's errors: not found, offline, refused
-        message = " ".join(str(error).split())[:300]
         raise ValueError(f"model {name!r} is not an existing path, and the hub could not give "
-                         f"it ({type(error).__name__}: {message})") from None
+                         f"it ({cli.one_line(error)})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +278,33 @@ def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> 
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+HF_FILES = ("config.json", "model.safetensors", "spiece.model")
+
+
+def refuse_to_replace(directory: pathlib.Path, overwrite: bool) -> None:
+    """An HF checkpoint already in `directory` is replaced only when the user says so."""
+    existing = [name for name in HF_FILES if (pathlib.Path(directory) / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{directory} already holds {existing}; pass --overwrite "
+                         "(overwrite=True) to replace them, or choose another directory")
+
+
+def write_hf_checkpoint(directory: pathlib.Path, config: dict, tensors: Mapping[str, np.ndarray],
+                        spiece: bytes | None, *, overwrite: bool = False) -> pathlib.Path:
+    """An HF checkpoint directory: config.json, model.safetensors and (given its bytes)
+    spiece.model, each replaced whole; an earlier one there only with `overwrite`."""
+    directory = pathlib.Path(directory)
+    refuse_to_replace(directory, overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / "model.safetensors", tensors)
+    files.replace_file(directory / "config.json", json.dumps(config, indent=2) + "\n")
+    if spiece is not None:
+        files.replace_file(directory / "spiece.model", spiece)
+    else:  # an earlier one would belong to another model
+        (directory / "spiece.model").unlink(missing_ok=True)
+    return directory
 
 
 def read_t5x(directory: pathlib.Path) -> dict[str, Tensor]:

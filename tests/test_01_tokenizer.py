@@ -9,6 +9,7 @@ import shutil
 import datasets
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from conftest import load
 
@@ -206,11 +207,22 @@ def test_id_layout_is_t5s(trained):
         tokenizer.sentinel_id(300)
 
 
-def test_openmoe_sizes_pad_to_256384():
-    # The same arithmetic at OpenMoE's size: 256,000 pieces + 300 sentinels -> 256,384 rows.
+def test_openmoe_sizes_pad_to_256384(trained):
+    # umT5's size, through the Tokenizer's own arithmetic: the small model's proto grown to
+    # 256,000 real SentencePiece pieces (a second to build and load), with the default config's
+    # 300 sentinels. By hand: 256,000 + 300 = 256,300 ids, and the next multiple of 128 above
+    # them is 2,003 · 128 = 256,384 embedding rows.
     config = tok.TokenizerConfig()
-    used = config.vocab_size + config.num_extra_ids
-    assert -(-used // config.pad_vocab_to_multiple) * config.pad_vocab_to_multiple == 256_384
+    assert (config.vocab_size, config.num_extra_ids, config.pad_vocab_to_multiple) == (256_000, 300, 128)
+    proto = sentencepiece_model_pb2.ModelProto.FromString(open(trained[0].path, "rb").read())
+    for i in range(config.vocab_size - len(proto.pieces)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = f"filler{i}", -100.0 - i * 1e-6
+    tokenizer = tok.Tokenizer(proto.SerializeToString(), num_extra_ids=config.num_extra_ids,
+                              pad_vocab_to_multiple=config.pad_vocab_to_multiple)
+    assert tokenizer.piece_count == 256_000
+    assert tokenizer.vocab_size == 256_384
+    assert (tokenizer.sentinel_id(0), tokenizer.sentinel_id(299)) == (256_299, 256_000)
 
 
 @pytest.mark.parametrize("text", UNSEEN)

@@ -53,12 +53,74 @@ def test_worked_example_table():
     assert np.isclose(metrics["router_confidence"], kept_weights.mean())
 
 
+def queue_oracle(expert_GTA, capacity):
+    """Slots by walking OpenMoE's queue in plain Python: every token's first choice (token 0, 1,
+    ...), then every second choice; an expert's n-th arrival gets slot n."""
+    slot_GTA = np.zeros(expert_GTA.shape, np.int64)
+    for g in range(expert_GTA.shape[0]):
+        arrivals = {}
+        for a in range(expert_GTA.shape[2]):
+            for t in range(expert_GTA.shape[1]):
+                e = int(expert_GTA[g, t, a])
+                slot_GTA[g, t, a] = arrivals.get(e, 0)
+                arrivals[e] = slot_GTA[g, t, a] + 1
+    return slot_GTA, slot_GTA < capacity
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_queue_invariants_on_random_logits(top_k):
     logits_GTE = jax.random.normal(jax.random.key(top_k), (3, 64, 8)) * 2
     routing = router_lib.route(logits_GTE, top_k=top_k, capacity=10)
-    assert not router_lib.queue_problems(routing, capacity=10)
     assert routing.expert_GTA.dtype == jnp.int32 and routing.weight_GTA.dtype == jnp.float32
+    # The choices are the top k of the logits (softmax keeps their order), best first.
+    logits = np.asarray(logits_GTE)
+    np.testing.assert_array_equal(routing.expert_GTA, np.argsort(-logits, axis=-1)[..., :top_k])
+    # Slots, drops and weights equal an independent walk of the queue.
+    slot_GTA, kept_GTA = queue_oracle(np.asarray(routing.expert_GTA), capacity=10)
+    np.testing.assert_array_equal(routing.slot_GTA, slot_GTA)
+    np.testing.assert_array_equal(routing.kept_GTA, kept_GTA)
+    assert 0 < kept_GTA.sum() < kept_GTA.size  # some assignments kept, some dropped
+    probs_GTE = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    chosen_GTA = np.take_along_axis(probs_GTE, np.asarray(routing.expert_GTA), axis=-1)
+    np.testing.assert_allclose(routing.weight_GTA, chosen_GTA * kept_GTA, rtol=1e-5)
+    assert not router_lib.queue_problems(routing, capacity=10)
+
+
+def test_queue_problems_reports_each_broken_rule():
+    # The self-test's checker must catch what it claims to. Start from a correct routing of
+    # the worked example (capacity 2) and break one rule at a time.
+    _, routing = router_lib.worked_example(capacity=2)
+    assert not router_lib.queue_problems(routing, capacity=2)
+    expert_TA = np.asarray(routing.expert_GTA[0])
+
+    def broken(**arrays):
+        return routing._replace(**{name: jnp.asarray(value) for name, value in arrays.items()})
+
+    # e0's queue: first choices of t0, t1, t3, then second choices of t2, t5 (slots 0-4).
+    # Token 1 given token 0's slot: a slot used twice.
+    assert expert_TA[0, 0] == expert_TA[1, 0] == 0
+    twice = np.asarray(routing.slot_GTA).copy()
+    twice[0, 1, 0] = twice[0, 0, 0]
+    # e1's queue: first choices of t2, t5, t6, then second choices of t0, t4, t7 (slots 0-5).
+    # Token 5's first choice (slot 1) swapped with token 0's second (slot 3): a second choice
+    # queued before a first choice.
+    assert expert_TA[5, 0] == expert_TA[0, 1] == 1
+    second_first = np.asarray(routing.slot_GTA).copy()
+    second_first[0, 5, 0], second_first[0, 0, 1] = second_first[0, 0, 1], second_first[0, 5, 0]
+    # Token 3's first choice is e0's third arrival (slot 2 ≥ C): keeping it puts e0 over capacity.
+    assert not routing.kept_GTA[0, 3, 0]
+    over = np.asarray(routing.kept_GTA).copy()
+    over[0, 3, 0] = True
+    # A dropped assignment that still carries its probability.
+    weight = np.asarray(routing.weight_GTA).copy()
+    weight[0, 3, 0] = 0.3
+    cases = {"expert 0: slots [0, 0, 2, 3, 4] in queue order": broken(slot_GTA=twice),
+             "expert 1: slots [0, 3, 2, 1, 4, 5] in queue order": broken(slot_GTA=second_first),
+             "3 of 5 assignments kept at capacity 2": broken(kept_GTA=over),
+             "nonzero combine weight": broken(weight_GTA=weight)}
+    for message, routing_broken in cases.items():
+        problems = router_lib.queue_problems(routing_broken, capacity=2)
+        assert any(message in problem for problem in problems), (message, problems)
 
 
 def test_combine_weights_are_raw_probabilities_or_renormalized():

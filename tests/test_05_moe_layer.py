@@ -94,10 +94,26 @@ def test_stats_train_and_eval_capacity(layers):
     _, eval_stats = layer(X_BLD, train=False)
     assert train_stats["drop_rate_by_position"].shape == (16,)
     assert train_stats["expert_BLA"].shape == (2, 16, 2) and train_stats["kept_BLA"].dtype == bool
-    # 16-token groups: train C = max(4, round(1.25·16/4)) = 5, eval C = 8.
-    assert float(eval_stats["expert_usage"]) * 4 * 8 * 2 == pytest.approx(
-        float(np.asarray(eval_stats["kept_BLA"]).sum()))
     assert float(eval_stats["fraction_dropped"]) <= float(train_stats["fraction_dropped"])
+
+    # The capacity each mode uses, seen from outside: a router that sends every token first to
+    # expert 0 and second to expert 1 fills both to capacity, and each keeps exactly C tokens
+    # per group: the earliest. 2 rows of 16 tokens are 2 groups of T = 16, E = 4, so by hand
+    # train C = max(4, round(1.25 · 16 / 4)) = 5 and eval C = max(4, round(2.0 · 16 / 4)) = 8.
+    assert (CFG.train_capacity_factor, CFG.eval_capacity_factor, CFG.min_capacity) == (1.25, 2.0, 4)
+    skewed = moe.MoELayer(CFG, rngs=nnx.Rngs(0))
+    skewed.router.kernel[...] = jnp.zeros((CFG.d_model, 4)).at[:, 0].set(1.0).at[:, 1].set(0.5)
+    x_BLD = jnp.abs(X_BLD) + 0.1  # positive inputs: logits e0 > e1 > e2 = e3 = 0
+    for train, capacity_factor in ((True, 1.25), (False, 2.0)):
+        capacity = max(4, round(capacity_factor * 16 / 4))
+        _, stats = skewed(x_BLD, train=train)
+        np.testing.assert_array_equal(np.asarray(stats["expert_BLA"]).reshape(-1, 2), [[0, 1]] * 32)
+        kept_GTA = np.asarray(stats["kept_BLA"]).reshape(2, 16, 2)
+        for choice in range(2):
+            np.testing.assert_array_equal(kept_GTA[:, :, choice], [np.arange(16) < capacity] * 2)
+        # The metric that divides by C: 2 groups · 2 full experts · C kept of 2 · 4 · C slots.
+        assert float(stats["expert_usage"]) == pytest.approx(0.5)
+        assert float(stats["fraction_dropped"]) == pytest.approx(1 - capacity / 16)
 
 
 def test_bfloat16_activations_keep_an_f32_router(layers):

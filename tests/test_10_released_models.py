@@ -1,41 +1,37 @@
-"""Tests for 10_released_models.py: every released format read without torch, into 06's model.
+"""Tests for 10_released_models.py: every released checkpoint into 06's model, and the commands.
 
 The checkpoints under tests/fixtures/released/ were written by the real writers (torch.save,
 T5X's tensorstore + msgpack layout; see make_fixtures.py there) from one seeded tiny OpenMoE
 whose T5X parameters are kept in reference_t5x.npz. Each test compares what the chapter loads
 with that reference through a name table written here, independently of the chapter's own.
+The file readers themselves are tested in test_support_tensor_files.py.
 """
 
 import dataclasses
-import importlib.util
 import json
-import mmap
 import os
 import pathlib
-import pickletools
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, load
+from support import checkpoints
+from test_support_tensor_files import FIXTURES, MARKER, T5X_DIR, hf_name
 
 released = load("10_released_models")
+train_lib = load("09_train")
 shard = load("07_sharding")
 model_lib = load("06_model")
 tok = load("01_tokenizer")
-
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "released"
-T5X_DIR = FIXTURES / "t5x" / "checkpoint_100"
-MARKER = "PWNED_BY_PICKLE"   # the file bad/evil.bin's pickle would create if it were run
 
 
 # --- The name table, written out here once more --------------------------------------------------
@@ -51,32 +47,6 @@ def our_path(t5x_path: str) -> str:
     rest = (rest.removesuffix("/kernel").replace("_layer_norm/", "_norm/")
             .replace("router/router_weights/w", "router/kernel").replace("mlp/expert/", "mlp/"))
     return f"layers/{layer}/{rest}"
-
-
-def hf_name(t5x_path: str) -> tuple[str, bool]:
-    """ColossalAI's name for a T5X parameter, and whether torch stores it transposed."""
-    fixed = {"token_embedder/embedding": ("model.embed_tokens.weight", False),
-             "decoder/logits_dense/kernel": ("lm_head.weight", True),
-             "decoder/decoder_norm/scale": ("model.norm.weight", False)}
-    if t5x_path in fixed:
-        return fixed[t5x_path]
-    layer, rest = re.fullmatch(r"decoder/layers_(\d+)/(.+)", t5x_path).groups()
-    per_layer = {
-        "pre_self_attention_layer_norm/scale": ("input_layernorm.weight", False),
-        "pre_mlp_layer_norm/scale": ("post_attention_layernorm.weight", False),
-        "pre_extra_mlp_layer_norm/scale": ("pre_extra_mlp_layernorm.weight", False),
-        "mlp/router/router_weights/w/kernel": ("mlp.gate_weight", True),
-        "mlp/expert/wi_0/kernel": ("mlp.experts.wi_gate", False),
-        "mlp/expert/wi_1/kernel": ("mlp.experts.wi_up", False),
-        "mlp/expert/wo/kernel": ("mlp.experts.wo", False),
-    }
-    for t5x_proj, hf_proj in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o")):
-        per_layer[f"self_attention/{t5x_proj}/kernel"] = (f"self_attn.{hf_proj}_proj.weight", True)
-    for block in ("mlp", "extra_mlp"):
-        for t5x_w, hf_w in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
-            per_layer[f"{block}/{t5x_w}/kernel"] = (f"{block}.{hf_w}.weight", True)
-    name, transposed = per_layer[rest]
-    return f"model.layers.{layer}.{name}", transposed
 
 
 def to_ours(t5x_path: str, value: np.ndarray) -> np.ndarray:
@@ -200,80 +170,41 @@ def test_hf_config_writes_back_what_config_from_hf_read(cfg, hf_json):
     assert released.config_from_hf(written) == cfg
 
 
-# --- Reading each format -----------------------------------------------------------------------
+# --- Which reader a checkpoint needs (the readers: test_support_tensor_files.py) ----------------
 
-HF_DIRS = {"hf_single": np.float32, "hf_sharded": np.float32, "hf_fp16": np.float16}
-
-
-@pytest.mark.parametrize("directory", sorted(HF_DIRS))
-def test_hf_tensors_are_the_reference_under_colossalai_names(reference, directory):
-    """Names, lazy shape and dtype, and values: [out, in] for 2-D weights, experts as stored."""
-    dtype = HF_DIRS[directory]
-    tensors = released.read_checkpoint(FIXTURES / directory)
-    assert sorted(tensors) == sorted(hf_name(path)[0] for path in reference)
-    for path, value in reference.items():
-        name, transposed = hf_name(path)
-        expected = (value.T if transposed else value).astype(dtype)
-        tensor = tensors[name]
-        assert tuple(tensor.shape) == expected.shape and np.dtype(tensor.dtype) == dtype, name
-        np.testing.assert_array_equal(np.asarray(tensor), expected, err_msg=name)
+READERS = {  # a checkpoint as a user names it → the reader that must read it, and its file
+    "hf_single": ("read_torch_bin", "hf_single/pytorch_model.bin"),
+    "hf_single/pytorch_model.bin": ("read_torch_bin", "hf_single/pytorch_model.bin"),
+    "hf_sharded": ("read_index", "hf_sharded/pytorch_model.bin.index.json"),
+    "hf_fp16": ("read_index", "hf_fp16/pytorch_model.bin.index.json"),
+    "hf_safetensors": ("read_safetensors", "hf_safetensors/model.safetensors"),
+    "hf_safetensors/model.safetensors": ("read_safetensors", "hf_safetensors/model.safetensors"),
+    "t5x/checkpoint_100": ("read_t5x", "t5x/checkpoint_100"),
+}
 
 
-def test_safetensors_file_written_by_the_safetensors_library_reads_as_bf16(reference, cfg):
-    """bf16 has no numpy dtype of its own: the reader returns ml_dtypes' bfloat16 values, the
-    reference rounded to bf16 exactly as torch rounded it when the fixture was written."""
-    tensors = released.read_checkpoint(FIXTURES / "hf_safetensors")
-    assert sorted(tensors) == sorted(hf_name(path)[0] for path in reference)
-    for path, value in reference.items():
-        name, transposed = hf_name(path)
-        expected = (value.T if transposed else value).astype(jnp.bfloat16)
-        assert np.dtype(tensors[name].dtype) == jnp.bfloat16, name
-        np.testing.assert_array_equal(np.asarray(tensors[name]), expected, err_msg=name)
-    model, _ = released.load_model(FIXTURES / "hf_safetensors")   # f32 parameters by default
-    assert_params_equal(model, {p: v.astype(jnp.bfloat16).astype(np.float32)
-                                for p, v in reference.items()})
-
-
-def test_sharded_index_is_followed_not_guessed():
-    """Every shard listed in the index is read, and each name comes from its own shard."""
-    index = json.loads((FIXTURES / "hf_sharded" / "pytorch_model.bin.index.json").read_text())
-    assert len(set(index["weight_map"].values())) == 3
-    tensors = released.read_checkpoint(FIXTURES / "hf_sharded")
-    assert set(tensors) == set(index["weight_map"])
-    assert sum(int(np.prod(t.shape)) * 4 for t in tensors.values()) == index["metadata"]["total_size"]
-
-
-def test_a_single_bin_file_can_be_named_directly(reference):
-    tensors = released.read_checkpoint(FIXTURES / "hf_single" / "pytorch_model.bin")
-    np.testing.assert_array_equal(np.asarray(tensors["lm_head.weight"]),
-                                  reference["decoder/logits_dense/kernel"].T)
-
-
-def test_bin_tensors_are_memory_mapped_not_copied():
-    """A `.bin` storage is read through a memory map of the file, so a 3 GB checkpoint does not
-    pass through Python's heap: the array's buffer chain ends in an np.memmap."""
-    tensor = released.read_checkpoint(FIXTURES / "hf_single")["model.layers.1.mlp.experts.wi_gate"]
-    owner = np.asarray(tensor)
-    while owner is not None and not isinstance(owner, (np.memmap, mmap.mmap)):
-        owner = getattr(owner, "base", None)   # views (also as_strided's) keep their base
-    assert owner is not None
-
-
-def test_t5x_directory_yields_the_target_parameters_only(reference):
-    """T5X's msgpack holds {"version", "optimizer": {"state": {"step"}, "target"}}: the reader
-    returns the target's zarr arrays under their "/" paths, and no step or optimizer state."""
-    tensors = released.read_checkpoint(T5X_DIR)
-    assert sorted(tensors) == sorted(reference)
-    for path, value in reference.items():
-        assert tuple(tensors[path].shape) == value.shape
-        assert np.dtype(tensors[path].dtype) == np.float32
-        np.testing.assert_array_equal(np.asarray(tensors[path]), value, err_msg=path)
+@pytest.mark.parametrize("given", sorted(READERS))
+def test_read_tensors_picks_the_reader_each_layout_needs(given, reference, monkeypatch):
+    reader, file = READERS[given]
+    calls, real = [], getattr(released.tensor_files, reader)
+    monkeypatch.setattr(released.tensor_files, reader,
+                        lambda path, *rest: calls.append(pathlib.Path(path)) or real(path, *rest))
+    tensors = released.read_tensors(FIXTURES / given)
+    assert calls[0] == FIXTURES / file
+    expected = sorted(reference) if reader == "read_t5x" else sorted(hf_name(p)[0] for p in reference)
+    assert sorted(tensors) == expected
 
 
 def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no weights here")
     with pytest.raises(ValueError, match="pytorch_model.bin"):
-        released.read_checkpoint(tmp_path)
+        released.read_tensors(tmp_path)
+
+
+def test_safetensors_bf16_loads_as_f32_parameters(reference):
+    model, _ = released.load_model(FIXTURES / "hf_safetensors")   # f32 parameters by default
+    assert_params_equal(model, {p: v.astype(jnp.bfloat16).astype(np.float32)
+                                for p, v in reference.items()})
 
 
 # --- Into the model: every tensor where the name table says, from every source -----------------
@@ -286,9 +217,9 @@ def test_t5x_in_memory_flat_dict_fills_every_parameter(reference_model, referenc
 def test_every_source_gives_the_same_parameters_and_logits(source, reference, cfg, tokens_BL,
                                                            reference_logits):
     if source.startswith("hf_"):
-        model = released.model_from_tensors(released.read_checkpoint(FIXTURES / source), cfg)
+        model = released.model_from_tensors(released.read_tensors(FIXTURES / source), cfg)
     elif source == "t5x_dir":
-        model = released.model_from_tensors(released.read_checkpoint(T5X_DIR), cfg)
+        model = released.model_from_tensors(released.read_tensors(T5X_DIR), cfg)
     elif source == "npz_flat":   # np.load's lazy mapping, exactly as the chapter's docs suggest
         with np.load(FIXTURES / "reference_t5x.npz") as npz:
             model = released.model_from_tensors(npz, cfg)
@@ -305,7 +236,7 @@ def test_reference_logits_are_a_real_forward_pass(reference_logits):
 
 
 def test_fp16_checkpoint_loads_as_the_reference_rounded_to_fp16(reference, cfg):
-    model = released.model_from_tensors(released.read_checkpoint(FIXTURES / "hf_fp16"), cfg)
+    model = released.model_from_tensors(released.read_tensors(FIXTURES / "hf_fp16"), cfg)
     rounded = {path: value.astype(np.float16).astype(np.float32) for path, value in reference.items()}
     assert_params_equal(model, rounded)
     assert any(not np.array_equal(rounded[p], reference[p]) for p in reference)  # not vacuous
@@ -316,7 +247,7 @@ def test_bf16_load_is_the_reference_cast_to_bf16(source, reference, cfg):
     if source == "t5x":
         model = released.model_from_tensors(reference, cfg, param_dtype=jnp.bfloat16)
     else:
-        model = released.model_from_tensors(released.read_checkpoint(FIXTURES / "hf_single"), cfg,
+        model = released.model_from_tensors(released.read_tensors(FIXTURES / "hf_single"), cfg,
                                   param_dtype=jnp.bfloat16)
     assert_params_equal(model, reference, dtype=jnp.bfloat16)
 
@@ -345,7 +276,7 @@ def test_misshaped_t5x_tensor_is_named(reference, cfg):
 
 
 def test_missing_extra_and_misshaped_hf_tensors_are_named(cfg):
-    state = dict(released.read_checkpoint(FIXTURES / "hf_single"))
+    state = dict(released.read_tensors(FIXTURES / "hf_single"))
     missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.gate_weight"}
     with pytest.raises(ValueError, match=re.escape("model.layers.1.mlp.gate_weight")):
         released.model_from_tensors(missing, cfg)
@@ -363,104 +294,11 @@ def test_a_config_that_does_not_match_the_checkpoint_is_an_error(reference, hf_j
         released.model_from_tensors(reference, released.config_from_hf({**hf_json, "moe_layer_interval": 4}))
 
 
-# --- Pickles that must never be run ----------------------------------------------------------------
-
-def test_legacy_torch_format_is_refused_clearly():
-    with pytest.raises(ValueError, match="legacy"):
-        released.read_checkpoint(FIXTURES / "bad" / "legacy.bin")
-
-
-def test_evil_fixture_really_holds_os_system():
-    """The refusal test below means something only if the pickle does ask for os.system."""
-    with zipfile.ZipFile(FIXTURES / "bad" / "evil.bin") as archive:
-        ops = list(pickletools.genops(archive.read("evil/data.pkl")))
-    globals_ = [arg for op, arg, _ in ops if op.name == "GLOBAL"]
-    assert "os system" in globals_ and "torch._utils _rebuild_tensor_v2" in globals_
-
-
-def test_forbidden_global_is_refused_without_running_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)   # where `touch PWNED_BY_PICKLE` would land
-    with pytest.raises(ValueError, match=r"os\.system|os system"):
-        released.read_checkpoint(FIXTURES / "bad" / "evil.bin")
-    assert not (tmp_path / MARKER).exists()
-    assert not (REPO_ROOT / MARKER).exists()
-
-
-def test_a_truncated_download_is_not_called_a_legacy_file(tmp_path):
-    """Half a `.bin` (an interrupted 47 GB download) has lost the zip's central directory; the
-    error must name the file and not send the user off to re-save it with a newer torch."""
-    data = (FIXTURES / "hf_single" / "pytorch_model.bin").read_bytes()
-    (tmp_path / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match="pytorch_model.bin") as error:
-        released.read_checkpoint(tmp_path)
-    assert "legacy" not in str(error.value)
-
-
-def _one_tensor_bin(path: pathlib.Path, *, numel: int, offset: int, size: tuple, stride: tuple) -> None:
-    """A torch zip whose one tensor, "model.norm.weight", is a view (offset, size, stride) of a
-    storage said to hold `numel` floats, while its record data/0 holds 4."""
-    def text(value: str) -> bytes:
-        return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
-
-    def integer(value: int) -> bytes:
-        return b"J" + struct.pack("<i", value)
-
-    def int_tuple(values: tuple) -> bytes:
-        return b"(" + b"".join(integer(v) for v in values) + b"t"
-
-    data_pkl = b"".join([
-        b"\x80\x02ccollections\nOrderedDict\n)R(", text("model.norm.weight"),
-        b"ctorch._utils\n_rebuild_tensor_v2\n((", text("storage"), b"ctorch\nFloatStorage\n",
-        text("0"), text("cpu"), integer(numel), b"tQ", integer(offset), int_tuple(size),
-        int_tuple(stride), b"\x89ccollections\nOrderedDict\n)RtR", b"u."])
-    root = path.name.split(".")[0]
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{root}/data.pkl", data_pkl)
-        archive.writestr(f"{root}/data/0", np.arange(4, dtype="<f4").tobytes())
-        archive.writestr(f"{root}/data/1", np.arange(1024, dtype="<f4").tobytes())  # a neighbour
-        archive.writestr(f"{root}/version", "3\n")
-
-
-def test_views_outside_their_storage_are_refused(tmp_path):
-    """A pickle may only call the three allowed globals, but their *arguments* are the file's
-    too: a size, stride or offset that reaches past the storage, or a storage said to be longer
-    than its record, must be a ValueError, never a read of other memory or other records. Read
-    in a child process, because the failure this guards against is a crash (SIGBUS)."""
-    cases = {"size": dict(numel=4, offset=0, size=(1 << 20,), stride=(1,)),
-             "stride": dict(numel=4, offset=0, size=(4,), stride=(1 << 20,)),
-             "offset": dict(numel=4, offset=3, size=(4,), stride=(1,)),
-             "numel": dict(numel=8, offset=0, size=(8,), stride=(1,))}   # data/1 follows data/0
-    for name, case in cases.items():
-        _one_tensor_bin(tmp_path / f"{name}.bin", **case)
-    script = f"""
-import json, sys, numpy as np
-sys.path.insert(0, {str(REPO_ROOT)!r})
-import importlib
-released = importlib.import_module("10_released_models")
-results = {{}}
-for name in {sorted(cases)!r}:
-    try:
-        tensors = released.read_checkpoint({str(tmp_path)!r} + "/" + name + ".bin")
-        np.asarray(tensors["model.norm.weight"]).sum()
-        results[name] = "accepted"
-    except ValueError as error:
-        results[name] = "ValueError: " + str(error)
-print(json.dumps(results))
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert result.returncode == 0, f"the reader crashed (exit {result.returncode}): {result.stderr[-2000:]}"
-    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, outcome in outcomes.items():
-        assert outcome.startswith("ValueError") and re.search(r"model\.norm\.weight|data/0", outcome), \
-            f"{name}: {outcome}"
-
-
 # --- Sharded loading ---------------------------------------------------------------------------------
 
 def test_sharded_load_places_each_tensor_by_07s_rules(reference, cfg, reference_model):
     mesh = shard.make_mesh(expert=2, model=2)
-    model = released.model_from_tensors(released.read_checkpoint(T5X_DIR), cfg, mesh=mesh)
+    model = released.model_from_tensors(released.read_tensors(T5X_DIR), cfg, mesh=mesh)
     state = nnx.state(model, nnx.Param)
     expected = dict(nnx.to_flat_state(shard.state_shardings(state, mesh)))
     for path, variable in nnx.to_flat_state(state):
@@ -504,7 +342,7 @@ def test_export_hf_round_trips(tmp_path, reference_model, reference, tokens_BL, 
     out = tmp_path / "export"
     released.export_hf(reference_model, out)
     # The files hold ColossalAI's names in torch's layout, exactly the reference values.
-    tensors = released.read_checkpoint(out)
+    tensors = released.read_tensors(out)
     assert sorted(tensors) == sorted(hf_name(p)[0] for p in reference)
     for path, value in reference.items():
         name, transposed = hf_name(path)
@@ -516,53 +354,19 @@ def test_export_hf_round_trips(tmp_path, reference_model, reference, tokens_BL, 
     np.testing.assert_array_equal(np.asarray(logits_of(model, tokens_BL)), reference_logits)
 
 
-def test_export_hf_never_overwrites(tmp_path, reference_model):
+def test_export_hf_replaces_an_export_only_when_told(tmp_path, reference_model):
     released.export_hf(reference_model, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="already"):
-        released.export_hf(reference_model, tmp_path)
+    other = model_lib.OpenMoE(reference_model.cfg, rngs=nnx.Rngs(7))
+    with pytest.raises(ValueError, match="already.*--overwrite"):
+        released.export_hf(other, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-
-
-# --- benchmarks/load.py writes torch's format without torch: check it against torch's own file ------
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("load_benchmark", REPO_ROOT / "benchmarks" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _record_offsets(path: pathlib.Path) -> dict[str, int]:
-    """Where each zip record's bytes start (after its local header, whose extra field pads)."""
-    raw = path.read_bytes()
-    with zipfile.ZipFile(path) as archive:
-        return {info.filename: info.header_offset + 30 + sum(struct.unpack(
-                    "<HH", raw[info.header_offset + 26:info.header_offset + 30]))
-                for info in archive.infolist()}
-
-
-@pytest.mark.parametrize("torch_file, ordered", [
-    ("hf_single/pytorch_model.bin", True),                    # an OrderedDict, f32
-    ("hf_sharded/pytorch_model-00002-of-00003.bin", False),   # save_pretrained's plain dict
-    ("hf_fp16/pytorch_model-00001-of-00002.bin", False),      # HalfStorage
-])
-def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
-    """Same records in the same order, the same pickle byte for byte, the same storage bytes,
-    every record 64-byte aligned: only torch's random serialization id differs."""
-    bench = _benchmark_module()
-    original = FIXTURES / torch_file
-    tensors = released.read_checkpoint(original)
-    entries = [(name, np.dtype(t.dtype).name, tuple(t.shape)) for name, t in tensors.items()]
-    written = tmp_path / original.name
-    bench.write_torch_bin(written, entries, lambda name: np.asarray(tensors[name]), ordered=ordered)
-    with zipfile.ZipFile(original) as theirs, zipfile.ZipFile(written) as ours:
-        assert ours.namelist() == theirs.namelist()
-        for name in theirs.namelist():
-            if not name.endswith("serialization_id"):
-                assert ours.read(name) == theirs.read(name), name
-    assert all(offset % 64 == 0 for offset in _record_offsets(written).values())
-    assert all(offset % 64 == 0 for offset in _record_offsets(original).values())
+    released.export_hf(other, tmp_path, overwrite=True)
+    assert (tmp_path / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    reloaded, _ = released.load_model(tmp_path)
+    for (path, a), (_, b) in zip(params_of(other).items(), params_of(reloaded).items()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
 
 
 # --- The commands: generate (with each token's experts) and perplexity ----------------------------
@@ -577,36 +381,266 @@ def exported_tiny(tmp_path_factory):
     return directory, tokenizer
 
 
-def _expert_rows(output: str) -> list[str]:
-    """The table's body: one line per token fed to the model, cells separated by │."""
-    table = output.split("Where each token went")[1].splitlines()[2:]
-    return [line for line in table if "│" in line]
+def _expert_cells(output: str) -> list[list[list[tuple[int, bool]]]]:
+    """The table's body parsed back: per token, per MoE layer, its (expert, kept) choices."""
+    table = output.split("Where each token went")[1].splitlines()
+    rows = [line.split("│")[1:] for line in table if "│" in line][1:]   # after the header
+    return [[[(int(e), kept == "") for e, kept in re.findall(r"e(\d+)(✗?)", cell)] for cell in row]
+            for row in rows]
 
 
-def test_generate_shows_every_token_its_experts_and_the_drops(exported_tiny, capsys):
+def test_show_experts_routes_the_whole_text_in_one_pass(exported_tiny, capsys):
+    """--show-experts is one teacher-forced pass over prompt + continuation with the command's
+    routing: the table equals that pass's decisions, computed here, and with one group of half
+    the slots it needs, the continuation's tokens (routed last) are dropped too, which decoding
+    token by token never shows."""
     directory, tokenizer = exported_tiny
-    prompt = "def add(a, b):\n    return a + b  # the sum of two numbers, as a function"
-    common = ["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "3",
-              "--show-experts", "--routing", "colossalai", "--capacity-factor", "0.5"]
+    prompt_text = "def add(a, b):\n    return a + b  # the sum of two numbers, as a function"
+    common = ["generate", "--model", str(directory), "--prompt", prompt_text,
+              "--max-new-tokens", "6", "--show-experts", "--capacity-rule", "colossalai",
+              "--capacity-factor", "0.5"]
     released.main(common)
-    rows = _expert_rows(capsys.readouterr().out)
-    # The prompt with its start token, then each generated token; two MoE layers, top-2 each.
-    prompt_length = len(released.prompt_ids(tokenizer, prompt))
-    assert prompt_length + 1 <= len(rows) <= prompt_length + 3
-    assert all(len(re.findall(r"e\d", row)) == 4 for row in rows)
-    # One group of the whole prompt with half the slots it needs: later tokens lose places.
-    assert sum(row.count("✗") for row in rows[:prompt_length]) > 0
-    released.main(common + ["--dropless"])
-    assert not any("✗" in row for row in _expert_rows(capsys.readouterr().out))
+    output = capsys.readouterr().out
+    assert "Decoding itself never drops" in output
+    cells = _expert_cells(output)
+    # The same model, routing and text, decided here in one forward pass.
+    model, _ = released.load_model(directory, **released.CAPACITY_RULES["colossalai"],
+                                   eval_capacity_factor=0.5)
+    prompt = released.prompt_ids(tokenizer, prompt_text)
+    (continuation,) = model_lib.generate(model, [prompt], max_new_tokens=6)
+    assert len(continuation) == 6 and len(cells) == len(prompt) + 6
+    _, stats, _ = model(jnp.asarray([prompt + continuation]), train=False)
+    for layer, layer_stats in enumerate(stats):
+        expected = [list(zip(e.tolist(), k.tolist()))
+                    for e, k in zip(np.asarray(layer_stats["expert_BLA"])[0],
+                                    np.asarray(layer_stats["kept_BLA"])[0])]
+        assert [row[layer] for row in cells] == expected
+    assert any(not kept for row in cells[len(prompt):] for cell in row for _, kept in cell)
+    released.main(common + ["--dropless", "true"])
+    assert all(kept for row in _expert_cells(capsys.readouterr().out)
+               for cell in row for _, kept in cell)
 
 
-def test_perplexity_of_an_untrained_model_is_near_the_uniform_guess(exported_tiny):
+def test_perplexity_is_06s_loss_on_one_document_per_row(exported_tiny):
+    """The oracle: 06's loss_fn (train=False) on rows built here from the first documents of
+    each domain: [0, t1 … t_{L-1}] → [t1 … t_L], cut at seq_len, right-padded, padding unscored."""
     directory, tokenizer = exported_tiny
     model, _ = released.load_model(directory)
-    results = released.perplexity(model, tokenizer, rows=2, seq_len=32)
+    rows, seq_len = 3, 24
+    results = released.perplexity(model, tokenizer, rows=rows, seq_len=seq_len)
     assert set(results) == {"text", "code"}
-    for result in results.values():
-        assert result["tokens"] > 0 and 0.0 <= result["accuracy"] <= 1.0
-        assert abs(result["loss"] - np.log(model.cfg.vocab_size)) < 1.5
-    with pytest.raises(ValueError, match="seq_len=65"):
+    corpus = tok.embedded_corpus("validation")
+    for domain, result in results.items():
+        inputs, targets = np.zeros((rows, seq_len), np.int32), np.zeros((rows, seq_len), np.int32)
+        for row, text in enumerate(corpus[domain]["text"][:rows]):
+            ids = [0] + tokenizer.encode(text)[:seq_len]
+            inputs[row, :len(ids) - 1], targets[row, :len(ids) - 1] = ids[:-1], ids[1:]
+        _, metrics = model_lib.loss_fn(model, {"inputs": inputs, "targets": targets,
+                                               "loss_mask": (targets > 0).astype(np.float32)},
+                                       train=False)
+        assert result["tokens"] == int((targets > 0).sum()) == int(metrics["num_tokens"])
+        np.testing.assert_allclose(result["loss"], float(metrics["cross_entropy"]), rtol=1e-5)
+        np.testing.assert_allclose(result["accuracy"], float(metrics["accuracy"]), rtol=1e-5)
+    # The default length is the model's when that is shorter than 512; longer is refused.
+    assert model.cfg.max_seq_len == 64
+    assert released.perplexity(model, tokenizer, rows=1) == \
+        released.perplexity(model, tokenizer, rows=1, seq_len=64)
+    with pytest.raises(ValueError, match=r"seq_len=65 .*\[1, 64\], the model's max_seq_len"):
         released.perplexity(model, tokenizer, rows=2, seq_len=65)
+
+
+# --- A user's mistake is one line, never a traceback ----------------------------------------------
+
+def _one_line_error(argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        released.main(argv)
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def _model_dir(tmp_path, exported_tiny, weights: bytes | None) -> pathlib.Path:
+    """A checkpoint directory with the tiny model's config and tokenizer, and `weights` as its
+    pytorch_model.bin."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    for name in ("config.json", "spiece.model"):
+        shutil.copy(exported_tiny[0] / name, directory / name)
+    if weights is not None:
+        (directory / "pytorch_model.bin").write_bytes(weights)
+    return directory
+
+
+def test_a_model_that_does_not_exist_is_one_line(tmp_path):
+    message = _one_line_error(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"])
+    assert "nowhere" in message and "neither an existing path nor a hub name" in message
+    # A name shaped like a hub name: the hub (offline in tests) cannot give it.
+    message = _one_line_error(["perplexity", "--model", "nobody-here/no-such-model"])
+    assert "nobody-here/no-such-model" in message and "hub could not give it" in message
+
+
+def test_a_directory_without_config_json_is_one_line(tmp_path):
+    (tmp_path / "weights").mkdir()
+    shutil.copy(FIXTURES / "hf_single" / "pytorch_model.bin", tmp_path / "weights")
+    message = _one_line_error(["perplexity", "--model", str(tmp_path / "weights")])
+    assert "has no config.json" in message and "--preset" in message
+
+
+def test_a_truncated_bin_is_one_line(tmp_path, exported_tiny):
+    data = (FIXTURES / "hf_single" / "pytorch_model.bin").read_bytes()
+    directory = _model_dir(tmp_path, exported_tiny, data[:len(data) // 2])
+    message = _one_line_error(["generate", "--model", str(directory), "--prompt", "x"])
+    assert "damaged zip" in message and "pytorch_model.bin" in message
+
+
+def test_a_refused_pickle_is_one_line_from_the_command_line(tmp_path, exported_tiny):
+    """End to end, as a user meets it: exit status 1, one line on stderr, and nothing ran."""
+    directory = _model_dir(tmp_path, exported_tiny, (FIXTURES / "bad" / "evil.bin").read_bytes())
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "10_released_models.py"), "generate",
+                             "--model", str(directory), "--prompt", "x"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "os.system" in lines[0], lines
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_a_model_without_a_tokenizer_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(released, "read_tensors", lambda path: pytest.fail("weights were read"))
+    message = _one_line_error(["generate", "--model", str(FIXTURES / "hf_single"), "--prompt", "x"])
+    assert "spiece.model" in message
+
+
+def test_an_export_of_a_missing_run_is_one_line(tmp_path):
+    message = _one_line_error(["export", "--run-dir", str(tmp_path / "no-run")])
+    assert "not a 09_train.py run" in message and "--run-dir" in message
+
+
+def test_a_too_long_seq_len_names_the_models_limit(exported_tiny):
+    message = _one_line_error(["perplexity", "--model", str(exported_tiny[0]), "--rows", "1",
+                               "--seq-len", "65"])
+    assert "seq_len=65" in message and "64" in message and "max_seq_len" in message
+
+
+def test_flags_need_their_full_names():
+    with pytest.raises(SystemExit):   # --max-new would be --max-new-tokens with prefix matching
+        released.parse_args(["generate", "--model", "m", "--prompt", "x", "--max-new", "3"])
+
+
+# --- A 09 run: generate, perplexity and export with --run-dir -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 09 run of 06's tiny preset: two steps, a checkpoint at step 2, rows of 32 tokens."""
+    cfg = dataclasses.replace(
+        train_lib.QUICK, model=model_lib.PRESETS["tiny"], run_dir=str(tmp_path_factory.mktemp("run")),
+        objective="lm", ul2_until_step=0, seq_len=32, batch_size=8, microbatches=1, steps=2,
+        warmup_steps=1, eval_every=0, eval_batches=0, checkpoint_every=2, keep_last=1,
+        keep_period=2, sample_tokens=0)
+    train_lib.train(cfg, overwrite=True, progress=False)
+    return released.open_run(cfg.run_dir)
+
+
+def test_open_run_lists_the_saved_steps(tiny_run):
+    assert tiny_run.steps == (2,) and tiny_run.cfg.seq_len == 32
+
+
+def test_perplexity_of_a_run_defaults_to_its_length_and_says_what_it_scored(tiny_run, capsys):
+    """The run's model holds 32 positions, under the default 512: the default follows it."""
+    released.main(["perplexity", "--run-dir", str(tiny_run.path), "--rows", "2"])
+    output = capsys.readouterr().out
+    assert "first 2 validation documents per domain" in output
+    assert "truncated to 32 tokens" in output and "09's evaluation packs" in output
+    model = released.run_model(tiny_run, dtype=jnp.float32, dropless=False)
+    expected = released.perplexity(model, train_lib.load_tokenizer(tiny_run.cfg), rows=2, seq_len=32)
+    for domain, result in expected.items():
+        assert re.search(rf"^{domain}\s+{result['loss']:.3f}\s", output, re.MULTILINE), output
+
+
+def test_export_of_a_run_needs_overwrite_to_replace_it(tiny_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    released.main(["export", "--run-dir", str(tiny_run.path), "--out", str(out)])
+    assert "wrote" in capsys.readouterr().out
+    message = _one_line_error(["export", "--run-dir", str(tiny_run.path), "--out", str(out)])
+    assert "already holds" in message and "--overwrite" in message
+    released.main(["export", "--run-dir", str(tiny_run.path), "--out", str(out), "--overwrite"])
+    exported, _ = released.load_model(out)
+    for (path, a), (_, b) in zip(params_of(released.run_model(tiny_run)).items(),
+                                 params_of(exported).items()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+
+
+def test_run_dir_commands_print_no_absl_warnings(tiny_run, tmp_path):
+    """Reading a run goes through a read-only orbax manager whose notes are silenced: a user
+    sees the output and nothing else."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "10_released_models.py"), "generate", "--run-dir",
+         str(tiny_run.path), "--prompt", "def", "--max-new-tokens", "2", "--show-experts"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Where each token went" in result.stdout
+    assert not re.search(r"WARNING|absl|^[WI]\d{4} ", result.stderr, re.MULTILINE), result.stderr
+
+
+# --- A series of released checkpoints of one model (what 11 analyses over training) ------------
+
+@pytest.fixture(scope="module")
+def tiny_series(tmp_path_factory):
+    """Two exports of the tiny preset from different seeds: two 'checkpoints' of one model."""
+    tokenizer = tok.embedded_tokenizer()
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    root = tmp_path_factory.mktemp("series")
+    models = [model_lib.OpenMoE(cfg, rngs=nnx.Rngs(seed)) for seed in (1, 2)]
+    for step, model in zip(("early", "late"), models):
+        released.export_hf(model, root / step, tokenizer=tokenizer)
+    return [str(root / "early"), str(root / "late")], models
+
+
+def test_open_series_reads_configs_and_series_params_loads_each_checkpoint(tiny_series):
+    names, models = tiny_series
+    series = released.open_series(names, dtype=jnp.bfloat16)
+    assert series.names == tuple(names)
+    assert series.directories == tuple(pathlib.Path(name) for name in names)
+    assert series.cfg.dtype == jnp.bfloat16 and series.cfg.t5x_padding
+    assert series.tokenizer.vocab_size == series.cfg.vocab_size
+    for index, model in enumerate(models):
+        params = released.series_params(series, index)
+        ours = dict(nnx.to_flat_state(params))
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            assert ours[path].get_value().dtype == jnp.bfloat16, path
+            np.testing.assert_array_equal(np.asarray(ours[path].get_value()),
+                                          np.asarray(variable.get_value()).astype(jnp.bfloat16))
+    first, second = (jax.tree.leaves(released.series_params(series, i)) for i in (0, 1))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))   # two checkpoints
+
+
+def test_open_series_refuses_a_missing_tokenizer_and_differing_models(tiny_series, tmp_path):
+    names, models = tiny_series
+    with pytest.raises(ValueError, match="spiece.model"):
+        released.open_series([str(FIXTURES / "hf_single")])
+    other = tmp_path / "wider"
+    cfg = dataclasses.replace(models[0].cfg, eval_capacity_factor=4.0)
+    released.export_hf(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)), other,
+                       tokenizer=tok.embedded_tokenizer())
+    with pytest.raises(ValueError, match=r"differ in \['eval_capacity_factor'\]"):
+        released.open_series([names[0], str(other)])
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_load_params_reads_what_09_saved(tiny_run):
+    """The oracle: the checkpoint's parameter arrays as orbax reads them back with no target
+    (no partial restore, no shapes given), in 09's leaf order."""
+    with checkpoints.quiet_orbax():
+        saved = ocp.PyTreeCheckpointer().restore((tiny_run.path / "checkpoints" / "2" / "state").absolute())
+    saved_leaves = saved["params"]
+    saved_leaves = [saved_leaves[k] for k in sorted(saved_leaves, key=int)] \
+        if isinstance(saved_leaves, dict) else list(saved_leaves)
+    loaded = jax.tree.leaves(released.load_params(tiny_run, 2))
+    initial = jax.tree.leaves(released.load_params(tiny_run, 0))
+    assert len(loaded) == len(saved_leaves) == len(initial)
+    for ours, theirs in zip(loaded, saved_leaves):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert any(not np.array_equal(a, b) for a, b in zip(loaded, initial))   # training moved them

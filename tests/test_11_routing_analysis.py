@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from support import checkpoints
+
 from conftest import REPO_ROOT, load
 
 analysis = load("11_routing_analysis")
@@ -37,24 +39,24 @@ tok = load("01_tokenizer")
 # A. Statistics on constructed decisions
 # ---------------------------------------------------------------------------------------------
 
-def test_routing_distribution_counts_every_choice_and_filters_rare_keys():
-    # The docstring's example: per key, the share of its assignments that went to each expert.
-    keys, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2)
-    assert keys.tolist() == [7, 9] and counts.tolist() == [2, 1]
+def test_routing_distribution_counts_every_choice_and_filters_rare_values():
+    # The docstring's example: per value, the share of its assignments that went to each expert.
+    values, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2)
+    assert values.tolist() == [7, 9] and counts.tolist() == [2, 1]
     np.testing.assert_allclose(dist, [[0.5, 0.5], [0.0, 1.0]])
-    # min_count drops keys seen fewer times (9 is seen once).
-    keys, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2,
+    # min_count drops values seen fewer times (9 is seen once).
+    values, counts, dist = analysis.routing_distribution(np.array([7, 7, 9]), np.array([[0], [1], [1]]), 2,
                                                  min_count=2)
-    assert keys.tolist() == [7] and counts.tolist() == [2]
+    assert values.tolist() == [7] and counts.tolist() == [2]
     np.testing.assert_allclose(dist, [[0.5, 0.5]])
-    # k=2: both choices count, so key 3's four assignments are e0 twice, e1 once, e2 once.
-    keys, counts, dist = analysis.routing_distribution(np.array([3, 3]), np.array([[0, 1], [0, 2]]), 4)
-    assert keys.tolist() == [3] and counts.tolist() == [2]
+    # k=2: both choices count, so value 3's four assignments are e0 twice, e1 once, e2 once.
+    values, counts, dist = analysis.routing_distribution(np.array([3, 3]), np.array([[0, 1], [0, 2]]), 4)
+    assert values.tolist() == [3] and counts.tolist() == [2]
     np.testing.assert_allclose(dist, [[0.5, 0.25, 0.25, 0.0]])
 
 
 @pytest.mark.parametrize("experts,top_k", [(8, 1), (8, 2), (32, 2), (16, 3), (4, 4)])
-def test_max_spread_is_the_std_of_a_key_that_always_picks_the_same_experts(experts, top_k):
+def test_max_spread_is_the_std_of_a_value_that_always_picks_the_same_experts(experts, top_k):
     # The normaliser of the specialization score: k entries at 1/k, the rest zero.
     always_same = np.array([1.0 / top_k] * top_k + [0.0] * (experts - top_k))
     assert analysis.max_spread(experts, top_k) == pytest.approx(np.std(always_same), abs=1e-12)
@@ -89,10 +91,10 @@ def test_specialization_score_separates_token_id_routing_from_position_routing()
     assert position_score == pytest.approx(1.0, abs=1e-9) and token_score < 0.2
     token_score, position_score = scores(random_choice)
     assert token_score < 0.2 and position_score < 0.2
-    # Keys below min_count are left out, and with none left the score is NaN, not an error.
+    # Values below min_count are left out, and with none left the score is NaN, not an error.
     result = analysis.specialization_score(token_N, by_token, 8, min_count=n + 1)
-    assert result["keys"] == 0 and np.isnan(result["score"])
-    assert analysis.specialization_score(token_N, by_token, 8, min_count=1)["keys"] == 56
+    assert result["distinct_values"] == 0 and np.isnan(result["score"])
+    assert analysis.specialization_score(token_N, by_token, 8, min_count=1)["distinct_values"] == 56
 
 
 def test_top_tokens_orders_each_experts_tokens_by_count_with_their_share():
@@ -116,15 +118,15 @@ def test_top1_experts_and_agreement():
     token_N = rng.integers(0, 10, 4000)
     first_N = np.where(rng.random(4000) < 0.7, token_N % 4, rng.integers(0, 4, 4000))
     expert_NA = np.stack([first_N, (first_N + 1) % 4], axis=1)
-    keys, top1 = analysis.top1_experts(token_N, expert_NA, 4, min_count=1)
-    assert keys.tolist() == list(range(10)) and top1.tolist() == [t % 4 for t in range(10)]
+    ids, top1 = analysis.top1_experts(token_N, expert_NA, 4, min_count=1)
+    assert ids.tolist() == list(range(10)) and top1.tolist() == [t % 4 for t in range(10)]
     # The favourite is the most common *first* choice: second choices do not count.
-    keys_second, top1_second = analysis.top1_experts(token_N, expert_NA[:, ::-1], 4, min_count=1)
+    _, top1_second = analysis.top1_experts(token_N, expert_NA[:, ::-1], 4, min_count=1)
     assert top1_second.tolist() == [(t + 1) % 4 for t in range(10)]
-    assert analysis.agreement(keys, top1, keys, top1) == 1.0
+    assert analysis.agreement(ids, top1, ids, top1) == 1.0
     relabelled = (expert_NA + 1) % 4  # e -> e+1: no expert keeps its label
-    assert analysis.agreement(keys, top1, *analysis.top1_experts(token_N, relabelled, 4, min_count=1)) == 0.0
-    # Only common keys: 2 agrees, 3 does not, 1 and 4 are in one side only.
+    assert analysis.agreement(ids, top1, *analysis.top1_experts(token_N, relabelled, 4, min_count=1)) == 0.0
+    # Only common ids: 2 agrees, 3 does not, 1 and 4 are in one side only.
     assert analysis.agreement(np.array([1, 2, 3]), np.array([0, 1, 2]),
                         np.array([2, 3, 4]), np.array([1, 0, 5])) == 0.5
     assert np.isnan(analysis.agreement(np.array([1]), np.array([0]), np.array([2]), np.array([0])))
@@ -173,19 +175,19 @@ def test_decisions_only_selects_one_sources_rows_in_every_field():
 def test_chat_formatted_alternates_user_and_assistant_over_paragraphs():
     # OOD text for finding 3: same words, chat shape. Paragraphs alternate roles, in order.
     paragraphs = ["First paragraph here.", "Second one.", "And the third."]
-    (chat,) = analysis.chat_formatted(["\n\n".join(paragraphs[:2]) + "\n\n\n" + paragraphs[2] + "\n"])
+    (chat,) = tok.chat_formatted(["\n\n".join(paragraphs[:2]) + "\n\n\n" + paragraphs[2] + "\n"])
     markers = re.findall(r"### (User|Assistant):", chat)
     assert markers[:3] == ["User", "Assistant", "User"]
     assert all(a != b for a, b in zip(markers, markers[1:]))  # strictly alternating
     places = [chat.index(f"### {role}:\n{p}") for role, p in zip(markers, paragraphs)]
     assert places == sorted(places)
-    assert len(analysis.chat_formatted(["a", "b\n\nc"])) == 2  # one chat per document
+    assert len(tok.chat_formatted(["a", "b\n\nc"])) == 2  # one chat per document
 
 
 def test_other_language_texts_has_one_document_per_header_and_no_comments(tmp_path):
-    text = analysis.OTHER_LANGUAGES.read_text(encoding="utf-8")
+    text = tok.OTHER_LANGUAGES.read_text(encoding="utf-8")
     headers = [line for line in text.splitlines() if re.fullmatch(r"== .+ ==", line)]
-    documents = analysis.other_language_texts()
+    documents = tok.other_language_texts()
     assert len(headers) > 0 and len(documents) == len(headers)
     for document in documents:
         assert document.strip()
@@ -193,7 +195,7 @@ def test_other_language_texts_has_one_document_per_header_and_no_comments(tmp_pa
     # A small file with a comment before and inside a document.
     path = tmp_path / "langs.txt"
     path.write_text("# about this file\n== A ==\nhello\n# a note\nworld\n== B ==\nbye\n", encoding="utf-8")
-    assert analysis.other_language_texts(path) == ["hello\nworld", "bye"]
+    assert tok.other_language_texts(path) == ["hello\nworld", "bye"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def test_a_run_exports_to_the_released_layout_and_loads_back(trained, tmp_path, 
     # Chapter 10's `export`: a 09 run written as a released model (config.json, safetensors,
     # spiece.model) loads back with the run's exact parameters. (Here, where the run is.)
     out = tmp_path / "hf"
-    released.main(["export", "--run", str(trained.run.path), "--out", str(out), "--step", "5"])
+    released.main(["export", "--run-dir", str(trained.run.path), "--out", str(out), "--step", "5"])
     assert "step 5" in capsys.readouterr().out
     model, tokenizer = released.load_model(out)
     assert tokenizer.vocab_size == model.cfg.vocab_size
@@ -285,9 +287,10 @@ def test_load_params_matches_09s_initialization_and_restore(trained, initial_par
     # 10 reads checkpoints its own way (params only, onto one device); it must get exactly what
     # 09's own restore gets, and step 0 must be 09's initialization (same seed).
     run, trainer = trained.run, trained.trainer
-    manager = train_lib.checkpoint_manager(trained.cfg)
+    cfg = trained.cfg
+    manager = checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.keep_period)
     step = run.steps[-1]
-    params, _ = train_lib.read_checkpoint(manager, trainer, step)  # 09's own restore
+    params, _ = checkpoints.restore(manager, step, trainer.params, trainer.opt_state)  # 09's restore
     manager.close()
     final_paths, final_leaves = _paths_and_leaves(params)
     # 09 saved what it trained: the restore equals the trainer's final in-memory parameters.
@@ -452,15 +455,15 @@ def test_analyse_writes_report_and_json_and_rejects_bad_arguments(trained, initi
         assert all(0.0 <= value <= 1.0 for value in curve)
 
     # Rows routed per source are capped at max_rows; each source's expert shares sum to 1.
-    assert set(results["rows"]) == set(analysis.analysis_texts())
-    assert all(1 <= n <= 4 for n in results["rows"].values())
+    assert set(results["rows_per_source"]) == set(analysis.analysis_texts())
+    assert all(1 <= n <= 4 for n in results["rows_per_source"].values())
     for shares in results["specialization"]["by_source"].values():
         assert sum(shares) == pytest.approx(1.0)
     # Drop curves: one share in [0, 1] per position, for every setting and source; the sweep's
     # last-quarter numbers are those of the T5X curves at the same capacity factor.
     curves = results["drops"]["curves"]
     for by_source in curves.values():
-        assert set(by_source) == set(results["rows"])
+        assert set(by_source) == set(results["rows_per_source"])
         for curve_L in by_source.values():
             assert len(curve_L) == run.cfg.seq_len and np.all((curve_L >= 0) & (curve_L <= 1))
     # Dropless experts serve every assignment: the cure leaves nothing to drop anywhere.
@@ -514,17 +517,21 @@ def exported(tmp_path_factory):
     return paths
 
 
+def logging_loads(patch, loaded: list):
+    """Log, by directory name and in order, every checkpoint 11 reads through 10's series_params."""
+    series_params = released.series_params
+
+    def logged(series, index):
+        loaded.append(series.directories[index].name)
+        return series_params(series, index)
+
+    patch.setattr(released, "series_params", logged)
+    return loaded
+
+
 @pytest.fixture
 def logged_loads(monkeypatch):
-    """Every load_model call 11 makes, by directory name, in order."""
-    load_model, loaded = released.load_model, []
-
-    def logged(directory, **kwargs):
-        loaded.append(directory.name)
-        return load_model(directory, **kwargs)
-
-    monkeypatch.setattr(released, "load_model", logged)
-    return loaded
+    return logging_loads(monkeypatch, [])
 
 
 def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logged_loads):
@@ -532,8 +539,8 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
     # a checkpoint is loaded, in the dtype asked for, with T5X's evaluation semantics.
     subject = analysis.released_subject([exported["seed1"], exported["seed0"]], **RELEASED_ROWS)
     assert logged_loads == []
-    assert [c.label for c in subject.checkpoints] == [exported["seed1"], exported["seed0"]]
-    assert [c.step for c in subject.checkpoints] == [1, 2] and subject.total_steps == 2
+    assert subject.labels == (exported["seed1"], exported["seed0"])
+    assert subject.steps == (1, 2) and subject.total_steps == 2
     assert (subject.step_name, subject.seq_len) == ("checkpoint", 32)
     assert subject.name == exported["seed0"]  # the last checkpoint is the one analysed in full
     cfg = subject.model_cfg
@@ -544,7 +551,7 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
     assert analysed.t5x_padding and analysed.group_rule == "divisor"
     assert (analysed.max_group_size, analysed.eval_capacity_factor) == (32, 2.0)
 
-    params = subject.checkpoints[-1].load()
+    params = subject.load(-1)
     assert logged_loads == ["seed0"]
     expected = nnx.state(model_lib.OpenMoE(model_lib.PRESETS["tiny"], rngs=nnx.Rngs(0)), nnx.Param)
     for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
@@ -553,7 +560,7 @@ def test_released_subject_reads_configs_now_and_weights_on_demand(exported, logg
     # bfloat16 halves the memory: parameters and activations both.
     half = analysis.released_subject([exported["seed0"]], dtype=jnp.bfloat16, **RELEASED_ROWS)
     assert half.model_cfg.dtype == jnp.bfloat16 and "bfloat16" in half.about
-    leaves = jax.tree.leaves(half.checkpoints[0].load())
+    leaves = jax.tree.leaves(half.load(0))
     assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_array_equal(np.asarray(leaves[0], np.float32),
                                   np.asarray(jax.tree.leaves(expected)[0]).astype(jnp.bfloat16)
@@ -573,100 +580,141 @@ def test_pack_rows_with_decoder_start_shifts_the_row_behind_id_0():
         np.testing.assert_array_equal(started[key], plain[key])
 
 
-def test_open_subject_rejects_what_it_cannot_analyse(exported, tmp_path):
-    # Each bad combination is a clear error naming what was given, before anything is loaded.
-    with pytest.raises(ValueError, match="--run-dir and --model given together"):
-        analysis.open_subject(run_dir="runs/laptop", model=exported["seed0"])
-    with pytest.raises(ValueError, match="--model and --series given together"):
-        analysis.open_subject(model=exported["seed0"], series=[exported["seed0"], exported["seed1"]])
-    with pytest.raises(ValueError, match=f"--series {re.escape(exported['seed0'])}: .*two or more"):
-        analysis.open_subject(series=[exported["seed0"]])
-    with pytest.raises(ValueError, match="dtype='float16'"):
-        analysis.open_subject(model=exported["seed0"], dtype="float16")
-    with pytest.raises(ValueError, match="--seq-len 64 is for released models"):
-        analysis.open_subject(run_dir="runs/laptop", seq_len=64)
-    with pytest.raises(ValueError, match="seq_len=513 must be in \\[1, max_seq_len=512\\]"):
-        analysis.open_subject(model=exported["seed0"], seq_len=513)
+def _refusal(capsys, *argv) -> str:
+    """Run the command line in-process on a mistake: its exit message (11's one line, or argparse's)."""
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main(list(argv))
+    code = exit_.value.code
+    if isinstance(code, str):
+        assert "\n" not in code  # one line
+        return code
+    return f"status {code}: {capsys.readouterr().err}"
+
+
+def test_the_command_line_refuses_what_it_cannot_analyse(exported, tmp_path, capsys):
+    # Each mistake is a clear error naming what was given, before anything is trained or loaded.
+    seed0, seed1 = exported["seed0"], exported["seed1"]
+    # Flags that name two things to analyse, or a choice that does not exist: argparse refuses.
+    for argv, said in [(("--run-dir", "runs/laptop", "--model", seed0), "not allowed with"),
+                       (("--model", seed0, "--series", seed0, seed1), "not allowed with"),
+                       (("--quick", "--run-dir", "runs/laptop"), "not allowed with"),
+                       (("--model", seed0, "--dtype", "float16"), "invalid choice: 'float16'"),
+                       (("--rows", "0"), "'0' must be an int >= 1"),
+                       (("--min", "2"), "unrecognized arguments: --min")]:  # no prefix matching
+        message = _refusal(capsys, *argv)
+        assert message.startswith("status 2") and said in message, (argv, message)
+    # The rest: one line, `error: ...`.
+    assert _refusal(capsys, "--series", seed0).startswith(f"error: --series {seed0}: a series "
+                                                          "needs two or more checkpoints")
+    for argv in (("--run-dir", "runs/laptop", "--seq-len", "64"), ("--quick", "--seq-len", "64")):
+        assert _refusal(capsys, *argv).startswith("error: --seq-len 64 is for released models")
+    assert _refusal(capsys, "--model", seed0, "--seq-len", "513").startswith(
+        f"error: seq_len=513 must be in [1, max_seq_len=512] of {seed0}")
     # A series must be checkpoints of one model: here another capacity factor in config.json.
     other = tmp_path / "other"
-    shutil.copytree(exported["seed0"], other)
+    shutil.copytree(seed0, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "router_capacity_factor_eval": 3.0}))
-    with pytest.raises(ValueError, match="differ in \\['eval_capacity_factor'\\]"):
-        analysis.open_subject(series=[str(other), exported["seed0"]])
-    with pytest.raises(ValueError, match="has no config.json"):
-        analysis.open_subject(model=str(tmp_path))
+    assert "differ in ['eval_capacity_factor']" in _refusal(capsys, "--series", str(other), seed0)
+    assert "has no config.json" in _refusal(capsys, "--model", str(tmp_path))
+    assert "has no config.json" in _refusal(capsys, "--run-dir", str(tmp_path))
     (other / "spiece.model").unlink()
-    with pytest.raises(ValueError, match="has no spiece.model"):
-        analysis.open_subject(model=str(other))
+    assert "has no spiece.model" in _refusal(capsys, "--model", str(other))
+    assert "Traceback" not in capsys.readouterr().err
 
 
-def test_analyse_a_released_model_and_series(exported, logged_loads, tmp_path):
+SERIES_FLAGS = dict(max_rows=3, min_count=2, sweep=(1.25, 2.0))  # two sweep values: fast
+
+
+@pytest.fixture(scope="module")
+def series_analysis(exported, tmp_path_factory):
+    """The in-process analysis of the series seed1 → seed0, and the checkpoints it read, in
+    order: shared by the tests of `analyse` and of the command line that must agree with it."""
+    out_dir, loaded = tmp_path_factory.mktemp("series"), []
+    with pytest.MonkeyPatch.context() as patch:
+        logging_loads(patch, loaded)
+        subject = analysis.released_subject([exported["seed1"], exported["seed0"]], **RELEASED_ROWS)
+        results = analysis.analyse(subject, **SERIES_FLAGS, out_dir=out_dir)
+    return types.SimpleNamespace(results=results, loaded=loaded, out_dir=out_dir)
+
+
+def test_analyse_a_released_model_and_series(exported, series_analysis, tmp_path):
     # --model: findings 1 and 3 on one model, finding 2 marked as not measured.
-    sweep = (1.25, 2.0)
     subject = analysis.released_subject([exported["seed0"]], **RELEASED_ROWS)
-    model = analysis.analyse(subject, max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "model")
+    model = analysis.analyse(subject, **SERIES_FLAGS, out_dir=tmp_path / "model")
     saved = json.loads((tmp_path / "model" / "analysis.json").read_text())
     assert model["early_routing"] is None and saved["early_routing"] is None
     report = (tmp_path / "model" / "report.txt").read_text()
     assert report.startswith(f"Routing analysis of {exported['seed0']} (4 layers, MoE in [1, 3]")
     assert "one model was given, so it is not measured" in report
     assert set(saved["specialization"]["by_layer"]) == {"1", "3"}
-    assert set(model["rows"]) == set(analysis.analysis_texts()) and max(model["rows"].values()) <= 3
+    assert set(model["rows_per_source"]) == set(analysis.analysis_texts())
+    assert max(model["rows_per_source"].values()) <= 3
     # The three capacity settings of 09 runs (T5X train cf, ColossalAI's rule, eval cf).
     assert list(model["drops"]["curves"]) == list(analysis.capacity_settings(subject.model_cfg))
     for curves in model["drops"]["curves"].values():
         assert all(len(curve_L) == 32 for curve_L in curves.values())  # rows of seq_len tokens
-    assert list(model["drops"]["sweep"]) == list(sweep)
+    assert list(model["drops"]["sweep"]) == list(SERIES_FLAGS["sweep"])
 
     # --series of the same weights twice: every favourite expert agrees with the last one's.
     same = analysis.analyse(analysis.released_subject([exported["seed0-again"], exported["seed0"]],
-                                          **RELEASED_ROWS),
-                      max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "same")
+                                                      **RELEASED_ROWS),
+                            **SERIES_FLAGS, out_dir=tmp_path / "same")
     assert same["early_routing"]["agreement"] == {1: [1.0, 1.0], 3: [1.0, 1.0]}
     # --series of two different seeds: the earlier one agrees less (about chance, 1/8).
-    logged_loads.clear()
-    series = analysis.analyse(analysis.released_subject([exported["seed1"], exported["seed0"]],
-                                            **RELEASED_ROWS),
-                        max_rows=3, min_count=2, sweep=sweep, out_dir=tmp_path / "series")
-    assert logged_loads == ["seed0", "seed1"]  # each once: the last in full, then the earlier
-    early = series["early_routing"]
+    assert series_analysis.loaded == ["seed0", "seed1"]  # each once: the last in full, then the earlier
+    early = series_analysis.results["early_routing"]
     assert early["steps"] == [1, 2] and early["labels"] == [exported["seed1"], exported["seed0"]]
     for curve in early["agreement"].values():
         assert curve[0] < 1.0 and curve[1] == 1.0
-    saved = json.loads((tmp_path / "series" / "analysis.json").read_text())
+    saved = json.loads((series_analysis.out_dir / "analysis.json").read_text())
     assert saved["early_routing"]["labels"] == early["labels"]
-    assert "half of the series" in (tmp_path / "series" / "report.txt").read_text()
+    assert "half of the series" in (series_analysis.out_dir / "report.txt").read_text()
     # The heat maps' rows are routing distributions: the most frequent token ids, position bins.
     (token_labels, by_token), (bin_labels, by_bin) = saved["specialization"]["heat_maps"].values()
     assert len(token_labels) == len(by_token) <= 24 and len(bin_labels) == len(by_bin) == 16
     np.testing.assert_allclose(np.sum(by_token + by_bin, axis=1), 1.0)
 
-    # docs/make_figures.py draws every figure from analysis.json alone.
+
+def test_make_figures_draws_every_figure_on_one_colour_scale(series_analysis, tmp_path):
+    # docs/make_figures.py draws every figure from analysis.json alone; the two heat maps of
+    # finding 1 share one colour scale (else a flat panel looks as strong as a one-hot one).
     spec = importlib.util.spec_from_file_location("make_figures", REPO_ROOT / "docs" / "make_figures.py")
     figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(figures)
-    figures.main([str(tmp_path / "series"), "--out", str(tmp_path / "png")])
+    figures.main([str(series_analysis.out_dir), "--out", str(tmp_path / "png")])
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
         "drop_towards_the_end.png", "early_routing.png", "specialization.png"]
+    import matplotlib.pyplot as plt
+    saved = json.loads((series_analysis.out_dir / "analysis.json").read_text())
+    figure = figures.specialization_figure(plt, saved["specialization"])
+    images = [image for axis in figure.axes for image in axis.get_images()]
+    assert len(images) == 2 and images[0].get_clim() == images[1].get_clim()
+    top = max(np.max(shares) for _, shares in saved["specialization"]["heat_maps"].values())
+    assert images[0].get_clim() == (0.0, top)
+    assert len(figure.axes) == 3  # two panels and ONE colour bar
+    assert all(axis.get_xlabel() and axis.get_ylabel() for axis in figure.axes[:2])
+    plt.close(figure)
 
 
-def test_command_line_analyses_a_series(exported, tmp_path):
-    # The CLI end to end, as a user runs it, in a fresh process (two sweep values to stay fast).
+def test_command_line_analyses_a_series(exported, series_analysis, tmp_path):
+    # The CLI end to end, as a user runs it, in a fresh process: it must write exactly what the
+    # in-process analysis of the same series wrote (same numbers, same report).
     out = tmp_path / "cli"
+    script = str(REPO_ROOT / "11_routing_analysis.py")
     result = subprocess.run(
-        [sys.executable, str(analysis.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
-         "--series", exported["seed1"], exported["seed0"], "--seq-len", "32", "--rows", "3",
-         "--min-count", "2", "--sweep", "1.25", "2.0", "--out", str(out)],
+        [sys.executable, script, "--series", exported["seed1"], exported["seed0"], "--seq-len",
+         "32", "--rows", "3", "--min-count", "2", "--sweep", "1.25", "2.0", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"Routing analysis of {exported['seed0']}" in result.stdout
-    assert result.stdout.rstrip().endswith("the three findings measured and reported.")
-    saved = json.loads((out / "analysis.json").read_text())
-    assert saved["early_routing"]["steps"] == [1, 2]
-    assert list(saved["drops"]["sweep"]) == ["1.25", "2.0"]
-    # And a bad combination exits with the error, not a traceback.
-    result = subprocess.run(
-        [sys.executable, str(analysis.OTHER_LANGUAGES.parent.parent / "11_routing_analysis.py"),
-         "--series", exported["seed0"]], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and result.stderr.startswith("error: --series")
+    expected = series_analysis.out_dir
+    assert json.loads((out / "analysis.json").read_text()) == json.loads(
+        (expected / "analysis.json").read_text())
+    report = (expected / "report.txt").read_text()
+    assert (out / "report.txt").read_text() == report
+    assert result.stdout == f"{report}written to {out}: report.txt, analysis.json\n" + (
+        "OK: decisions recorded at every checkpoint; the three findings measured and reported.\n")
+    # It says what it does on stderr, and nothing else (no absl or orbax notes).
+    assert result.stderr.splitlines()[0].startswith(f"{exported['seed0']}: ")
+    assert all(line.startswith(("routing every row", "early routing")) for line in
+               result.stderr.splitlines()[1:]), result.stderr
