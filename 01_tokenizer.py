@@ -18,7 +18,6 @@ so code round-trips). Self-test: `python 01_tokenizer.py` (about 30 s).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import functools
@@ -41,7 +40,7 @@ import numpy as np
 import sentencepiece as spm
 from datasets.distributed import split_dataset_by_node
 
-from support import files
+from support import cli, files
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +540,7 @@ def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int
 
 # --- Self-test: build the corpus, train a tokenizer, show it working, check the round trips. ------
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(
+    parser = cli.ArgumentParser(description=(
         "Build the embedded text+code corpus, train (or load from cache) a small umT5-style "
         "SentencePiece tokenizer, print worked examples and tokens per byte, and check round trips."))
     parser.add_argument("--cache-dir", default=None, help="where trained tokenizers are cached "

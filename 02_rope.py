@@ -36,12 +36,13 @@ An argument that takes any leading axes names only its last ones: 03's `swiglu(x
 given [B, L, D], [G, T, D] or [N, D] alike.
 """
 
-import argparse
 import sys
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
+
+from support import cli
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def apply_rope(x_BLHK, positions_BL, max_timescale: float = 10_000.0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Self-test of rotary position embeddings: prints the per-pair frequencies and "
                     "a tiny rotation, then checks relativity, norm preservation and the "
                     "complex-number formulation.")

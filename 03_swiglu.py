@@ -21,7 +21,6 @@ Left out: dropout (0 in pretraining), other activations, and anything MoE (05 vm
 Run the self-test: `python 03_swiglu.py` (`--help` for options).
 """
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from support import cli
 
 VARIANTS = ("double_gated", "swiglu")
 
@@ -192,7 +193,7 @@ class FeedForward(nnx.Module):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Self-test of the FFN: a worked double-gated SwiGLU example on a few tokens, "
                     "checked against NumPy, and the parameter/FLOP counts of OpenMoE-8B's FFN.")
     parser.add_argument("--variant", choices=VARIANTS, default="double_gated")

@@ -19,7 +19,6 @@ and the all-to-all that carries tokens to the devices holding their experts (05/
 Self-test: `python 04_router.py` prints a worked 8-token example.
 """
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from support import cli
 
 CAPACITY_RULES = ("t5x", "colossalai")
 GROUP_RULES = ("divisor", "flaxformer")
@@ -322,7 +323,7 @@ def queue_problems(routing: Routing, capacity: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Self-test of OpenMoE's router: prints a worked 8-token routing table "
                     "(choices, queue slots, drops and why), the capacity arithmetic, and a "
                     "drop-by-position demo, then checks the routing invariants and losses.")

@@ -26,7 +26,6 @@ Self-test: `python 05_moe_layer.py` dispatches 04's 8-token example into its [E,
 combines two tokens by hand, then runs the four paths and checks outputs and gradients agree.
 """
 
-import argparse
 import functools
 import importlib
 import sys
@@ -37,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from support import cli
 
 ffn = importlib.import_module("03_swiglu")
 router_lib = importlib.import_module("04_router")
@@ -325,9 +326,9 @@ def relative_gap(a, b) -> float:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="Self-test of the MoE layer: runs the loop (oracle), einsum and gather "
-                    "dispatch paths on the same input, prints their largest differences and the "
+    parser = cli.ArgumentParser(
+        description="Self-test of the MoE layer: runs the loop (oracle), einsum, gather and "
+                    "ragged dispatch paths on the same input, prints their largest differences and the "
                     "drop statistics, and checks equal outputs and gradients, with and without "
                     "drops, and zero output for tokens that every expert dropped.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and input")

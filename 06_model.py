@@ -20,7 +20,6 @@ Self-test: `python 06_model.py` (preset table, a few training steps, KV-cache de
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import math
@@ -32,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from support import cli
 
 tok = importlib.import_module("01_tokenizer")
 rope = importlib.import_module("02_rope")
@@ -529,7 +530,7 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(
+    parser = cli.ArgumentParser(description=(
         "Print OpenMoE's presets with their parameter counts beside the paper's; train a small "
         "model a few steps on one batch of the embedded corpus; check KV-cache decoding equals "
         "full recomputation; print a sample."))

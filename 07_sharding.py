@@ -23,7 +23,6 @@ Self-test: `python 07_sharding.py` simulates 8 CPU devices (about 30 s).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import math
@@ -37,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from support import host
+from support import cli, host
 
 model_lib = importlib.import_module("06_model")
 moe = importlib.import_module("05_moe_layer")
@@ -488,7 +487,7 @@ def gib(count: float) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(
+    parser = cli.ArgumentParser(description=(
         "Simulate 8 CPU devices: print the partitioning rules, shard a small OpenMoE on a "
         "2×2×2 ('data', 'expert', 'model') mesh, check the sharded loss and gradients equal the "
         "single-device ones, find the all-to-all in the compiled program, and print memory per "

@@ -19,7 +19,6 @@ paper's relative step size min(1e-2, 1/√t) (OpenMoE gives an explicit schedule
 Run the self-test: `python 08_adafactor.py` (`--help` for options).
 """
 
-import argparse
 import importlib
 import math
 import sys
@@ -31,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from support import cli
 
 model_lib = importlib.import_module("06_model")
 
@@ -357,7 +358,7 @@ def state_sizes(params_state) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(
+    parser = cli.ArgumentParser(description=(
         "Self-test of Adafactor: optimize a small problem with this Adafactor and optax's side by "
         "side and print their largest difference; show T5X mode's per-expert step sizes; print "
         "OpenMoE's learning-rate schedule and the optimizer-state size of every preset."))

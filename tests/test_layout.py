@@ -82,6 +82,18 @@ def test_chapter_has_teaching_docstring(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=CHAPTER_IDS)
+def test_chapter_tells_its_story_in_600_lines(path):
+    # A chapter that outgrows this holds plumbing that belongs in support/ (DESIGN: "a chapter
+    # tells its concept's story in about 600 lines at most, no function over about 60").
+    source = path.read_text()
+    assert len(source.splitlines()) <= 600, f"{path.name} has {len(source.splitlines())} lines"
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, f"{path.name}: functions over 60 lines: {long}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=CHAPTER_IDS)
 def test_chapter_ends_with_self_test(path):
     tree = ast.parse(path.read_text())
     last = tree.body[-1]
