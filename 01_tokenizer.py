@@ -84,16 +84,16 @@ def is_validation(document_id: str, fraction: float = VALIDATION_FRACTION) -> bo
 def python_files(directory: pathlib.Path) -> tuple[list[tuple[str, str]], int]:
     """(relative path, source) of every `.py` file under `directory` outside test suites, and how
     many were skipped as not valid UTF-8 (a source tree may hold a few; they should not stop a run)."""
-    files, undecodable = [], 0
+    sources, undecodable = [], 0
     for path in sorted(directory.rglob("*.py")):
         relative = path.relative_to(directory)
         if SKIPPED_DIRECTORIES.intersection(relative.parts[:-1]) or relative.name.startswith("test_"):
             continue
         try:
-            files.append((relative.as_posix(), path.read_text(encoding="utf-8")))
+            sources.append((relative.as_posix(), path.read_text(encoding="utf-8")))
         except (UnicodeDecodeError, OSError):
             undecodable += 1
-    return files, undecodable
+    return sources, undecodable
 
 
 def docstrings(source: str) -> list[str]:
@@ -113,12 +113,12 @@ def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, 
     Parsing the standard library takes seconds, so both splits share one reading."""
     import pydoc_data.topics
     directory = pathlib.Path(directory or sysconfig.get_paths()["stdlib"])
-    files, undecodable = python_files(directory)
+    sources, undecodable = python_files(directory)
     if undecodable:
         log.warning("skipped %d undecodable .py files under %s", undecodable, directory)
     documents = [{"id": f"pydoc_topics/{name}", "source": "text", "text": text}
                  for name, text in sorted(pydoc_data.topics.topics.items())]
-    for relative, source in files:
+    for relative, source in sources:
         # A module's docstrings together read as one prose document about that module.
         prose = "\n\n".join(docstrings(source))
         if prose:
@@ -529,13 +529,14 @@ def mixture_sources(mixture: str, process_index: int = 0, process_count: int = 1
 
 def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int) -> dict[str, list]:
     """Up to `count` held-out next-token batches of `rows` rows per domain, from the embedded
-    corpus' validation split (held out from every mixture, with text and code apart)."""
+    corpus' validation split (held out from every mixture, with text and code apart); a domain
+    without one full batch is left out."""
     batches = {}
-    for domain, ds in embedded_corpus("validation").items() if count else ():
+    for domain, ds in embedded_corpus("validation").items():
         flat = list(itertools.islice(pack_lm_rows(token_stream(iter(ds["text"]), tokenizer), seq_len),
                                      rows * count))
         batches[domain] = [stack_rows(flat[i:i + rows]) for i in range(0, len(flat) - rows + 1, rows)]
-    return batches
+    return {domain: domain_batches for domain, domain_batches in batches.items() if domain_batches}
 
 
 # --- Self-test: build the corpus, train a tokenizer, show it working, check the round trips. ------

@@ -451,22 +451,29 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> DecodeCache:
 
 @jax.jit
 def _decode_step(model, tokens_BL, positions_BL, valid_BL, cache):
-    """New tokens against the cache → last logits, the cache, each MoE layer's (experts, kept)."""
-    logits_BLV, moe_stats, cache = model(tokens_BL, positions_BL=positions_BL, train=False,
-                                         segment_ids_BL=valid_BL.astype(jnp.int32), cache=cache)
-    return logits_BLV[:, -1], cache, [(stats["expert_BLA"], stats["kept_BLA"]) for stats in moe_stats]
+    """New tokens against the cache → the last position's logits, and the cache."""
+    logits_BLV, _, cache = model(tokens_BL, positions_BL=positions_BL, train=False,
+                                 segment_ids_BL=valid_BL.astype(jnp.int32), cache=cache)
+    return logits_BLV[:, -1], cache
 
 
-class RoutedStep(NamedTuple):
-    """What one decoding step fed the model, and where each MoE layer sent it."""
+class Routing(NamedTuple):
+    """A text's tokens [1, L] and, per MoE layer, each token's k experts (best first) [1, L, k]
+    and whether that expert had room for it (False: dropped)."""
     tokens_BL: np.ndarray
-    expert_BLA: list[np.ndarray]  # per MoE layer: each token's k experts, best first
-    kept_BLA: list[np.ndarray]    # per MoE layer: whether that expert had room (False: dropped)
+    expert_BLA: list[np.ndarray]
+    kept_BLA: list[np.ndarray]
 
-    @classmethod
-    def of(cls, tokens_BL, routing) -> "RoutedStep":
-        return cls(np.asarray(tokens_BL), [np.asarray(e) for e, _ in routing],
-                   [np.asarray(k) for _, k in routing])
+
+def routed_text(model, ids: list[int]) -> Routing:
+    """Each MoE layer's routing of every token of `ids` in ONE forward pass (train=False), as
+    training and the paper's drop analysis (§4.4) route: the text is one group, so late tokens
+    may find their experts full (Drop-towards-the-End). `generate` routes the prompt so too, but
+    then each new token alone, a group of one with min_capacity >= 1 slots: those never drop."""
+    tokens_BL = jnp.asarray([ids], jnp.int32)
+    _, moe_stats, _ = jax.jit(lambda model, t_BL: model(t_BL, train=False))(model, tokens_BL)
+    return Routing(np.asarray(tokens_BL), *([np.asarray(s[name]) for s in moe_stats]
+                                            for name in ("expert_BLA", "kept_BLA")))
 
 
 def sample_token(logits_BV, key, *, temperature: float = 0.0, top_p: float = 1.0):
@@ -485,11 +492,11 @@ def sample_token(logits_BV, key, *, temperature: float = 0.0, top_p: float = 1.0
 
 def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int = 1, pad_id: int = 0, return_routing: bool = False):
+             eos_id: int = 1, pad_id: int = 0) -> list[list[int]]:
     """Continue each prompt token by token, reusing every earlier key and value (a KV cache).
     Prompts are left-padded to one length, so all rows write the same cache slot each step; each
     row's positions start at 0 at its first real token. Routing uses the evaluation capacity
-    factor; each continuation ends before eos. `return_routing`: a `RoutedStep` per model call."""
+    factor; each continuation ends before eos."""
     cfg = model.cfg
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs a token "
@@ -509,13 +516,9 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
     # Prefill: the whole prompt at once; then one token per step at the next position.
     cache = init_cache(cfg, len(prompts), longest + max_new_tokens)
     positions_BL = jnp.maximum(jnp.cumsum(valid_BL, axis=1) - 1, 0)
-    key, steps = jax.random.key(seed), []
-    outputs, finished = [[] for _ in prompts], np.zeros(len(prompts), bool)
-    for step in range(max_new_tokens + 1):
-        logits_BV, cache, routing = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
-        steps.append(RoutedStep.of(tokens_BL, routing))
-        if step == max_new_tokens:
-            break
+    key, outputs, finished = jax.random.key(seed), [[] for _ in prompts], np.zeros(len(prompts), bool)
+    for _ in range(max_new_tokens):
+        logits_BV, cache = _decode_step(model, tokens_BL, positions_BL, valid_BL, cache)
         key, step_key = jax.random.split(key)
         token_B = sample_token(logits_BV, step_key, temperature=temperature, top_p=top_p)
         for row, token in enumerate(np.asarray(token_B)):
@@ -526,7 +529,7 @@ def generate(model: OpenMoE, prompts: list[list[int]], *, max_new_tokens: int,
             break
         tokens_BL = token_B[:, None].astype(jnp.int32)
         positions_BL, valid_BL = positions_BL[:, -1:] + 1, jnp.ones_like(tokens_BL)
-    return (outputs, steps) if return_routing else outputs
+    return outputs
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from support import checkpoints, cli, health, host, run_dir
+from support import checkpoints, cli, health, host, runs
 
 tok = importlib.import_module("01_tokenizer")
+ffn = importlib.import_module("03_swiglu")
+router_lib = importlib.import_module("04_router")
+moe = importlib.import_module("05_moe_layer")
 model_lib = importlib.import_module("06_model")
 shard = importlib.import_module("07_sharding")
 ada = importlib.import_module("08_adafactor")
@@ -145,7 +148,7 @@ def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
 
 def read_run_config(path: str | pathlib.Path) -> TrainConfig:
     """The TrainConfig of the run whose config.json is at `path` (support/run_dir writes it)."""
-    return run_dir.read_config(TrainConfig, path)
+    return runs.read_config(TrainConfig, path)
 
 
 def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
@@ -417,7 +420,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the work
     after that step as if the process were killed there (a later run resumes)."""
     # A finished run is reported at once, before any data, model or compile.
-    if not overwrite and (finished := run_dir.finished_summary(
+    if not overwrite and (finished := runs.finished_summary(
             cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, steps=cfg.steps)):
         return finished
 
@@ -432,7 +435,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     sources = tok.mixture_sources(cfg.mixture, jax.process_index(), jax.process_count())
 
     # One process per run directory: the first host holds its lock for the whole run.
-    with (run_dir.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
+    with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
                         writer=jax.process_index() == 0),
           checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.keep_period) as manager):
         return training_loop(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
@@ -455,7 +458,7 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     # The metrics file holds one line per step: the lines of steps this run will redo go first.
     metrics_path, first_host = pathlib.Path(cfg.run_dir) / "metrics.jsonl", jax.process_index() == 0
     if first_host:
-        run_dir.cut_metrics(metrics_path, start_step)
+        runs.cut_metrics(metrics_path, start_step)
     batches = train_batches(cfg, tokenizer, sources, start_step=start_step)
     last_step = min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(start_step, last_step), initial=start_step, total=cfg.steps,
@@ -483,8 +486,9 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
             # Periodic evaluation per domain, the step's metrics line, and checkpoints.
             if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 record.update(evals.setdefault(done, evaluate(trainer, eval_sets)))
-                bar.write(f"step {done}: " + ", ".join(f"{k[5:]} {v:.1%}" if "accuracy" in k
-                                                        else f"{k[5:]} {v:.3f}" for k, v in evals[done].items()))
+                bar.write(f"step {done}: " + ", ".join(
+                    f"{k[5:]} {v:.1%}" if k.endswith("accuracy") else f"{k[5:]} {v:.3f}"
+                    for k, v in evals[done].items()))
             if first_host:
                 with checkpoints.resumable_write(metrics_path, manager), open(metrics_path, "a") as file:
                     file.write(json.dumps(record) + "\n")
@@ -520,18 +524,22 @@ def parse_args(argv=None) -> tuple[TrainConfig, object]:
                         help="stop after this step as if killed (a later run resumes)")
     cli.add_multihost_flags(parser)
     # Every field a flag; the model's length is --seq-len's, its group layout 07's (the mesh's).
-    cli.add_config_flags(parser, TrainConfig, examples={"laptop": run_dir.flat_record(CONFIGS["laptop"]),
-                                                        "OpenMoE-8B": run_dir.flat_record(OPENMOE)},
+    cli.add_config_flags(parser, TrainConfig, examples={"laptop": runs.flat_record(CONFIGS["laptop"]),
+                                                        "OpenMoE-8B": runs.flat_record(OPENMOE)},
                          choices={"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
-                                  "dtype": ("float32", "bfloat16")},
+                                  "dtype": ("float32", "bfloat16"), "ffn_variant": ffn.VARIANTS,
+                                  "moe_wiring": ("sequential", "parallel"),
+                                  "group_rule": router_lib.GROUP_RULES, "moe_dispatch": moe.DISPATCHES,
+                                  "capacity_rule": router_lib.CAPACITY_RULES,
+                                  "remat_policy": sorted(model_lib.REMAT_POLICIES)},
                          skip={"model.max_seq_len", "model.group_multiple", "model.expert_replicas"})
     args = parser.parse_args(argv)
     base = QUICK if args.quick else CONFIGS[args.config]
     if args.preset:
         base = dataclasses.replace(base, model=dataclasses.replace(
             model_lib.PRESETS[args.preset], dtype=base.model.dtype, remat=base.model.remat))
-    record = run_dir.flat_record(base)
-    return run_dir.from_flat_record(TrainConfig, {k: vars(args).get(k, v) for k, v in record.items()}), args
+    record = runs.flat_record(base)
+    return runs.from_flat_record(TrainConfig, {k: vars(args).get(k, v) for k, v in record.items()}), args
 
 
 def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(values) / len(values)\n"):
@@ -568,11 +576,12 @@ def main(argv=None) -> None:
         if args.quick and not show_ul2_example(load_tokenizer(cfg)):
             raise SystemExit("self-test FAILED: the packed row's loss does not cover exactly the targets")
         # The self-test trains in a directory of its own (unless given one) and leaves nothing behind.
-        scratch = args.quick and not hasattr(args, "run_dir")
-        with tempfile.TemporaryDirectory(prefix="openmoe-quick-") if scratch else contextlib.nullcontext() as tmp:
-            summary = train(dataclasses.replace(cfg, run_dir=tmp or cfg.run_dir),
+        scratch = (tempfile.TemporaryDirectory(prefix="openmoe-quick-")
+                   if args.quick and not hasattr(args, "run_dir") else contextlib.nullcontext())
+        with scratch as scratch_dir:
+            summary = train(dataclasses.replace(cfg, run_dir=scratch_dir or cfg.run_dir),
                             overwrite=args.overwrite, stop_after=args.stop_after)
-    print("\n".join(run_dir.summary_lines(summary)))
+    print("\n".join(runs.summary_lines(summary)))
     losses = list(summary["losses"].values())
     if args.quick and not (losses and losses[-1] < losses[0]):
         raise SystemExit(f"self-test FAILED: the quick run's loss did not fall ({losses})")

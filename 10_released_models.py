@@ -399,27 +399,16 @@ def piece(tokenizer, token: int) -> str:
             else tokenizer.decode([token]))
 
 
-def routed_text(model, ids: list[int]) -> model_lib.RoutedStep:
-    """Each MoE layer's routing of every token of `ids` in ONE forward pass (train=False), as
-    training and the paper's drop analysis (§4.4) route: the text is one group, so late tokens
-    may find their experts full (Drop-towards-the-End). Decoding never drops: it routes each new
-    token alone, a group of one, and each of its k experts has min_capacity >= 1 slots."""
-    tokens_BL = jnp.asarray([ids], jnp.int32)
-    _, moe_stats, _ = jax.jit(lambda model, t_BL: model(t_BL, train=False))(model, tokens_BL)
-    return model_lib.RoutedStep.of(tokens_BL, [(s["expert_BLA"], s["kept_BLA"]) for s in moe_stats])
-
-
-def expert_table(tokenizer, steps: list, moe_layers: list[int]) -> list[str]:
-    """One line per token of the `steps` (06's RoutedStep: the tokens fed and their routing):
-    the experts each MoE layer sent it to, best first, with ✗ where that expert was full."""
+def expert_table(tokenizer, routing: "model_lib.Routing", moe_layers: list[int]) -> list[str]:
+    """One line per token of `routing`: the experts each MoE layer sent it to, best first, with
+    ✗ where that expert was full."""
     lines = [f"{'token':>18} │ " + " │ ".join(f"layer {layer:<6}" for layer in moe_layers)]
-    for step in steps:
-        for position, token in enumerate(step.tokens_BL[0]):
-            cells = [" ".join(f"e{e}{'' if kept else '✗'}".ljust(4)
-                              for e, kept in zip(expert_BLA[0, position], kept_BLA[0, position]))
-                     for expert_BLA, kept_BLA in zip(step.expert_BLA, step.kept_BLA)]
-            lines.append(f"{piece(tokenizer, token)[:18]:>18} │ "
-                         + " │ ".join(cell.ljust(12) for cell in cells))
+    for position, token in enumerate(routing.tokens_BL[0]):
+        cells = [" ".join(f"e{e}{'' if kept else '✗'}".ljust(4)
+                          for e, kept in zip(expert_BLA[0, position], kept_BLA[0, position]))
+                 for expert_BLA, kept_BLA in zip(routing.expert_BLA, routing.kept_BLA)]
+        lines.append(f"{piece(tokenizer, token)[:18]:>18} │ "
+                     + " │ ".join(cell.ljust(12) for cell in cells))
     return lines
 
 
@@ -444,7 +433,7 @@ def perplexity(model, tokenizer, *, rows: int = 16, seq_len: int | None = None) 
                                    "loss_mask": (tokens_BL[:, 1:] > 0).astype(np.float32)})
         results[domain] = {"loss": float(metrics["cross_entropy"]),
                            "accuracy": float(metrics["accuracy"]),
-                           "tokens": int(metrics["num_tokens"])}
+                           "tokens": int(metrics["num_tokens"]), "seq_len": seq_len}
     return results
 
 
@@ -469,7 +458,8 @@ def parse_args(argv=None):
          {"choices": sorted(model_lib.PRESETS)}),
         ("--dtype", str, "float32", "parameters and activations (router and logits stay f32)",
          {"choices": ["float32", "bfloat16"]}),
-        ("--mesh", str, "", "07's mesh, e.g. 'expert=2,model=4' (data: the rest; '': one device)"),
+        ("--mesh", str, "", "07's mesh, e.g. 'data=1,expert=2,model=4', as 09's --mesh: the axes' "
+         "product is the device count ('': one device, no mesh)"),
         ("--capacity-rule", str, "t5x", "t5x: as the weights were trained (flaxformer's groups); "
          "colossalai: as the paper's drop analysis ran them (one group)",
          {"choices": sorted(CAPACITY_RULES)}),
@@ -508,8 +498,9 @@ def run_command(args) -> None:
         tensor_files.refuse_to_replace(out, args.overwrite)  # before the model is read
         export_hf(run_model(run, args.step), out, tokenizer=train_lib.load_tokenizer(run.cfg),
                   overwrite=args.overwrite)
-        return print(f"wrote {out}/config.json, model.safetensors and spiece.model (step "
-                     f"{run.steps[-1] if args.step is None else args.step} of {run.path})")
+        print(f"wrote {out}/config.json, model.safetensors and spiece.model (step "
+              f"{run.steps[-1] if args.step is None else args.step} of {run.path})")
+        return
     factor = {} if args.capacity_factor is None else {"eval_capacity_factor": args.capacity_factor}
     overrides = {**CAPACITY_RULES[args.capacity_rule], **factor, "dtype": jnp.dtype(args.dtype),
                  "dropless": args.dropless}
@@ -522,18 +513,19 @@ def run_command(args) -> None:
     elif args.step is not None:
         raise ValueError("--step picks a checkpoint of a --run-dir; a --model has one checkpoint")
     else:
-        mesh = shard.make_mesh(**shard.parse_mesh(args.mesh)) if args.mesh else None
+        mesh = shard.mesh_from_text(args.mesh) if args.mesh else None
         model, tokenizer = load_model(args.model, param_dtype=jnp.dtype(args.dtype), mesh=mesh,
                                       preset=args.preset, need_tokenizer=True, **overrides)
     if args.command == "perplexity":
         results = perplexity(model, tokenizer, rows=args.rows, seq_len=args.seq_len)
         print(f"Scored: the first {args.rows} validation documents per domain, one per row, "
-              f"truncated to {args.seq_len or min(512, model.cfg.max_seq_len)} tokens, "
+              f"truncated to {next(iter(results.values()))['seq_len']} tokens, "
               "right-padded; 09's evaluation packs documents into full rows, so its numbers "
               f"differ.\n{'domain':8}{'loss':>8}{'accuracy':>10}{'tokens':>9}   (uniform guess: "
               f"ln V = {math.log(model.cfg.vocab_size):.2f})")
-        return print("\n".join(f"{domain:8}{r['loss']:8.3f}{r['accuracy']:10.1%}{r['tokens']:9d}"
-                               for domain, r in results.items()))
+        print("\n".join(f"{domain:8}{r['loss']:8.3f}{r['accuracy']:10.1%}{r['tokens']:9d}"
+                        for domain, r in results.items()))
+        return
     prompt = prompt_ids(tokenizer, args.prompt, chat=args.chat or "chat" in str(args.model).lower())
     (continuation,) = model_lib.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p,
@@ -543,9 +535,9 @@ def run_command(args) -> None:
         print(f"\nWhere each token went (✗: the expert was full, so it gave this token nothing; "
               f"capacity rule {args.capacity_rule}, capacity factor "
               f"{model.cfg.eval_capacity_factor}), the whole text routed in one pass as in training"
-              " and the paper's analysis, so late tokens can be dropped. Decoding itself never "
-              "drops: it routes each new token alone, a group of one token.")
-        print("\n".join(expert_table(tokenizer, [routed_text(model, prompt + continuation)],
+              " and the paper's analysis, so late tokens can be dropped. Decoding drops none of "
+              "the tokens it adds: it routes each alone, a group of one token.")
+        print("\n".join(expert_table(tokenizer, model_lib.routed_text(model, prompt + continuation),
                                      model.cfg.moe_layers)))
 
 
@@ -553,7 +545,10 @@ def main(argv=None) -> None:
     """The self-test without a command, else the command; a user's mistake is one line."""
     args = parse_args(argv)
     with cli.user_errors():
-        self_test() if args.command is None else run_command(args)
+        if args.command is None:
+            self_test()
+        else:
+            run_command(args)
 
 
 def self_test() -> None:
@@ -577,11 +572,11 @@ def self_test() -> None:
                                                       for m in (model, loaded))))
     prompt = prompt_ids(loaded_tokenizer, "The experts of a mixture")
     (continuation,) = model_lib.generate(loaded, [prompt], max_new_tokens=4)
-    routed = routed_text(loaded, prompt + continuation)
+    routed = model_lib.routed_text(loaded, prompt + continuation)
     print(f"\nExported to HF safetensors and loaded back: parameters "
           f"{'identical' if same else 'DIFFERENT'}. Greedy continuation (random weights, so "
           f"nonsense): {loaded_tokenizer.decode(continuation)!r}. Each token's experts, one pass:")
-    print("\n".join(expert_table(loaded_tokenizer, [routed], cfg.moe_layers)))
+    print("\n".join(expert_table(loaded_tokenizer, routed, cfg.moe_layers)))
     for ok, failure in ((same, "exported and reloaded parameters differ"),
                         (loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",
                          "a loaded model must use T5X's evaluation semantics"),

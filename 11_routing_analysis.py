@@ -322,7 +322,7 @@ def early_routing(subject: Subject, rows_by_source: dict, final: dict, min_count
     favourites = []
     for index, label in enumerate(subject.labels[:-1]):
         cli.progress(f"early routing: {subject.step_name} {label} "
-                 f"({index + 1} of {len(subject.labels) - 1})")
+                     f"({index + 1} of {len(subject.labels) - 1})")
         decisions = record_decisions(subject.load(index), model_cfg, rows_by_source)
         favourites.append(favourite_experts(decisions, min_count))
     return {"steps": list(subject.steps), "labels": list(subject.labels),
@@ -499,8 +499,8 @@ def analyse(subject: Subject, *, layer: int | None = None, max_rows: int = 128,
     in_distribution = {s: rows_by_source[s] for s in IN_DISTRIBUTION}
     check_min_count(min_count, in_distribution, max_rows)
     rows_per_source = {source: len(r["inputs"]) for source, r in rows_by_source.items()}
-    cli.progress(f"{subject.name}: {sum(rows_per_source.values())} rows of {subject.seq_len} tokens "
-             f"from {len(rows_per_source)} sources; loading {subject.step_name} {subject.labels[-1]}")
+    cli.progress(f"{subject.name}: {sum(rows_per_source.values())} rows of {subject.seq_len} "
+                 f"tokens, {len(rows_per_source)} sources; loading {subject.labels[-1]}")
     decisions, drops = last_checkpoint_findings(subject, rows_by_source, layer, tuple(sweep))
     # Finding 2 compares every earlier checkpoint with the last one's favourite experts, from the
     # same decisions: the in-distribution rows at the evaluation capacity.

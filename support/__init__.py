@@ -5,7 +5,7 @@ Each module opens with the guarantee it gives, and each guarantee has tests:
                 built again
   cli           one command line for every chapter: flags that mean one thing, help that says
                 what each does, and a user's mistake as one `error: ...` line, never a traceback
-  run_dir       one run per directory, locked while it trains; a run is resumed only with its
+  runs          one run per directory, locked while it trains; a run is resumed only with its
                 own identity; nothing a run wrote is lost, and nothing else there is touched
   checkpoints   orbax checkpoints: atomic saves, room checked first, a damaged one set aside
   health        a diverged run stops before a NaN reaches a checkpoint; a stalled one says so

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 import jax
 
 from support import cli, health
-from support.run_dir import RunError
 
 
 @contextlib.contextmanager
@@ -79,6 +78,13 @@ def read_only(run_dir: str | os.PathLike):
             pathlib.Path(run_dir).absolute() / "checkpoints",
             options=ocp.CheckpointManagerOptions(read_only=True)) as reader:
         yield reader
+
+
+def step_dirs(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of RUN/checkpoints/<step>/ directories, sorted, read without orbax (a save cut
+    short leaves a temporary name, which this skips)."""
+    directory = pathlib.Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def saved_steps(run_dir: str | os.PathLike) -> tuple[int, ...]:
@@ -169,6 +175,6 @@ def resumable_write(what: str, manager) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # a full disk surfaces from orbax in several types
-        raise RunError(f"could not write {what} ({cli.one_line(error)}); make room or fix "
-                       f"permissions, then run the same command again: it resumes from step "
-                       f"{saved_step or 0}, the newest complete checkpoint") from error
+        raise cli.Refused(f"could not write {what} ({cli.one_line(error)}); make room or fix "
+                          f"permissions, then run the same command again: it resumes from step "
+                          f"{saved_step or 0}, the newest complete checkpoint") from error

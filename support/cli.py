@@ -5,8 +5,9 @@ Guarantees, the same in every chapter's command:
     and only its full name is accepted: no prefix matching, so `--step` is never read as `--steps`;
   - `--help` says what each flag does, its default and its choices; a config field's flag takes
     its help from the comment beside the field, so the two cannot drift apart;
-  - a user's mistake (a bad value, a missing file, a run that cannot start) ends the command with
-    one line, `error: ...`, and exit status 1, never a traceback; Ctrl-C ends it with status 130.
+  - a user's mistake ends the command with one line, `error: ...`, never a traceback: a bad flag
+    with exit status 2 (before anything runs), a bad value, a missing file or a run that cannot
+    start with status 1; Ctrl-C ends it with status 130.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the book's rules: no prefix matching, and every flag's default in --help."""
+    """argparse with the book's rules: no prefix matching, every flag's default in --help, and a
+    bad flag reported in one line (not argparse's usage block), exit status 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(error: BaseException) -> str:

@@ -9,28 +9,35 @@ warning, and a build that fails writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, TypeVar
 
 T = TypeVar("T")
 
 
-def replace_file(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` (text or bytes) to `path` atomically."""
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file handle whose contents replace `path` atomically when the block ends without an
+    error; if it raises, `path` is left as it was and the partial file removed."""
     path = pathlib.Path(path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
-        if isinstance(data, bytes):
-            partial.write_bytes(data)
-        else:
-            partial.write_text(data)
+        with open(partial, mode) as file:
+            yield file
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def replace_file(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text or bytes) to `path` atomically."""
+    with replacing(path, "wb" if isinstance(data, bytes) else "w") as file:
+        file.write(data)
 
 
 def content_key(header: str, items: Iterable[str]) -> str:

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from support.run_dir import RunError
+from support import cli
 
 # A step whose gradient is exactly zero changes nothing; this many in a row is a stalled run.
 STALL_STEPS = 5
@@ -29,7 +29,7 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-class TrainingDiverged(RunError):
+class TrainingDiverged(cli.Refused):
     """The loss, gradient or new state became NaN or inf; no checkpoint holds such a state."""
 
 

@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import pickle
 import struct
@@ -269,15 +268,10 @@ def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> 
         offset += array.nbytes
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as file:
-            file.write(struct.pack("<Q", len(encoded)) + encoded)
-            for array in tensors.values():
-                file.write(np.ascontiguousarray(array).tobytes())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with files.replacing(path) as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            file.write(np.ascontiguousarray(array).tobytes())
 
 
 HF_FILES = ("config.json", "model.safetensors", "spiece.model")

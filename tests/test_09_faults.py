@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from support import run_dir as run_dir_lib
+from support import runs
 
 from conftest import REPO_ROOT, load
 
@@ -46,7 +46,7 @@ def flags(cfg: "train_lib.TrainConfig") -> list[str]:
     """The command line that gives exactly `cfg`: every field spelled out, the model's too (but
     its length, which is --seq-len, and its group layout, which 07 sets from the mesh)."""
     return [f"--{name.removeprefix('model.').replace('_', '-')}={value}"
-            for name, value in run_dir_lib.flat_record(cfg).items()
+            for name, value in runs.flat_record(cfg).items()
             if name not in ("model.max_seq_len", "model.group_multiple", "model.expert_replicas")]
 
 
@@ -296,7 +296,7 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
     (tmp_path / "metrics-is-a-directory" / "metrics.jsonl").mkdir(parents=True)
     other_run = tmp_path / "other-run"
     other_run.mkdir()
-    (other_run / "config.json").write_text(json.dumps(run_dir_lib.flat_record(small_run(other_run, seq_len=64))))
+    (other_run / "config.json").write_text(json.dumps(runs.flat_record(small_run(other_run, seq_len=64))))
     (other_run / "notes.txt").write_text("the user's own file")
     before = snapshot(tmp_path)
     for run_dir, message in [
@@ -315,11 +315,11 @@ def test_unusable_run_directories_are_one_line_errors_that_change_nothing(tmp_pa
 def test_overwrite_deletes_only_the_runs_own_files(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(run_dir_lib.flat_record(small_run(run_dir, seq_len=64))))
+    (run_dir / "config.json").write_text(json.dumps(runs.flat_record(small_run(run_dir, seq_len=64))))
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     (run_dir / "notes.txt").write_text("the user's own file")
     cfg = small_run(run_dir)
-    with run_dir_lib.claim(run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS, overwrite=True):
+    with runs.claim(run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS, overwrite=True):
         pass
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt", "run.lock"]
@@ -330,7 +330,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(run_dir_lib.fcntl, "flock", no_locks)
-    with run_dir_lib.run_lock(tmp_path):
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    with runs.run_lock(tmp_path):
         assert f"process {os.getpid()} " in (tmp_path / "run.lock").read_text()
     assert "run.lock cannot be locked (No locks available)" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from support import checkpoints, health, run_dir
+from support import checkpoints, health, runs
 
 from conftest import load
 
@@ -39,7 +39,7 @@ def tiny(tmp_path, **overrides) -> "train_lib.TrainConfig":
 
 def claim(cfg, overwrite: bool) -> None:
     """What 09's train() does to the run directory before it trains, and nothing else."""
-    with run_dir.claim(cfg.run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS,
+    with runs.claim(cfg.run_dir, cfg, resumable=train_lib.RESUMABLE_FIELDS,
                        overwrite=overwrite):
         pass
 
@@ -191,7 +191,7 @@ def test_a_stalled_run_is_reported(tmp_path, monkeypatch, capsys):
     assert summary["stalled_since"] == 1
     assert "gradient has been exactly zero since step 1" in capsys.readouterr().out
     assert "warning: the gradient has been exactly zero since step 1" in "\n".join(
-        run_dir.summary_lines(summary))
+        runs.summary_lines(summary))
 
 
 def test_bad_inputs_fail_before_anything_is_written(tmp_path):
@@ -223,8 +223,7 @@ def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_pat
     monkeypatch.chdir(tmp_path)
     claim(dataclasses.replace(cfg, run_dir="moved"), overwrite=False)
     # Resumable fields (length, schedule) may change; each change is appended to the history.
-    claim(dataclasses.replace(cfg, run_dir="moved", steps=10, peak_lr=0.01),
-                              overwrite=False)
+    claim(dataclasses.replace(cfg, run_dir="moved", steps=10, peak_lr=0.01), overwrite=False)
     history = [json.loads(line) for line in (moved / "config_history.jsonl").read_text().splitlines()]
     assert [h["changed"] for h in history] == [
         {"run_dir": [cfg.run_dir, "moved"]},
@@ -234,8 +233,8 @@ def test_a_run_is_its_config_not_the_spelling_of_its_path(uninterrupted, tmp_pat
 
 def test_config_json_round_trips_and_a_foreign_config_is_refused(tmp_path):
     cfg = tiny(tmp_path, model=dataclasses.replace(model_lib.PRESETS["tiny"], remat=True))
-    record = run_dir.flat_record(cfg)
-    assert run_dir.from_flat_record(train_lib.TrainConfig, json.loads(json.dumps(record))) == cfg
+    record = runs.flat_record(cfg)
+    assert runs.from_flat_record(train_lib.TrainConfig, json.loads(json.dumps(record))) == cfg
     # A config.json this program did not write (here: an early version's, which named a preset)
     # is refused in one line, and left as it is.
     old = {k: v for k, v in record.items() if not k.startswith("model.")} | {"preset": "tiny"}
@@ -261,7 +260,7 @@ def test_a_finished_run_says_so_without_training(uninterrupted, capsys):
     cfg, _ = uninterrupted
     summary = train_lib.train(cfg, progress=False)
     assert summary["complete"] and summary["losses"] == {} and summary["steps"] == cfg.steps
-    assert "is complete: 6 steps" in run_dir.summary_lines(summary)[0]
+    assert "is complete: 6 steps" in runs.summary_lines(summary)[0]
 
 
 def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
@@ -269,7 +268,7 @@ def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
     lines = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4, 3, 4, 5, 2, 3)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "lo')
-    run_dir.cut_metrics(path, last_step=4)
+    runs.cut_metrics(path, last_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 

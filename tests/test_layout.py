@@ -1,8 +1,10 @@
 """The project's layout rules, checked from the files themselves.
 
 Each numbered chapter may import only earlier chapters, opens with a docstring that teaches,
-and ends with a `__main__` self-test; and every self-test actually passes when run the way a
-reader runs it (`python NN_name.py`, in quick mode where the chapter has one).
+tells its story in at most 600 lines with no function over 60, and ends with a `__main__`
+self-test; every self-test actually passes when run the way a reader runs it (`python
+NN_name.py`, in quick mode where the chapter has one). support/ imports no chapter, and each of
+its modules opens by saying it is plumbing and what it guarantees.
 """
 
 import ast

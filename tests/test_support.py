@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from support import checkpoints, cli, files, health, host, run_dir
+from support import checkpoints, cli, files, health, host, runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,23 +72,31 @@ def test_field_flags_take_their_help_from_the_comments():
     (["--step", "3"], "unrecognized arguments: --step 3"),  # no prefix matching
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):
-    parser = cli.ArgumentParser()
+    parser = cli.ArgumentParser(prog="example.py")
     cli.add_field_flags(parser, Example)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         parser.parse_args(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err  # one line, not argparse's usage
+    assert err.startswith("error: ") and message in err and err.endswith("(see example.py --help)\n")
 
 
 @pytest.mark.parametrize("error, line", [
     (ValueError("steps=0 must be >= 1"), "error: steps=0 must be >= 1"),
     (FileNotFoundError(2, "No such file or directory", "model.bin"),
      "error: No such file or directory (model.bin)"),
-    (run_dir.RunError("run directory x is in use"), "error: run directory x is in use"),
+    (runs.RunError("run directory x is in use"), "error: run directory x is in use"),
 ])
 def test_user_errors_are_one_line(error, line):
     with pytest.raises(SystemExit) as stopped, cli.user_errors():
         raise error
     assert stopped.value.code == line
+
+
+def test_ctrl_c_is_a_message_and_status_130(capsys):
+    with pytest.raises(SystemExit) as stopped, cli.user_errors("interrupted; run it again"):
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130 and capsys.readouterr().err == "\ninterrupted; run it again\n"
 
 
 def test_bugs_keep_their_traceback():
@@ -122,18 +130,24 @@ class Run:
 RESUMABLE = {"steps", "run_dir"}
 
 
-def test_a_config_is_one_flat_json_record():
+def test_a_config_is_one_flat_json_record(tmp_path):
     run = Run(model=Inner(width=16, dtype=jnp.bfloat16))
-    record = run_dir.flat_record(run)
+    record = runs.flat_record(run)
     assert record == {"model.width": 16, "model.dtype": "bfloat16", "run_dir": "run", "steps": 4,
                       "seed": 0}
-    assert run_dir.from_flat_record(Run, json.loads(json.dumps(record))) == run
+    assert runs.from_flat_record(Run, json.loads(json.dumps(record))) == run
     with pytest.raises(TypeError, match=r"no fields \['preset'\]"):
-        run_dir.from_flat_record(Run, dict(record, preset="tiny"))
+        runs.from_flat_record(Run, dict(record, preset="tiny"))
+    # A config.json of another version (or damaged) is a one-line error that says what to do.
+    path = tmp_path / "config.json"
+    for text in (json.dumps(dict(record, preset="tiny")), "{not json"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="another version of this program.*--overwrite"):
+            runs.read_config(Run, path)
 
 
 def claim(directory, config, overwrite=False):
-    with run_dir.claim(directory, config, resumable=RESUMABLE, overwrite=overwrite):
+    with runs.claim(directory, config, resumable=RESUMABLE, overwrite=overwrite):
         return sorted(p.name for p in pathlib.Path(directory).iterdir())
 
 
@@ -154,11 +168,11 @@ def test_a_run_directory_holds_one_run(tmp_path):
 
 
 def test_a_second_holder_of_the_lock_is_refused(tmp_path):
-    with run_dir.run_lock(tmp_path):
-        with pytest.raises(run_dir.RunError, match=f"in use by process {os.getpid()} "):
-            with run_dir.run_lock(tmp_path):
+    with runs.run_lock(tmp_path):
+        with pytest.raises(runs.RunError, match=f"in use by process {os.getpid()} "):
+            with runs.run_lock(tmp_path):
                 pass
-    with run_dir.run_lock(tmp_path):  # released with its holder
+    with runs.run_lock(tmp_path):  # released with its holder
         pass
 
 
@@ -166,7 +180,7 @@ def test_overwrite_deletes_the_runs_files_only(tmp_path, capsys):
     for name in ("metrics.jsonl", "notes.txt"):
         (tmp_path / name).write_text("{}\n")
     (tmp_path / "checkpoints" / "2").mkdir(parents=True)
-    (tmp_path / "config.json").write_text(json.dumps(run_dir.flat_record(Run(seed=1))))
+    (tmp_path / "config.json").write_text(json.dumps(runs.flat_record(Run(seed=1))))
     assert claim(tmp_path, Run(), overwrite=True) == ["config.json", "notes.txt", "run.lock"]
     assert "deleted config.json, metrics.jsonl, checkpoints" in capsys.readouterr().out
 
@@ -177,10 +191,10 @@ def test_a_finished_run_is_read_from_its_files(tmp_path):
     (tmp_path / "checkpoints" / "4").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 3, "eval/text/loss": 2.0}) + "\n" + json.dumps({"step": 4}) + "\n")
-    summary = run_dir.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=4)
+    summary = runs.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=4)
     assert summary["complete"] and summary["eval"] == {"eval/text/loss": 2.0}
-    assert run_dir.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=5) is None
-    assert run_dir.finished_summary(tmp_path, dataclasses.replace(run, seed=1),
+    assert runs.finished_summary(tmp_path, run, resumable=RESUMABLE, steps=5) is None
+    assert runs.finished_summary(tmp_path, dataclasses.replace(run, seed=1),
                                     resumable=RESUMABLE, steps=4) is None
 
 
@@ -238,6 +252,11 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkey
         checkpoints.save(manager, 1, {"w": jnp.zeros(1024)}, {}, {"step": 1})
     assert checkpoints.saved_steps(tmp_path) == ()
     manager.close()
+
+
+def test_freed_memory_is_kept_only_where_asked(monkeypatch):
+    monkeypatch.setenv("OPENMOE_MALLOC", "default")
+    assert host.keep_freed_memory_mapped() is False  # the off-switch changes nothing
 
 
 def test_memory_of_a_cpu_device_is_the_hosts():

@@ -28,3 +28,9 @@ def test_a_report_is_written_as_text_and_strict_json(tmp_path):
     assert "NaN" not in text  # strict JSON: a parser that refuses NaN reads it
     assert json.loads(text) == {"curve": [0.5, None], "count": 3, "empty": None,
                                 "nested": {"pair": [1, 2.5]}}
+
+
+def test_a_header_wider_than_its_spec_widens_its_column():
+    lines = report.table(("checkpoint", "layer 1"), [("1", 0.5), ("20", 1.0)], (">6", "9.0%"))
+    assert lines == ["   checkpoint   layer 1", "            1       50%", "           20      100%"]
+    assert len({len(line) for line in lines}) == 1

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Set
 import jax.numpy as jnp
 import numpy as np
 
-from support import cli, files
+from support import checkpoints, cli, files
 
 # What a run writes into its directory, and all that `overwrite` deletes: anything else there
 # (notes, 11's routing_analysis/, ...) is never touched.
@@ -126,16 +126,19 @@ def saved_record(run_dir: pathlib.Path, cls: type) -> dict | None:
     path = run_dir / "config.json"
     if not path.exists():
         return None
-    try:
-        return flat_record(from_flat_record(cls, json.loads(path.read_text())))
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{path} cannot be read as this program's run config "
-                         f"({cli.one_line(error)}); restore it, or choose another --run-dir") from error
+    return flat_record(read_config(cls, path))
 
 
 def read_config(cls: type, path: str | os.PathLike):
-    """The `cls` config of the run whose config.json is at `path`."""
-    return from_flat_record(cls, json.loads(pathlib.Path(path).read_text()))
+    """The `cls` config of the run whose config.json is at `path`; a file that is not one (damaged,
+    or written by another version of this program) is a one-line ValueError, and left alone."""
+    try:
+        return from_flat_record(cls, json.loads(pathlib.Path(path).read_text()))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{path} cannot be read as this program's run config ({cli.one_line(error)}); it is "
+            "damaged, or was written by another version of this program. Choose another "
+            "--run-dir, or train this one again from scratch with --overwrite") from error
 
 
 def identity_differences(saved: dict, record: dict, resumable: Set[str]) -> dict:
@@ -152,8 +155,7 @@ def finished_summary(run_dir: str | os.PathLike, config, *, resumable: Set[str],
     run_dir = pathlib.Path(run_dir)
     try:
         saved = saved_record(run_dir, type(config))
-        saved_steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
-                             if p.name.isdigit())
+        saved_steps = checkpoints.step_dirs(run_dir)
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         evals = [{k: v for k, v in json.loads(line).items() if k.startswith("eval/")}
                  for line in lines]
