@@ -405,3 +405,26 @@ def test_benchmark_writer_reproduces_torch_save(tmp_path, torch_file, ordered):
                 assert ours.read(name) == theirs.read(name), name
     assert all(offset % 64 == 0 for offset in _record_offsets(written).values())
     assert all(offset % 64 == 0 for offset in _record_offsets(original).values())
+
+
+def test_a_hub_name_downloads_weights_and_configs_but_never_code(tmp_path, monkeypatch):
+    # The download is the hub client's; what it is asked for is ours: the files a checkpoint
+    # needs, and no *.py (a model repository's modeling code would run on import elsewhere).
+    import fnmatch
+
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot_download(name, allow_patterns):
+        asked.update(name=name, patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert tensor_files.local_or_download("OrionZheng/openmoe-base") == tmp_path
+    repository = ["config.json", "pytorch_model.bin", "model.safetensors", "spiece.model",
+                  "modeling_openmoe.py", "setup.py", "scripts/train.sh"]
+    fetched = [f for f in repository if any(fnmatch.fnmatch(f, p) for p in asked["patterns"])]
+    assert asked["name"] == "OrionZheng/openmoe-base"
+    assert fetched == ["config.json", "pytorch_model.bin", "model.safetensors", "spiece.model"]
+    assert tensor_files.local_or_download(tmp_path) == tmp_path  # a path is used as it is
