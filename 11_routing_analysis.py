@@ -10,11 +10,11 @@ records which experts each token is sent to, and finds three things:
   3. Drop-towards-the-End: an expert's buffer fills in token order, so a sequence's late tokens
      are dropped more, and far more on text the router was not balanced on (Fig. 12).
 It analyses a 09 run's checkpoints (step 0, the initialization, then every kept one) or released
-ones opened by chapter 10 (`--model`, or a `--series` such as the 8B at 200B … 1T tokens): the
+ones opened by chapter 10 (`--model`, or a `--series` such as the 8B at 200B … 1T tokens). The
 last routes validation text and code and two kinds the router never saw (01's chats and other
-languages), every MoE layer's decisions (05's expert_BLA, kept_BLA) are recorded, and report.txt
-and analysis.json written. Shapes as in 02, plus U: the distinct values of a grouping (token ids,
-positions, sources). Left out: the paper's radar plots over data subsets, and its mitigations.
+languages). Every MoE layer's decisions (05's expert_BLA, kept_BLA) are recorded; the findings
+go to report.txt and analysis.json. Shapes as in 02, plus U: the distinct values of a grouping
+(token ids, positions, sources). Left out: the paper's radar plots over data subsets.
 Self-test: `python 11_routing_analysis.py --quick` (about 1.5 minutes)."""
 
 from __future__ import annotations
