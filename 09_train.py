@@ -147,7 +147,7 @@ def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
 
 
 def read_run_config(path: str | pathlib.Path) -> TrainConfig:
-    """The TrainConfig of the run whose config.json is at `path` (support/run_dir writes it)."""
+    """The TrainConfig of the run whose config.json is at `path` (support/runs writes it)."""
     return runs.read_config(TrainConfig, path)
 
 
