@@ -70,6 +70,26 @@ def rope_frequencies(head_dim: int, max_timescale: float = 10_000.0) -> np.ndarr
     return (1.0 / max_timescale**exponents).astype(np.float32)
 
 
+def rotation(positions_BL, head_dim: int, max_timescale: float = 10_000.0):
+    """cos(pθ) and sin(pθ) for every position and feature, f32 [B, L, 1, K] each (see apply_rope).
+
+    They depend on positions only, so a model computes them once and every layer's queries and
+    keys reuse them. The [f, f] tiling makes feature i and feature i + K/2 share one angle: they
+    are one pair. The trailing 1 is the head axis: every head turns the same way.
+    """
+    theta = jnp.asarray(rope_frequencies(head_dim, max_timescale))
+    # Angles in float32: position · θ reaches thousands of radians, far beyond bf16's precision.
+    angle_BLK = positions_BL.astype(jnp.float32)[..., None] * jnp.concatenate([theta, theta])
+    return jnp.cos(angle_BLK)[..., None, :], jnp.sin(angle_BLK)[..., None, :]
+
+
+def rotate(x_BLHK, cos_BL1K, sin_BL1K):
+    """x · cos + rotate_half(x) · sin, in x's dtype, with the angles of `rotation`."""
+    first_BLHK, second_BLHK = jnp.split(x_BLHK, 2, axis=-1)
+    rotated_half_BLHK = jnp.concatenate([-second_BLHK, first_BLHK], axis=-1)
+    return x_BLHK * cos_BL1K.astype(x_BLHK.dtype) + rotated_half_BLHK * sin_BL1K.astype(x_BLHK.dtype)
+
+
 def apply_rope(x_BLHK, positions_BL, max_timescale: float = 10_000.0):
     """Rotate each head vector of x by its token's position; returns x's shape and dtype.
 
@@ -85,18 +105,7 @@ def apply_rope(x_BLHK, positions_BL, max_timescale: float = 10_000.0):
         Re Σ_i q_i e^{jmθ_i} · conj(k_i e^{jnθ_i}) = Re Σ_i q_i conj(k_i) · e^{j(m−n)θ_i},
     which contains m and n only through m − n. And |e^{jφ}| = 1, so norms are unchanged.
     """
-    head_dim = x_BLHK.shape[-1]
-    # The [f, f] tiling makes feature i and feature i + K/2 share one angle: they are one pair.
-    theta = jnp.asarray(rope_frequencies(head_dim, max_timescale))
-    theta_K = jnp.concatenate([theta, theta])
-    # Angles in float32: position · θ reaches thousands of radians, far beyond bf16's precision.
-    angle_BLK = positions_BL.astype(jnp.float32)[..., None] * theta_K
-    # Add the head axis (every head turns the same way) and cast to the activation dtype.
-    cos_BL1K = jnp.cos(angle_BLK)[..., None, :].astype(x_BLHK.dtype)
-    sin_BL1K = jnp.sin(angle_BLK)[..., None, :].astype(x_BLHK.dtype)
-    first_BLHK, second_BLHK = jnp.split(x_BLHK, 2, axis=-1)
-    rotated_half_BLHK = jnp.concatenate([-second_BLHK, first_BLHK], axis=-1)
-    return x_BLHK * cos_BL1K + rotated_half_BLHK * sin_BL1K
+    return rotate(x_BLHK, *rotation(positions_BL, x_BLHK.shape[-1], max_timescale))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from flax import nnx
 from conftest import load
 
 model_lib = load("06_model")
+rope = load("02_rope")
 
 # A tiny MoE model: 2 blocks (the second is MoE), 4 experts. Used by most tests.
 TINY = dataclasses.replace(model_lib.PRESETS["small"], vocab_size=97, num_layers=2, d_model=32,
@@ -150,13 +151,13 @@ def test_moe_block_passes_fully_dropped_tokens_through_attention_and_extra_ffn()
     block = model_lib.Block(cfg, layer=1, rngs=nnx.Rngs(1))
     assert block.is_moe
     x_BLD = jax.random.normal(jax.random.key(0), (2, 8, cfg.d_model))
-    positions_BL = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    rotation = rope.rotation(jnp.broadcast_to(jnp.arange(8), (2, 8)), cfg.head_dim)
     mask_BLS = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
 
     @jax.jit
     def block_and_expected(block, x_BLD):
-        y_BLD, _, stats = block(x_BLD, positions_BL, mask_BLS, train=True)
-        h_BLD = x_BLD + block.self_attention(block.pre_self_attention_norm(x_BLD), positions_BL,
+        y_BLD, _, stats = block(x_BLD, rotation, mask_BLS, train=True)
+        h_BLD = x_BLD + block.self_attention(block.pre_self_attention_norm(x_BLD), rotation,
                                              mask_BLS)[0]
         return y_BLD, h_BLD + block.extra_mlp(block.pre_extra_mlp_norm(h_BLD)), stats
 
@@ -185,9 +186,9 @@ def test_fully_masked_query_attends_uniformly_like_t5x():
     # its output is the mean of all values (future ones included), not NaN and not zero.
     attention = model_lib.Attention(TINY, rngs=nnx.Rngs(0))
     x_BLD = jax.random.normal(jax.random.key(1), (1, 4, TINY.d_model))
-    positions_BL = jnp.arange(4)[None]
+    rotation = rope.rotation(jnp.arange(4)[None], TINY.head_dim)
     mask_BLS = jnp.tril(jnp.ones((1, 4, 4), bool)).at[0, 1].set(False)  # query 1 sees nothing
-    out_BLD, _ = attention(x_BLD, positions_BL, mask_BLS)
+    out_BLD, _ = attention(x_BLD, rotation, mask_BLS)
     values_LD = (x_BLD[0] @ attention.value[...]).reshape(4, -1)
     np.testing.assert_allclose(out_BLD[0, 1], values_LD.mean(0) @ attention.out[...], rtol=1e-5,
                                atol=1e-6)
@@ -213,14 +214,15 @@ def test_parallel_wiring_shares_one_norm_and_differs_from_sequential():
                                rngs=nnx.Rngs(2))
     assert not hasattr(parallel, "pre_extra_mlp_norm")
     x_BLD = jax.random.normal(jax.random.key(1), (1, 8, TINY.d_model))
-    positions_BL, mask_BLS = jnp.arange(8)[None], jnp.tril(jnp.ones((8, 8), bool))[None]
+    rotation = rope.rotation(jnp.arange(8)[None], TINY.head_dim)
+    mask_BLS = jnp.tril(jnp.ones((8, 8), bool))[None]
 
     @jax.jit
     def outputs(sequential, parallel, x_BLD):
-        y_seq, _, _ = sequential(x_BLD, positions_BL, mask_BLS, train=False)
-        y_par, _, _ = parallel(x_BLD, positions_BL, mask_BLS, train=False)
+        y_seq, _, _ = sequential(x_BLD, rotation, mask_BLS, train=False)
+        y_par, _, _ = parallel(x_BLD, rotation, mask_BLS, train=False)
         h_BLD = x_BLD + parallel.self_attention(parallel.pre_self_attention_norm(x_BLD),
-                                                positions_BL, mask_BLS)[0]
+                                                rotation, mask_BLS)[0]
         normed_BLD = parallel.pre_mlp_norm(h_BLD)
         expected_BLD = h_BLD + parallel.mlp(normed_BLD, train=False)[0] + parallel.extra_mlp(normed_BLD)
         return y_seq, y_par, expected_BLD
