@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,30 @@ def test_config_for_mesh_checks_divisibility_and_sets_groups():
     assert cfg.group_multiple == 4
     with pytest.raises(ValueError, match="num_experts=3 is not divisible by the mesh's expert axis"):
         shard.config_for_mesh(dataclasses.replace(shard.DEMO_CONFIG, num_experts=3), mesh)
+
+
+def test_heads_split_across_devices_are_warned_about_and_gathered():
+    # OpenMoE-34B's 24 heads on model=16 in miniature: 6 heads on model=4 leave each device one
+    # and a half heads, so GSPMD all-gathers q, k and v (each at least one device's share,
+    # tokens × H·K / model) back to whole heads; 4 heads on model=4 move no activation at all.
+    mesh = shard.make_mesh(model=4, expert=2)
+    batch = shard.global_batch(shard.demo_batch(), mesh)
+    local_tokens = shard.demo_batch()["inputs"].size // shard.batch_shards(mesh)
+    for heads, head_dim in ((4, 16), (6, 16)):
+        cfg = dataclasses.replace(shard.DEMO_CONFIG, num_heads=heads, head_dim=head_dim)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = shard.sharded_model(cfg, mesh)
+        warned = [str(w.message) for w in caught if "num_heads" in str(w.message)]
+        lowered = shard.sharded_loss_and_grads(model, batch, mesh)[3]
+        largest = max(shard.all_gather_sizes(lowered.compile().as_text()), default=0)
+        share = local_tokens * heads * head_dim // mesh.shape["model"]
+        if heads == 4:
+            assert not warned and largest < share
+        else:
+            assert largest >= share
+            assert "num_heads=6 is not divisible by the mesh's model axis (4)" in warned[0]
+            assert "on 2 devices; model=2" in warned[0]
 
 
 # --- Sharded equals single-device ------------------------------------------------------------

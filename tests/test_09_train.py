@@ -22,6 +22,7 @@ from conftest import load
 
 tok = load("01_tokenizer")
 model_lib = load("06_model")
+shard = load("07_sharding")
 train_lib = load("09_train")
 
 TINY_MODEL = dataclasses.replace(model_lib.PRESETS["small"], num_layers=2, d_model=64, num_heads=4,
@@ -294,6 +295,13 @@ def test_dry_run_reports_memory_and_flops(tmp_path):
                                    microbatches=1))
     assert report["compiler_flops_per_device"] == pytest.approx(
         whole["compiler_flops_per_device"], rel=0.2)
+
+
+def test_every_recipe_keeps_attention_heads_whole_on_its_mesh():
+    # A model axis that does not divide the heads makes every attention layer gather q, k and v
+    # (07 warns): OpenMoE-34B's 24 heads therefore run on model=8, not OpenMoE's model=16.
+    for name, cfg in train_lib.CONFIGS.items():
+        assert cfg.model.num_heads % shard.parse_mesh(cfg.mesh).get("model", 1) == 0, name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
