@@ -15,6 +15,7 @@ Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients incl
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25
     python benchmarks/moe_layer.py --tokens 16384 --paths gather ragged
+    python benchmarks/moe_layer.py --dtype bfloat16    # activations in bf16 (params stay f32)
 
 XLA:CPU runs `jax.lax.ragged_dot` as dense matmuls over every group (slow, and E times the
 memory), so "ragged" is for GPUs and TPUs; on CPU keep it to small T.
@@ -89,17 +90,23 @@ def main():
                              "'ragged' is a default on GPU and TPU only")
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="activation dtype of every layer's math; parameters stay f32")
     args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
     host.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
 
     seq_len = min(args.tokens, 2048)
-    x_BLD = jax.random.normal(jax.random.key(0), (args.tokens // seq_len, seq_len, args.d_model))
-    dense = ffn.FeedForward(ffn.FFNConfig(d_model=args.d_model, d_ff=args.d_ff), rngs=nnx.Rngs(0))
+    x_BLD = jax.random.normal(jax.random.key(0), (args.tokens // seq_len, seq_len, args.d_model),
+                              dtype)
+    dense = ffn.FeedForward(ffn.FFNConfig(d_model=args.d_model, d_ff=args.d_ff, dtype=dtype),
+                            rngs=nnx.Rngs(0))
     steps = {("dense", "-"): forward_backward(dense, x_BLD.reshape(-1, args.d_model)),
              ("dense BLD", "-"): forward_backward(dense, x_BLD)}
     for experts in args.experts:
         cfg = moe.MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=experts,
-                            max_group_size=args.tokens, train_capacity_factor=args.capacity_factor)
+                            max_group_size=args.tokens, train_capacity_factor=args.capacity_factor,
+                            dtype=dtype)
         layers = moe.layers_per_dispatch(cfg)
         capacity = cfg.capacity(args.tokens, args.capacity_factor)
         steps[("experts", experts)] = forward_backward(ExpertsOnly(layers["gather"], capacity), x_BLD)
@@ -120,7 +127,7 @@ def main():
     dense_time, dense_bytes = median[("dense", "-")], steps[("dense", "-")][1]
 
     print(f"MoE layer forward+backward vs one dense FFN: T={args.tokens} tokens, D={args.d_model}, "
-          f"F={args.d_ff}, k=2, cf={args.capacity_factor}; {jax.devices()[0].device_kind}, "
+          f"F={args.d_ff}, k=2, cf={args.capacity_factor}, {args.dtype}; {jax.devices()[0].device_kind}, "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'path':9s} {'E':>3s} {'ms':>9s} {'x dense':>8s} {'peak MiB':>9s} {'x dense':>8s}")
     rows = []
@@ -133,7 +140,8 @@ def main():
         print(f"{name:9s} {experts!s:>3s} {row['ms']:9.1f} {row['time_ratio']:8.2f} "
               f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f}")
     print(json.dumps({"benchmark": "moe_layer", "tokens": args.tokens, "d_model": args.d_model,
-                      "d_ff": args.d_ff, "capacity_factor": args.capacity_factor, "rows": rows}))
+                      "d_ff": args.d_ff, "capacity_factor": args.capacity_factor, "dtype": args.dtype,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Tokens/s and MFU of 09_train.py's train step, for the small preset and a 2x-wider one.
 
-MFU is measured against this machine's own matmul peak, measured in the same run (jitted f32
-matmul chains of several sizes, before and after each preset's steps; the best of all of them,
-since a busy moment can only make a measurement slower), so the ratio means the same thing on a
-laptop and on a server, and a load spike during the peak cannot inflate MFU. FLOPs per token
-are 06's `train_flops_per_token` (6 x active weights + attention). Last line: one JSON object.
-Run: `python benchmarks/train_throughput.py [--steps 10]`.
+MFU is measured against this machine's own matmul peak, measured in the same run (jitted
+matmul chains of several sizes in the model's activation dtype, `--dtype`, f32 by default;
+before and after each preset's steps; the best of all of them, since a busy moment can only make
+a measurement slower), so the ratio means the same thing on a laptop and on a server, and a load
+spike during the peak cannot inflate MFU. FLOPs per token are 06's `train_flops_per_token` (6 x
+active weights + attention). Last line: one JSON object.
+Run: `python benchmarks/train_throughput.py [--steps 10] [--dtype bfloat16]`; bfloat16 runs the
+model's activations in bf16 (parameters, router and logits stay f32, as 06 does on a TPU).
 """
 
 import argparse
@@ -30,11 +32,11 @@ model_lib.PRESETS.setdefault("small-wide", dataclasses.replace(
     model_lib.PRESETS["small"], d_model=512, num_heads=8, d_ff=1024))
 
 
-def matmul_peak_flops(sizes=(512, 1024, 2048), repeats: int = 3) -> float:
-    """The best FLOP/s of one device over chains of square f32 matmuls of several sizes."""
+def matmul_peak_flops(dtype=jnp.float32, sizes=(512, 1024, 2048), repeats: int = 3) -> float:
+    """The best FLOP/s of one device over chains of square matmuls in `dtype`, of several sizes."""
     best = 0.0
     for size in sizes:
-        a = jnp.ones((size, size), jnp.float32) / size
+        a = jnp.ones((size, size), dtype) / size
 
         @jax.jit
         def chain(x, a=a):
@@ -50,9 +52,10 @@ def matmul_peak_flops(sizes=(512, 1024, 2048), repeats: int = 3) -> float:
     return best / jax.device_count()
 
 
-def step_throughput(preset: str, steps: int, batch: int, seq_len: int) -> dict:
-    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], model=model_lib.PRESETS[preset],
-                              batch_size=batch, seq_len=seq_len)
+def step_throughput(preset: str, steps: int, batch: int, seq_len: int, dtype) -> dict:
+    model = dataclasses.replace(model_lib.PRESETS[preset], dtype=dtype)
+    cfg = dataclasses.replace(train_lib.CONFIGS["laptop"], model=model, batch_size=batch,
+                              seq_len=seq_len)
     mesh = train_lib.build_mesh(cfg)
     trainer = train_lib.build_trainer(cfg, mesh)
     tokens = np.random.default_rng(0).integers(2, 8000, (batch, seq_len + 1), dtype=np.int32)
@@ -79,20 +82,23 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10, help="timed steps per preset")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="activation dtype of the model and of the matmul peak")
     args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
     malloc = "kept" if host.keep_freed_memory_mapped() else "default"  # as 09 on a CPU
-    peaks, rows = [matmul_peak_flops()], []
+    peaks, rows = [matmul_peak_flops(dtype)], []
     for preset in ("small", "small-wide"):
-        rows.append(step_throughput(preset, args.steps, args.batch_size, args.seq_len))
-        peaks.append(matmul_peak_flops())
+        rows.append(step_throughput(preset, args.steps, args.batch_size, args.seq_len, dtype))
+        peaks.append(matmul_peak_flops(dtype))
     peak = max(peaks)
     print(f"{jax.devices()[0].device_kind} (freed memory {malloc}): matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s per device "
+          f"{peak / 1e9:.1f} GFLOP/s per device in {args.dtype} "
           f"({jax.device_count()} devices; best of {len(peaks)} measurements, spread "
           f"{min(peaks) / peak:.0%}–100%)")
     print(f"{'preset':12}{'step s':>9}{'tokens/s':>10}{'MFU':>8}")
     for row in rows:
         row["mfu"] = row["model_tflops_per_s"] * 1e12 / (peak * jax.device_count())
         print(f"{row['preset']:12}{row['step_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['mfu']:>8.1%}")
-    print(json.dumps({"device": jax.devices()[0].device_kind, "malloc": malloc,
+    print(json.dumps({"device": jax.devices()[0].device_kind, "malloc": malloc, "dtype": args.dtype,
                       "matmul_peak_gflops": peak / 1e9, "results": rows}))
