@@ -17,6 +17,8 @@ Four dispatch paths compute the same function:
   gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
   ragged - rows sorted by expert and grouped matmuls, no buffers (MaxText): for accelerators.
 `dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
+Decoding routes a token or a few: then no expert can overflow, and every path but the loop
+reads only the chosen experts' kernels (`dispatch_chosen`) instead of running all E on empty slots.
 Where the groups run is the layer's one seam: `MoELayer(cfg, rngs=..., run_groups=...)` takes a
 runner, by default `run_groups_here` (every group on the devices that hold it); 07_sharding.py
 passes one that moves tokens to their experts' devices by all-to-all. Shapes: 02_rope.py's legend.
@@ -227,6 +229,47 @@ def dispatch_ragged(x_GTD, routing, experts, num_experts: int, capacity: int, va
     return jnp.einsum("GTAD,GTA->GTD", out_GTAD, routing.weight_GTA.astype(dtype))
 
 
+def reads_chosen_experts(num_tokens: int, tokens_per_group: int, capacity: int, top_k: int,
+                         num_experts: int) -> bool:
+    """Whether a call is small enough to read only its tokens' chosen experts (`dispatch_chosen`).
+
+    Exact when no assignment can drop: a token's k choices are k different experts, so an
+    expert gets at most T of a group's assignments, and T ≤ C keeps them all. Worth it when the
+    N real tokens' N·k assignments name at most E kernels: a decode step (N = 1) reads k experts
+    instead of running all E on buffers of C ≥ min_capacity slots that hold one token at most.
+    """
+    return tokens_per_group <= capacity and num_tokens * top_k <= num_experts
+
+
+def chosen_experts(x_ND, expert_NA, weight_NA, experts, variant: str, dtype):
+    """y_n = Σ_a weight_na · FFN_{e_na}(x_n) for a few tokens, reading only the chosen kernels.
+
+    Each assignment gathers its expert's kernels and runs 03's FFN on its one row. The math is
+    f32 whatever the kernels' dtype: one row is bound by reading the weights, so upcasting costs
+    nothing, while XLA:CPU's bf16 matmuls are slow (benchmarks/README.md, `generate.py`).
+    """
+    num_tokens, top_k = expert_NA.shape
+    kernels = [jnp.take(kernel, expert_NA.reshape(-1), axis=0) for kernel in experts]
+    run = functools.partial(ffn.swiglu, variant=variant, dtype=jnp.float32, one_gate_matmul=True)
+    out_MD = jax.vmap(run)(jnp.repeat(x_ND, top_k, axis=0), *kernels)
+    out_NAD = out_MD.reshape(num_tokens, top_k, -1)
+    return jnp.einsum("NAD,NA->ND", out_NAD, weight_NA.astype(jnp.float32)).astype(dtype)
+
+
+def dispatch_chosen(x_GTD, routing, experts, real_N, variant: str, dtype):
+    """`chosen_experts` on the real tokens (flat places `real_N` among the G·T) of groups where
+    nothing drops. The zero tokens of flaxformer's padding get 0, as on every path (no biases)."""
+    num_groups, tokens, dim = x_GTD.shape
+
+    def real(a_GT):  # [G, T, ...] → the real tokens' rows [N, ...]
+        return a_GT.reshape(num_groups * tokens, *a_GT.shape[2:])[real_N]
+
+    y_ND = chosen_experts(real(x_GTD), real(routing.expert_GTA), real(routing.weight_GTA),
+                          experts, variant, dtype)
+    y_flat = jnp.zeros((num_groups * tokens, dim), dtype).at[real_N].set(y_ND)
+    return y_flat.reshape(num_groups, tokens, dim)
+
+
 DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": dispatch_ragged,
             "loop": dispatch_loop}
 
@@ -279,13 +322,22 @@ class MoELayer(nnx.Module):
         # Dropless: a token's k choices are k different experts, so T slots never overflow.
         capacity = tokens if cfg.dropless else cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
+        # Decode-sized calls read only their chosen experts (all but the oracle): nothing drops.
+        chosen = cfg.dispatch != "loop" and reads_chosen_experts(
+            batch * length, tokens, capacity, cfg.top_k, cfg.num_experts)
+        real_N = np.arange(padded_batch * padded_length).reshape(
+            padded_batch, padded_length)[:batch, :length].reshape(-1)
 
         # The layer's math on some groups: route them, dispatch, run the experts, combine.
         def layer_fn(x_GTD, kernel_DE, experts, run_experts):
             routing, losses = router_lib.route_groups(x_GTD, kernel_DE, cfg, capacity=capacity,
                                                       key=key if train else None)
-            y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, cfg.num_experts, capacity,
-                                           cfg.ffn_variant, cfg.dtype, run_experts)
+            if chosen and run_experts is apply_experts:  # 07's runner keeps its all-to-all
+                y_GTD = dispatch_chosen(x_GTD, routing, experts, real_N, cfg.ffn_variant,
+                                        cfg.dtype)
+            else:
+                y_GTD = DISPATCH[cfg.dispatch](x_GTD, routing, experts, cfg.num_experts,
+                                               capacity, cfg.ffn_variant, cfg.dtype, run_experts)
             return y_GTD, routing, losses
 
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])

@@ -238,3 +238,60 @@ def test_grouped_experts_skip_empty_slots_and_match_batched_experts():
     batched = moe.apply_experts(buffers_GECD, experts, CFG.ffn_variant, jnp.float32)
     np.testing.assert_allclose(grouped, batched, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(grouped)[:, :, 3:] == 0)
+
+
+def test_reads_chosen_experts_only_when_nothing_can_drop_and_it_reads_less():
+    # A decode step of OpenMoE-Base (E = 16, k = 2): one token in a group of one, C = 4.
+    assert moe.reads_chosen_experts(1, 1, 4, top_k=2, num_experts=16)
+    assert moe.reads_chosen_experts(8, 1, 4, top_k=2, num_experts=16)  # 8 rows: 16 kernels
+    assert not moe.reads_chosen_experts(9, 1, 4, top_k=2, num_experts=16)  # more than E
+    assert not moe.reads_chosen_experts(2, 5, 4, top_k=2, num_experts=16)  # T > C could drop
+
+
+@pytest.mark.parametrize("group_rule", ["divisor", "flaxformer"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_sized_calls_read_chosen_experts_and_equal_every_path(group_rule, batch,
+                                                                     monkeypatch):
+    # batch × 1 tokens, E = 4, k = 2: N·k ≤ E and T ≤ C, so every path but the oracle reads
+    # only the chosen experts; flaxformer's rule first pads to 4 tokens (zero tokens).
+    cfg = dataclasses.replace(CFG, group_rule=group_rule)
+    x_BLD = X_BLD[:batch, :1]
+    chosen_calls = []
+    dispatch_chosen = moe.dispatch_chosen
+    monkeypatch.setattr(moe, "dispatch_chosen",
+                        lambda *args: chosen_calls.append(1) or dispatch_chosen(*args))
+
+    def run(name):
+        layer = moe.MoELayer(dataclasses.replace(cfg, dispatch=name), rngs=nnx.Rngs(0))
+        return moe.outputs_and_grads(layer, x_BLD, cfg.eval_capacity_factor)
+
+    by_path = {name: run(name) for name in moe.DISPATCHES}
+    assert len(chosen_calls) == 3  # gather, einsum, ragged; not the loop
+    # The buffer path itself, with the switch turned off, is the fifth reference.
+    monkeypatch.setattr(moe, "reads_chosen_experts", lambda *args: False)
+    by_path["buffers"] = run("gather")
+    assert len(chosen_calls) == 3
+    y_oracle, stats_oracle, grads_oracle = by_path["loop"]
+    for name, (y_BLD, stats, grads) in by_path.items():
+        np.testing.assert_allclose(y_BLD, y_oracle, rtol=1e-6, atol=1e-7)
+        for grad, grad_oracle in zip(grads, grads_oracle, strict=True):
+            scale = float(jnp.max(jnp.abs(grad_oracle)))
+            np.testing.assert_allclose(grad, grad_oracle, rtol=1e-5, atol=1e-6 * scale)
+        assert stats.keys() == stats_oracle.keys() and float(stats["fraction_dropped"]) == 0.0
+        for key in stats:
+            np.testing.assert_allclose(stats[key], stats_oracle[key], rtol=1e-6, err_msg=key)
+
+
+def test_chosen_experts_multiply_bfloat16_kernels_in_float32():
+    # bf16 kernels, read as bf16 and multiplied in f32: the f32 layer on the same bf16-rounded
+    # kernels and input, cast to bf16 at the end.
+    layer = moe.MoELayer(dataclasses.replace(CFG, dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+    experts = [kernel[...].astype(jnp.bfloat16) for kernel in (layer.wi_0, layer.wi_1, layer.wo)]
+    x_ND = X_BLD[0, :2].astype(jnp.bfloat16)
+    expert_NA, weight_NA = jnp.array([[0, 3], [2, 1]]), jnp.array([[0.6, 0.3], [0.5, 0.2]])
+    y_ND = moe.chosen_experts(x_ND, expert_NA, weight_NA, experts, CFG.ffn_variant, jnp.bfloat16)
+    exact_ND = moe.chosen_experts(x_ND.astype(jnp.float32), expert_NA, weight_NA,
+                                  [k.astype(jnp.float32) for k in experts], CFG.ffn_variant,
+                                  jnp.float32)
+    assert y_ND.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y_ND, exact_ND.astype(jnp.bfloat16))
