@@ -225,11 +225,10 @@ class Attention(nnx.Module):
                  cache_index=None):
         cfg = self.cfg
         b, l, _ = x_BLD.shape
-        x_ND = x_BLD.reshape(b * l, -1)  # 2-D matmuls, as in 03: faster on XLA:CPU, both ways
 
         # Project and split into heads; RoPE turns each query and key by its token's position.
         def heads(kernel):
-            return (x_ND @ kernel[...].astype(cfg.dtype)).reshape(b, l, cfg.num_heads, cfg.head_dim)
+            return (x_BLD @ kernel[...].astype(cfg.dtype)).reshape(b, l, cfg.num_heads, cfg.head_dim)
 
         q_BLHK, k_BLHK = rope.rotate(heads(self.query), *rotation), rope.rotate(heads(self.key), *rotation)
         v_BLHK = heads(self.value)
@@ -248,8 +247,8 @@ class Attention(nnx.Module):
         scores_BHLS = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK, k_BHSK).astype(jnp.float32)
         scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, -1e10)
         probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1).astype(cfg.dtype)
-        out_ND = jnp.einsum("BHLS,BHSK->BLHK", probs_BHLS, v_BHSK).reshape(b * l, -1)
-        return (out_ND @ self.out[...].astype(cfg.dtype)).reshape(b, l, -1), cache
+        out_BLHK = jnp.einsum("BHLS,BHSK->BLHK", probs_BHLS, v_BHSK)
+        return out_BLHK.reshape(b, l, -1) @ self.out[...].astype(cfg.dtype), cache
 
 
 class Block(nnx.Module):
