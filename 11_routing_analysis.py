@@ -101,8 +101,7 @@ def released_subject(names: list[str], *, dtype=jnp.float32, seq_len: int = 512)
 def analysis_config(subject: Subject, *, capacity_factor: float | None = None,
                     capacity_rule: str = "t5x"):
     """The model at the capacity under study, one row per routing group (as OpenMoE's analysis)."""
-    cfg = subject.model_cfg
-    dropless = capacity_rule == "dropless"
+    cfg, dropless = subject.model_cfg, capacity_rule == "dropless"
     return dataclasses.replace(
         cfg, remat=False, dropless=dropless, capacity_rule="t5x" if dropless else capacity_rule,
         eval_capacity_factor=cfg.train_capacity_factor if capacity_factor is None else capacity_factor,
@@ -178,8 +177,7 @@ def decision_step(model_cfg):
     return decide
 
 
-def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
-                     batch_rows: int = 16) -> Decisions:
+def record_decisions(params, model_cfg, rows_by_source: dict[str, dict], batch_rows: int = 16) -> Decisions:
     """Every MoE layer's decisions on all rows; the last batch is padded with copies of row 0."""
     fields = ("inputs", "positions", "segment_ids")
     every = {f: np.concatenate([rows[f] for rows in rows_by_source.values()]) for f in fields}
@@ -191,9 +189,11 @@ def record_decisions(params, model_cfg, rows_by_source: dict[str, dict],
                for start in range(0, count, batch_rows)]
 
     def by_layer_NA(name: str) -> dict[int, np.ndarray]:
-        """05's `name` (expert_BLA or kept_BLA) per MoE layer, flat over the real rows' tokens."""
-        return {layer: np.concatenate([np.asarray(batch[name][i]) for batch in batches])[:count]
-                .reshape(-1, model_cfg.top_k) for i, layer in enumerate(model_cfg.moe_layers)}
+        """05's `name` (expert_BLA or kept_BLA) per MoE layer, flat over the real rows' tokens;
+        a token's first k (expert choice lists all E experts, best first: its k favourites)."""
+        k = model_cfg.top_k
+        return {layer: np.concatenate([np.asarray(batch[name][i]) for batch in batches])[:count, ..., :k]
+                .reshape(-1, k) for i, layer in enumerate(model_cfg.moe_layers)}
 
     rows_per_source = [len(rows["inputs"]) for rows in rows_by_source.values()]
     source_N = np.repeat(np.arange(len(rows_by_source)), np.array(rows_per_source) * seq_len)

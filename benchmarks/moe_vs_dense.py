@@ -5,8 +5,10 @@ same steps with 09_train.py's default recipe.
 The dense model is "small" with every block dense and d_ff widened so that a token touches as many
 FFN parameters: each MoE block activates top_k experts + the extra FFN (3 FFNs), each dense block 1,
 so 4 blocks of "small" hold 8 FFNs' worth, i.e. d_ff 512 → 1024 (the router's 4K are the only
-difference). Reports each model's parameters, validation loss (text and code) and the ratio of
-their median step times. Last line: one JSON object. Run: `python benchmarks/moe_vs_dense.py`.
+difference; 12_routing_lab.py's `active_matched_dense`). Reports each model's parameters, validation
+loss (text and code) and the ratio of their median step times. Last line: one JSON object. Run:
+`python benchmarks/moe_vs_dense.py`. The routing lab trains the same pair as its "openmoe" and
+"dense" variants and draws loss against step and against seconds (docs/make_figures.py).
 """
 
 import argparse
@@ -22,15 +24,8 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 train_lib = importlib.import_module("09_train")
+lab = importlib.import_module("12_routing_lab")
 from support import host  # noqa: E402
-
-
-def active_matched_dense(cfg):
-    """`cfg` with every block dense and d_ff widened so that a token touches as many FFN weights."""
-    moe_blocks = len(cfg.moe_layers)
-    ffns_per_token = (cfg.num_layers - moe_blocks) + moe_blocks * (cfg.top_k + 1)
-    return dataclasses.replace(cfg, moe_interval=0,
-                               d_ff=round(cfg.d_ff * ffns_per_token / cfg.num_layers))
 
 
 def run(name: str, model, steps: int, root: str) -> dict:
@@ -49,13 +44,14 @@ def run(name: str, model, steps: int, root: str) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="training steps for each model")
+    parser.add_argument("--steps", type=int, default=train_lib.CONFIGS["laptop"].steps,
+                        help="training steps for each model (default: the default run's)")
     args = parser.parse_args()
     host.keep_freed_memory_mapped()  # as 09 runs on a CPU (OPENMOE_MALLOC=default: off)
     with tempfile.TemporaryDirectory() as root:
         small = train_lib.model_lib.PRESETS["small"]
         rows = [run("small", small, args.steps, root),
-                run("small-active-dense", active_matched_dense(small), args.steps, root)]
+                run("small-active-dense", lab.active_matched_dense(small), args.steps, root)]
     print(f"on {jax.device_count()} × {jax.devices()[0].device_kind}")
     print(f"{'preset':20}{'active':>9}{'total':>9}{'val text':>10}{'val code':>10}{'step s':>9}")
     for row in rows:
