@@ -14,9 +14,16 @@ earlier tokens first. Late tokens therefore lose the race for busy experts: the 
 Losses: load balance E·Σ_e f_e·P_e (balanced value k) and router z-loss mean(logsumexp²).
 Shapes use 02's legend: G groups of T tokens, E experts, and A a token's k choices
 ("assignments"), best first.
-Left out: batch-prioritized routing (OpenMoE disables it in the decoder), expert-choice routing,
-and the all-to-all that carries tokens to the devices holding their experts (05/07).
-Self-test: `python 04_router.py` prints a worked 8-token example.
+Variants, each off by default: batch-prioritized routing (BPR: V-MoE, Riquelme et al. 2021;
+flaxformer's batch_prioritized_routing, off in OpenMoE's decoder) queues the most confident
+tokens first; expert choice (Zhou et al. 2022) lets each expert take its top-C tokens, so a token
+gets 0 to E experts; aux-loss-free balancing (Wang et al. 2024, DeepSeek-V3) biases the top-k per
+expert, the bias moved toward balance after each step. Causality: with capacity, whether token t
+is served depends on its group. Even OpenMoE's queue lets a later token's first choice take the
+slot an earlier token's second choice wanted; BPR (order by confidence) and expert choice (any
+token can outrank any) widen that leak of the future; dropless (05) removes it.
+Left out: the all-to-all that carries tokens to the devices holding their experts (05/07).
+Self-test: `python 04_router.py` prints a worked 8-token example, then the variants side by side.
 """
 
 import math
@@ -91,12 +98,13 @@ class RouterConfig:
         if not 0 <= self.balance_bias_rate < math.inf:
             raise ValueError(f"{name}.balance_bias_rate={self.balance_bias_rate}: must be a finite "
                              "number >= 0 (0 = off; Wang et al. 2024 use 0.001)")
-        for option, on in (("batch_prioritized", self.batch_prioritized),
-                           ("balance_bias_rate", self.balance_bias_rate > 0)):
+        for option, on in (("batch_prioritized", self.batch_prioritized), ("renormalize",
+                           self.renormalize), ("balance_bias_rate", self.balance_bias_rate > 0)):
             if on and self.routing != "tokens_choose":
                 raise ValueError(f"{name}.{option}={getattr(self, option)}: only with routing="
-                                 f"'tokens_choose' (got routing={self.routing!r}): an expert "
-                                 "that chooses its tokens has no queue to reorder or bias")
+                                 f"'tokens_choose' (got routing={self.routing!r}): expert "
+                                 "choice has no queue to reorder, no top-k to bias, and weighs "
+                                 "by the raw probabilities")
 
     def group_shape(self, num_tokens: int) -> tuple[int, int]:
         """(G, T): split the batch's tokens into G equal groups of T tokens.
@@ -197,6 +205,10 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
           batch_prioritized: bool = False, bias_E=None) -> Routing:
     """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`.
 
+    `batch_prioritized` (BPR; V-MoE, Riquelme et al. 2021; flaxformer TokensChooseMaskedRouter
+    batch_prioritized_routing): the queue visits a group's tokens by their top-1 probability,
+    most confident first (ties: earlier token first), instead of by position. Only the queue
+    order changes: capacity, combine weights and the load-balance loss stay as they are.
     `bias_E` (aux-loss-free balancing, Wang et al. 2024): the top-k is taken of probs + bias,
     while the combine weight stays the unbiased probability, so the bias steers *which* experts
     a token gets and nothing else; no gradient reaches it.
@@ -212,16 +224,52 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
     choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.int32)
     # Pick each choice's probability with a one-hot product: its gradient is dense, not a scatter.
     gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE.astype(jnp.float32))
+    queued_GTAE = choice_GTAE
+    if batch_prioritized:  # queue place q holds token order_GT[q]: sort once, permute choices
+        order_GT = jnp.argsort(-jax.lax.stop_gradient(gate_GTA[..., 0]), axis=1, stable=True)
+        queued_GTA = jnp.take_along_axis(expert_GTA, order_GT[..., None], axis=1)
+        queued_GTAE = jax.nn.one_hot(queued_GTA, experts, dtype=jnp.int32)
     if renormalize:
         gate_GTA = gate_GTA / jnp.sum(gate_GTA, axis=-1, keepdims=True)
 
     # The queue: all first choices (token 0, 1, ...), then all second choices. A running count
     # per expert along that order is each assignment's slot (flaxformer routing.py, top-k leading).
-    queue_GME = jnp.swapaxes(choice_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
+    queue_GME = jnp.swapaxes(queued_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
     place_GME = jnp.cumsum(queue_GME, axis=1) - 1
     slot_GM = jnp.sum(place_GME * queue_GME, axis=-1)
     slot_GTA = jnp.swapaxes(slot_GM.reshape(num_groups, top_k, tokens), 1, 2)
+    if batch_prioritized:  # back to token order: token t sat at queue place rank_GT[t]
+        rank_GT = jnp.argsort(order_GT, axis=1)
+        slot_GTA = jnp.take_along_axis(slot_GTA, rank_GT[..., None], axis=1)
 
+    kept_GTA = slot_GTA < capacity
+    return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
+
+
+def route_experts_choose(logits_GTE, *, capacity: int) -> Routing:
+    """Expert choice (Zhou et al. 2022, arXiv 2202.09368; flaxformer ExpertsChooseMaskedRouter):
+    each expert takes the `capacity` tokens of the group that want it most, so a token may get
+    0 to E experts and every expert is exactly full; no queue, no load-balance loss.
+
+    Written as the same Routing with A = E, so 05's dispatch paths serve it unchanged: each
+    token lists every expert, best first; its slot there is its rank in that expert's column
+    of the group (0 = the expert's most probable token; ties: earlier token first); kept = slot
+    < capacity. An expert cannot take more tokens than the group has: C > T keeps them all.
+    """
+    num_groups, tokens, experts = logits_GTE.shape
+    probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
+    scores_GTE = jax.lax.stop_gradient(probs_GTE)
+    _, expert_GTA = jax.lax.top_k(scores_GTE, experts)  # A = E: every expert, best first
+
+    # Each expert sorts the group's tokens (stable: ties keep the earlier token first); the
+    # inverse permutation is each token's rank in that expert's column, its slot.
+    order_GET = jnp.argsort(-jnp.swapaxes(scores_GTE, 1, 2), axis=-1, stable=True)
+    rank_GTE = jnp.swapaxes(jnp.argsort(order_GET, axis=-1), 1, 2).astype(jnp.int32)
+    slot_GTA = jnp.take_along_axis(rank_GTE, expert_GTA, axis=-1)
+
+    # The combine weight is the token's probability for that expert, as in token choice.
+    choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.float32)
+    gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE)
     kept_GTA = slot_GTA < capacity
     return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
 
@@ -338,22 +386,54 @@ def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int, key=None
     its options) and the two losses, averaged over the groups given. Pure, so 07 can run it on
     each device's own groups."""
     logits_GTE = router_logits(x_GTD, kernel_DE, jitter_noise=cfg.jitter_noise, key=key)
-    if cfg.routing == "experts_choose" or cfg.batch_prioritized:
-        raise NotImplementedError("expert choice and BPR arrive in the next commit")
-    routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity, renormalize=cfg.renormalize,
-                    bias_E=bias_E)
-    losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
-              "router_z_loss": router_z_loss(logits_GTE)}
-    return routing, losses
+    if cfg.routing == "experts_choose":
+        # Every expert is full by construction, so there is nothing to balance (flaxformer: 0).
+        routing = route_experts_choose(logits_GTE, capacity=capacity)
+        balance = jnp.zeros((), jnp.float32)
+    else:
+        routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity,
+                        renormalize=cfg.renormalize, batch_prioritized=cfg.batch_prioritized,
+                        bias_E=bias_E)
+        balance = load_balance_loss(logits_GTE, routing.expert_GTA)
+    return routing, {"load_balance_loss": balance, "router_z_loss": router_z_loss(logits_GTE)}
 
 
-def worked_example(capacity: int = 2) -> tuple[np.ndarray, Routing]:
+def worked_example(capacity: int = 2, first_logits=(2.0,) * 8) -> tuple[np.ndarray, Routing]:
     """8 tokens, 4 experts, each token's (first, second) choice; logits 2 and 1, 0 elsewhere."""
     choices = [(0, 1), (0, 2), (1, 0), (0, 3), (2, 1), (1, 0), (1, 2), (3, 1)]
     logits_TE = np.zeros((len(choices), 4), np.float32)
     for token, (first, second) in enumerate(choices):
-        logits_TE[token, first], logits_TE[token, second] = 2.0, 1.0
+        logits_TE[token, first], logits_TE[token, second] = first_logits[token], 1.0
     return logits_TE, route(jnp.asarray(logits_TE)[None], top_k=2, capacity=capacity)
+
+
+def route_demo(capacity: int = 2) -> tuple[np.ndarray, Routing, Routing]:
+    """The worked example's choices with unequal confidence (first-choice logits 1.7 ... 4.0),
+    routed by position (OpenMoE) and by confidence (BPR)."""
+    logits_TE, by_position = worked_example(capacity, (1.7, 2.0, 2.5, 3.0, 2.2, 1.8, 4.0, 3.5))
+    by_confidence = route(jnp.asarray(logits_TE)[None], top_k=2, capacity=capacity,
+                          batch_prioritized=True)
+    return logits_TE, by_position, by_confidence
+
+
+def print_variants(logits_TE: np.ndarray, routings: dict, capacity: int) -> None:
+    """Each token's served experts under each router in `routings` ({name: Routing}), side by side."""
+    probs_TE = np.asarray(jax.nn.softmax(jnp.asarray(logits_TE)))
+    print(f"The same choices with unequal confidence (top-1 probability), capacity {capacity}: "
+          "the experts that serve each token.")
+    print("token | choices | top-1 p | " + " | ".join(f"{name:>15s}" for name in routings))
+    served = {name: [[f"e{e}" for e, k in zip(np.asarray(r.expert_GTA[0, t]),
+                                            np.asarray(r.kept_GTA[0, t])) if k] or ["nothing"]
+                     for t in range(len(logits_TE))] for name, r in routings.items()}
+    for t in range(len(logits_TE)):
+        first, second = np.argsort(-probs_TE[t], kind="stable")[:2]
+        cells = " | ".join(f"{' '.join(served[name][t]):>15s}" for name in routings)
+        print(f"  {t}   |  e{first} e{second}  |  {probs_TE[t].max():.3f}  | {cells}")
+    print("By position, token 6 comes late and finds e1 and e2 full. BPR queues token 6 (the most\n"
+          "confident) first and leaves the two least sure, 0 and 5, with nothing. Under expert\n"
+          "choice each expert takes its 2 most probable tokens: 0 and 5 are nobody's top two,\n"
+          "while token 1 gets two experts. Under both, whether token 0 is served depends on\n"
+          "tokens after it: the future leaks into the past, more than in OpenMoE's queue.\n")
 
 
 def print_example(logits_TE: np.ndarray, routing: Routing, capacity: int) -> None:
@@ -426,6 +506,20 @@ if __name__ == "__main__":
         problems.append("token 1's combine weights must be its raw softmax probabilities")
     if problems:
         sys.exit("self-test FAILED, worked example: " + "; ".join(problems))
+
+    # 1b. The variants side by side on 8 tokens whose confidence differs.
+    logits_TE, by_position, by_confidence = route_demo(capacity=2)
+    expert_choice = route_experts_choose(jnp.asarray(logits_TE)[None], capacity=2)
+    routings = {"by position": by_position, "BPR": by_confidence, "expert choice": expert_choice}
+    print_variants(logits_TE, routings, capacity=2)
+    served = {name: np.asarray(r.kept_GTA[0]).any(-1).tolist() for name, r in routings.items()}
+    least_sure_lose = [False, True, True, True, True, False, True, True]
+    if (served["by position"] != [True] * 6 + [False, True] or served["BPR"] != least_sure_lose
+            or served["expert choice"] != least_sure_lose
+            or np.asarray(expert_choice.kept_GTA).sum() != 4 * 2 or queue_problems(by_position, 2)):
+        sys.exit(f"self-test FAILED, variants: tokens served {served} (expected token 6 left "
+                 "behind by position, tokens 0 and 5 by BPR and by expert choice, every expert "
+                 "full under expert choice)")
 
     # 2. Capacity arithmetic for OpenMoE-8B's groups, and the floor of 4 on small groups.
     cfg = RouterConfig()

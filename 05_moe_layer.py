@@ -16,7 +16,9 @@ Four dispatch paths compute the same function:
   einsum - one-hot dispatch/combine tensors [G, T, E, C], the T5X/flaxformer form;
   gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
   ragged - rows sorted by expert and grouped matmuls, no buffers (MaxText): for accelerators.
-`dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
+`dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End. 04's other
+routers need nothing new here: BPR and a balancing bias change only slots and choices, and
+expert choice lists every expert per token (A = E), its kept ones being the experts that took it.
 Decoding routes a token or a few: then no expert can overflow, and every path but the loop
 reads only the chosen experts' kernels (`dispatch_chosen`) instead of running all E on empty slots.
 Where the groups run is the layer's one seam: `MoELayer(cfg, rngs=..., run_groups=...)` takes a
@@ -64,6 +66,10 @@ class MoEConfig(router_lib.RouterConfig):
         ffn.FFNConfig(self.d_model, self.d_ff, self.ffn_variant, self.init_scale, self.dtype)
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}: must be one of {DISPATCHES}")
+        if self.dropless and self.routing == "experts_choose":
+            raise ValueError("MoEConfig.dropless=True: only with routing='tokens_choose'; expert "
+                             "choice drops nothing to cure (C = T would make every expert take "
+                             "every token)")
 
 
 def apply_experts(buffers_GECD, experts, variant: str, dtype):
@@ -324,8 +330,10 @@ class MoELayer(nnx.Module):
         capacity = tokens if cfg.dropless else cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
         # Decode-sized calls read only their chosen experts (all but the oracle): nothing drops.
+        # Under expert choice a token has E assignments (every expert, kept or not).
+        assignments = cfg.num_experts if cfg.routing == "experts_choose" else cfg.top_k
         chosen = cfg.dispatch != "loop" and reads_chosen_experts(
-            batch * length, tokens, capacity, cfg.top_k, cfg.num_experts)
+            batch * length, tokens, capacity, assignments, cfg.num_experts)
         real_N = np.arange(padded_batch * padded_length).reshape(
             padded_batch, padded_length)[:batch, :length].reshape(-1)
 
