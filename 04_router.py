@@ -14,9 +14,16 @@ earlier tokens first. Late tokens therefore lose the race for busy experts: the 
 Losses: load balance E·Σ_e f_e·P_e (balanced value k) and router z-loss mean(logsumexp²).
 Shapes use 02's legend: G groups of T tokens, E experts, and A a token's k choices
 ("assignments"), best first.
-Left out: batch-prioritized routing (OpenMoE disables it in the decoder), expert-choice routing,
-and the all-to-all that carries tokens to the devices holding their experts (05/07).
-Self-test: `python 04_router.py` prints a worked 8-token example.
+Variants, each off by default: batch-prioritized routing (BPR: V-MoE, Riquelme et al. 2021;
+flaxformer's batch_prioritized_routing, off in OpenMoE's decoder) queues the most confident
+tokens first; expert choice (Zhou et al. 2022) lets each expert take its top-C tokens, so a token
+gets 0 to E experts; aux-loss-free balancing (Wang et al. 2024, DeepSeek-V3) biases the top-k per
+expert, the bias moved toward balance after each step. Causality: with capacity, whether token t
+is served depends on its group. Even OpenMoE's queue lets a later token's first choice take the
+slot an earlier token's second choice wanted; BPR (order by confidence) and expert choice (any
+token can outrank any) widen that leak of the future; dropless (05) removes it.
+Left out: the all-to-all that carries tokens to the devices holding their experts (05/07).
+Self-test: `python 04_router.py` prints a worked 8-token example, then the variants side by side.
 """
 
 import math
@@ -33,6 +40,7 @@ from support import cli
 
 CAPACITY_RULES = ("t5x", "colossalai")
 GROUP_RULES = ("divisor", "flaxformer")
+ROUTINGS = ("tokens_choose", "experts_choose")
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,11 @@ class RouterConfig:
     renormalize: bool = False  # False: raw softmax probs (OpenMoE); True: sum to 1 over k (Mixtral)
     jitter_noise: float = 0.0  # ε: inputs × uniform(1-ε, 1+ε) while training; OpenMoE 0 (off)
     init_std: float = 0.02  # router kernel ~ N(0, init_std²), no bias (flaxformer RouterWeights)
+    routing: str = "tokens_choose"  # OpenMoE; "experts_choose": each expert takes its top-C tokens
+    #                                 (Zhou et al. 2022; flaxformer ExpertsChooseMaskedRouter)
+    batch_prioritized: bool = False  # BPR: queue the most confident tokens first (V-MoE, Riquelme
+    #                                  et al. 2021; flaxformer batch_prioritized_routing); OpenMoE off
+    balance_bias_rate: float = 0.0  # u of aux-loss-free balancing (Wang et al. 2024: 0.001); 0 off
 
     def __post_init__(self):
         for name in ("d_model", "num_experts", "max_group_size", "group_multiple", "expert_replicas",
@@ -75,6 +88,23 @@ class RouterConfig:
         if not 0 <= self.jitter_noise < 1 or not self.init_std > 0:
             raise ValueError(f"{type(self).__name__}: jitter_noise={self.jitter_noise} must be in "
                              f"[0, 1) and init_std={self.init_std} must be > 0")
+        self.check_routing()
+
+    def check_routing(self):
+        """The routing variant and its two options, which only token choice has."""
+        name = type(self).__name__
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"{name}.routing={self.routing!r}: must be one of {ROUTINGS}")
+        if not 0 <= self.balance_bias_rate < math.inf:
+            raise ValueError(f"{name}.balance_bias_rate={self.balance_bias_rate}: must be a finite "
+                             "number >= 0 (0 = off; Wang et al. 2024 use 0.001)")
+        for option, on in (("batch_prioritized", self.batch_prioritized), ("renormalize",
+                           self.renormalize), ("balance_bias_rate", self.balance_bias_rate > 0)):
+            if on and self.routing != "tokens_choose":
+                raise ValueError(f"{name}.{option}={getattr(self, option)}: only with routing="
+                                 f"'tokens_choose' (got routing={self.routing!r}): expert "
+                                 "choice has no queue to reorder, no top-k to bias, and weighs "
+                                 "by the raw probabilities")
 
     def group_shape(self, num_tokens: int) -> tuple[int, int]:
         """(G, T): split the batch's tokens into G equal groups of T tokens.
@@ -171,28 +201,95 @@ def router_logits(x_GTD, kernel_DE, *, jitter_noise: float = 0.0, key=None):
     return jnp.einsum("GTD,DE->GTE", x_GTD, kernel_DE.astype(jnp.float32))
 
 
-def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False) -> Routing:
-    """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`."""
+def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
+          batch_prioritized: bool = False, bias_E=None) -> Routing:
+    """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`.
+
+    `batch_prioritized` (BPR; V-MoE, Riquelme et al. 2021; flaxformer TokensChooseMaskedRouter
+    batch_prioritized_routing): the queue visits a group's tokens by their top-1 probability,
+    most confident first (ties: earlier token first), instead of by position. Only the queue
+    order changes: capacity, combine weights and the load-balance loss stay as they are.
+    `bias_E` (aux-loss-free balancing, Wang et al. 2024): the top-k is taken of probs + bias,
+    while the combine weight stays the unbiased probability, so the bias steers *which* experts
+    a token gets and nothing else; no gradient reaches it.
+    """
     num_groups, tokens, experts = logits_GTE.shape
     probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
 
     # The choice is discrete; gradients reach the router only through the combine weights.
-    _, expert_GTA = jax.lax.top_k(jax.lax.stop_gradient(probs_GTE), top_k)
+    scores_GTE = jax.lax.stop_gradient(probs_GTE)
+    if bias_E is not None:
+        scores_GTE = scores_GTE + jax.lax.stop_gradient(bias_E).astype(jnp.float32)
+    _, expert_GTA = jax.lax.top_k(scores_GTE, top_k)
     choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.int32)
     # Pick each choice's probability with a one-hot product: its gradient is dense, not a scatter.
     gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE.astype(jnp.float32))
+    queued_GTAE = choice_GTAE
+    if batch_prioritized:  # queue place q holds token order_GT[q]: sort once, permute choices
+        order_GT = jnp.argsort(-jax.lax.stop_gradient(gate_GTA[..., 0]), axis=1, stable=True)
+        queued_GTA = jnp.take_along_axis(expert_GTA, order_GT[..., None], axis=1)
+        queued_GTAE = jax.nn.one_hot(queued_GTA, experts, dtype=jnp.int32)
     if renormalize:
         gate_GTA = gate_GTA / jnp.sum(gate_GTA, axis=-1, keepdims=True)
 
     # The queue: all first choices (token 0, 1, ...), then all second choices. A running count
     # per expert along that order is each assignment's slot (flaxformer routing.py, top-k leading).
-    queue_GME = jnp.swapaxes(choice_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
+    queue_GME = jnp.swapaxes(queued_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
     place_GME = jnp.cumsum(queue_GME, axis=1) - 1
     slot_GM = jnp.sum(place_GME * queue_GME, axis=-1)
     slot_GTA = jnp.swapaxes(slot_GM.reshape(num_groups, top_k, tokens), 1, 2)
+    if batch_prioritized:  # back to token order: token t sat at queue place rank_GT[t]
+        rank_GT = jnp.argsort(order_GT, axis=1)
+        slot_GTA = jnp.take_along_axis(slot_GTA, rank_GT[..., None], axis=1)
 
     kept_GTA = slot_GTA < capacity
     return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
+
+
+def route_experts_choose(logits_GTE, *, capacity: int) -> Routing:
+    """Expert choice (Zhou et al. 2022, arXiv 2202.09368; flaxformer ExpertsChooseMaskedRouter):
+    each expert takes the `capacity` tokens of the group that want it most, so a token may get
+    0 to E experts and every expert is exactly full; no queue, no load-balance loss.
+
+    Written as the same Routing with A = E, so 05's dispatch paths serve it unchanged: each
+    token lists every expert, best first; its slot there is its rank in that expert's column
+    of the group (0 = the expert's most probable token; ties: earlier token first); kept = slot
+    < capacity. An expert cannot take more tokens than the group has: C > T keeps them all.
+    """
+    num_groups, tokens, experts = logits_GTE.shape
+    probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
+    scores_GTE = jax.lax.stop_gradient(probs_GTE)
+    _, expert_GTA = jax.lax.top_k(scores_GTE, experts)  # A = E: every expert, best first
+
+    # Each expert sorts the group's tokens (stable: ties keep the earlier token first); the
+    # inverse permutation is each token's rank in that expert's column, its slot.
+    order_GET = jnp.argsort(-jnp.swapaxes(scores_GTE, 1, 2), axis=-1, stable=True)
+    rank_GTE = jnp.swapaxes(jnp.argsort(order_GET, axis=-1), 1, 2).astype(jnp.int32)
+    slot_GTA = jnp.take_along_axis(rank_GTE, expert_GTA, axis=-1)
+
+    # The combine weight is the token's probability for that expert, as in token choice.
+    choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.float32)
+    gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE)
+    kept_GTA = slot_GTA < capacity
+    return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
+
+
+def update_balance_bias(bias_E, expert_load_E, rate: float):
+    """One step of aux-loss-free balancing: b_e ← b_e + u · sign(mean load − load_e).
+
+    Wang et al. 2024 (arXiv 2408.15664) run it after every training step with u = 0.001, as
+    DeepSeek-V3 (arXiv 2412.19437 §2.1.2, bias update speed γ = 0.001) does: an overloaded
+    expert's bias falls by u, an underloaded one's rises by u, so its score needs to beat the
+    others by less to be chosen. Pure, and it works on [..., E] (e.g. one row per MoE layer).
+    """
+    mean_load = jnp.mean(expert_load_E, axis=-1, keepdims=True)
+    return bias_E + rate * jnp.sign(mean_load - expert_load_E)
+
+
+def max_violation(expert_load_E):
+    """MaxVio = max_e load_e / mean load − 1 (Wang et al. 2024's balance measure) over [..., E]:
+    0 when balanced; 1 when the busiest expert carries twice its fair share."""
+    return jnp.max(expert_load_E, axis=-1) / jnp.mean(expert_load_E, axis=-1) - 1.0
 
 
 def load_balance_loss(logits_GTE, expert_GTA):
@@ -212,24 +309,43 @@ def router_z_loss(logits_GTE):
     return jnp.mean(jax.nn.logsumexp(logits_GTE.astype(jnp.float32), axis=-1) ** 2)
 
 
-def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int) -> dict:
-    """What flaxformer records (sows) per layer, plus each expert's load and drop rate by position.
+def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int,
+                    experts_choose: bool = False) -> dict:
+    """What flaxformer records (sows) per layer, plus each expert's load and drop rates by position.
 
     Groups hold whole batch rows in order, so flat token n sits at sequence position n mod L.
     """
-    top_k = routing.expert_GTA.shape[-1]
-    kept_NA = routing.kept_GTA.reshape(-1, top_k).astype(jnp.float32)
+    assignments = routing.expert_GTA.shape[-1]
+    kept_NA = routing.kept_GTA.reshape(-1, assignments).astype(jnp.float32)
+    served_N = kept_NA.max(axis=-1)  # 1 where at least one expert serves the token
     num_groups = routing.expert_GTA.shape[0]
+    chosen_NAE = jax.nn.one_hot(routing.expert_GTA.reshape(-1, assignments), num_experts)
+    if experts_choose:  # every expert is listed for every token: count what each one took
+        chosen_NAE = chosen_NAE * kept_NA[..., None]
+    chosen_E = jnp.sum(chosen_NAE, axis=(0, 1))
     return {
         "fraction_dropped": 1.0 - kept_NA.mean(),
-        "fraction_tokens_left_behind": 1.0 - kept_NA.max(axis=-1).mean(),
-        "drop_rate_by_position": 1.0 - kept_NA.reshape(-1, seq_len, top_k).mean(axis=(0, 2)),
-        # Share of the (pre-capacity) assignments each expert received; 1/E when balanced.
-        "expert_load": jnp.mean(jax.nn.one_hot(routing.expert_GTA, num_experts), axis=(0, 1, 2)),
+        "fraction_tokens_left_behind": 1.0 - served_N.mean(),
+        "drop_rate_by_position": 1.0 - kept_NA.reshape(-1, seq_len, assignments).mean(axis=(0, 2)),
+        "tokens_left_behind_by_position": 1.0 - served_N.reshape(-1, seq_len).mean(axis=0),
+        # Share of the assignments each expert received, 1/E when balanced: before capacity for
+        # token choice (what the bias balances), the kept ones for expert choice (uniform).
+        "expert_load": chosen_E / jnp.maximum(jnp.sum(chosen_E), 1.0),
         # Filled share of all expert buffers, and mean combine weight of what was kept.
         "expert_usage": kept_NA.sum() / (num_groups * num_experts * capacity),
         "router_confidence": routing.weight_GTA.sum() / jnp.maximum(kept_NA.sum(), 1.0),
     }
+
+
+class RoutingBias(nnx.Param):
+    """The per-expert bias b [E] of aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3).
+
+    It shifts the scores the top-k is taken of, never the combine weights. No gradient reaches
+    it (`route` stops it) and no optimizer may update it: 09's Adafactor freezes it and sets it
+    after each step with `update_balance_bias`. It is a Param all the same, so checkpoints,
+    10's loading and 07's sharding rules (its one axis is "unmodeled": whole on every device)
+    carry it with no extra plumbing.
+    """
 
 
 class Router(nnx.Module):
@@ -244,33 +360,80 @@ class Router(nnx.Module):
         # (for E < 128) it keeps the kernel's gradient statistics whole, not as row and column
         # averages.
         self.kernel = nnx.Param(value_DE, logical_axes=("embed", "unmodeled"))
+        if cfg.balance_bias_rate > 0:  # only then: a default model has exactly OpenMoE's params
+            self.bias = RoutingBias(jnp.zeros((cfg.num_experts,), jnp.float32),
+                                    logical_axes=("unmodeled",))
+
+    def params(self) -> dict:
+        """The router's arrays as a pytree, {"kernel": [D, E]} and "bias": [E] when balancing:
+        what 05 hands its runner (07 replicates it on every device with one spec, P())."""
+        bias = {"bias": self.bias[...]} if hasattr(self, "bias") else {}
+        return {"kernel": self.kernel[...], **bias}
 
     def __call__(self, x_GTD, *, capacity: int, key=None) -> tuple[Routing, dict]:
         check_float(x_GTD, "router input x_GTD")
         if x_GTD.ndim != 3 or x_GTD.shape[-1] != self.cfg.d_model:
             raise ValueError(f"router input must be [G, T, D={self.cfg.d_model}]; "
                              f"got shape {x_GTD.shape}")
-        return route_groups(x_GTD, self.kernel[...], self.cfg, capacity=capacity, key=key)
+        params = self.params()
+        return route_groups(x_GTD, params["kernel"], self.cfg, capacity=capacity, key=key,
+                            bias_E=params.get("bias"))
 
 
-def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int,
-                 key=None) -> tuple[Routing, dict]:
-    """The router as a pure function of its kernel: each group's routing and the two losses,
-    averaged over the groups given. Pure, so 07 can run it on each device's own groups."""
+def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int, key=None,
+                 bias_E=None) -> tuple[Routing, dict]:
+    """The router as a pure function of its arrays: each group's routing (cfg.routing, with
+    its options) and the two losses, averaged over the groups given. Pure, so 07 can run it on
+    each device's own groups."""
     logits_GTE = router_logits(x_GTD, kernel_DE, jitter_noise=cfg.jitter_noise, key=key)
-    routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity, renormalize=cfg.renormalize)
-    losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
-              "router_z_loss": router_z_loss(logits_GTE)}
-    return routing, losses
+    if cfg.routing == "experts_choose":
+        # Every expert is full by construction, so there is nothing to balance (flaxformer: 0).
+        routing = route_experts_choose(logits_GTE, capacity=capacity)
+        balance = jnp.zeros((), jnp.float32)
+    else:
+        routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity,
+                        renormalize=cfg.renormalize, batch_prioritized=cfg.batch_prioritized,
+                        bias_E=bias_E)
+        balance = load_balance_loss(logits_GTE, routing.expert_GTA)
+    return routing, {"load_balance_loss": balance, "router_z_loss": router_z_loss(logits_GTE)}
 
 
-def worked_example(capacity: int = 2) -> tuple[np.ndarray, Routing]:
+def worked_example(capacity: int = 2, first_logits=(2.0,) * 8) -> tuple[np.ndarray, Routing]:
     """8 tokens, 4 experts, each token's (first, second) choice; logits 2 and 1, 0 elsewhere."""
     choices = [(0, 1), (0, 2), (1, 0), (0, 3), (2, 1), (1, 0), (1, 2), (3, 1)]
     logits_TE = np.zeros((len(choices), 4), np.float32)
     for token, (first, second) in enumerate(choices):
-        logits_TE[token, first], logits_TE[token, second] = 2.0, 1.0
+        logits_TE[token, first], logits_TE[token, second] = first_logits[token], 1.0
     return logits_TE, route(jnp.asarray(logits_TE)[None], top_k=2, capacity=capacity)
+
+
+def route_demo(capacity: int = 2) -> tuple[np.ndarray, Routing, Routing]:
+    """The worked example's choices with unequal confidence (first-choice logits 1.7 ... 4.0),
+    routed by position (OpenMoE) and by confidence (BPR)."""
+    logits_TE, by_position = worked_example(capacity, (1.7, 2.0, 2.5, 3.0, 2.2, 1.8, 4.0, 3.5))
+    by_confidence = route(jnp.asarray(logits_TE)[None], top_k=2, capacity=capacity,
+                          batch_prioritized=True)
+    return logits_TE, by_position, by_confidence
+
+
+def print_variants(logits_TE: np.ndarray, routings: dict, capacity: int) -> None:
+    """Each token's served experts under each router in `routings` ({name: Routing}), side by side."""
+    probs_TE = np.asarray(jax.nn.softmax(jnp.asarray(logits_TE)))
+    print(f"The same choices with unequal confidence (top-1 probability), capacity {capacity}: "
+          "the experts that serve each token.")
+    print("token | choices | top-1 p | " + " | ".join(f"{name:>15s}" for name in routings))
+    served = {name: [[f"e{e}" for e, k in zip(np.asarray(r.expert_GTA[0, t]),
+                                            np.asarray(r.kept_GTA[0, t])) if k] or ["nothing"]
+                     for t in range(len(logits_TE))] for name, r in routings.items()}
+    for t in range(len(logits_TE)):
+        first, second = np.argsort(-probs_TE[t], kind="stable")[:2]
+        cells = " | ".join(f"{' '.join(served[name][t]):>15s}" for name in routings)
+        print(f"  {t}   |  e{first} e{second}  |  {probs_TE[t].max():.3f}  | {cells}")
+    print("By position, token 6 comes late and finds e1 and e2 full. BPR queues token 6 (the most\n"
+          "confident) first and leaves the two least sure, 0 and 5, with nothing. Under expert\n"
+          "choice each expert takes its 2 most probable tokens: 0 and 5 are nobody's top two,\n"
+          "while token 1 gets two experts. Under both, whether token 0 is served depends on\n"
+          "tokens after it: the future leaks into the past, more than in OpenMoE's queue.\n")
 
 
 def print_example(logits_TE: np.ndarray, routing: Routing, capacity: int) -> None:
@@ -343,6 +506,20 @@ if __name__ == "__main__":
         problems.append("token 1's combine weights must be its raw softmax probabilities")
     if problems:
         sys.exit("self-test FAILED, worked example: " + "; ".join(problems))
+
+    # 1b. The variants side by side on 8 tokens whose confidence differs.
+    logits_TE, by_position, by_confidence = route_demo(capacity=2)
+    expert_choice = route_experts_choose(jnp.asarray(logits_TE)[None], capacity=2)
+    routings = {"by position": by_position, "BPR": by_confidence, "expert choice": expert_choice}
+    print_variants(logits_TE, routings, capacity=2)
+    served = {name: np.asarray(r.kept_GTA[0]).any(-1).tolist() for name, r in routings.items()}
+    least_sure_lose = [False, True, True, True, True, False, True, True]
+    if (served["by position"] != [True] * 6 + [False, True] or served["BPR"] != least_sure_lose
+            or served["expert choice"] != least_sure_lose
+            or np.asarray(expert_choice.kept_GTA).sum() != 4 * 2 or queue_problems(by_position, 2)):
+        sys.exit(f"self-test FAILED, variants: tokens served {served} (expected token 6 left "
+                 "behind by position, tokens 0 and 5 by BPR and by expert choice, every expert "
+                 "full under expert choice)")
 
     # 2. Capacity arithmetic for OpenMoE-8B's groups, and the floor of 4 on small groups.
     cfg = RouterConfig()

@@ -16,7 +16,9 @@ Four dispatch paths compute the same function:
   einsum - one-hot dispatch/combine tensors [G, T, E, C], the T5X/flaxformer form;
   gather - index maps between assignments and slots, no one-hot: O(T·k·D) memory (default);
   ragged - rows sorted by expert and grouped matmuls, no buffers (MaxText): for accelerators.
-`dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End.
+`dropless` (not OpenMoE) serves every assignment, the cure for Drop-towards-the-End. 04's other
+routers need nothing new here: BPR and a balancing bias change only slots and choices, and
+expert choice lists every expert per token (A = E), its kept ones being the experts that took it.
 Decoding routes a token or a few: then no expert can overflow, and every path but the loop
 reads only the chosen experts' kernels (`dispatch_chosen`) instead of running all E on empty slots.
 Where the groups run is the layer's one seam: `MoELayer(cfg, rngs=..., run_groups=...)` takes a
@@ -64,6 +66,10 @@ class MoEConfig(router_lib.RouterConfig):
         ffn.FFNConfig(self.d_model, self.d_ff, self.ffn_variant, self.init_scale, self.dtype)
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}: must be one of {DISPATCHES}")
+        if self.dropless and self.routing == "experts_choose":
+            raise ValueError("MoEConfig.dropless=True: only with routing='tokens_choose'; expert "
+                             "choice drops nothing to cure (C = T would make every expert take "
+                             "every token)")
 
 
 def apply_experts(buffers_GECD, experts, variant: str, dtype):
@@ -274,12 +280,13 @@ DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": disp
             "loop": dispatch_loop}
 
 
-def run_groups_here(layer_fn, x_GTD, kernel_DE, experts):
+def run_groups_here(layer_fn, x_GTD, router, experts):
     """MoELayer's default runner: route and run every group on the devices that hold it,
-    experts included (one device, or GSPMD's choice). `layer_fn(x_GTD, kernel_DE, experts,
-    run_experts)` is the layer's math, and a runner decides where it runs and with which
-    `run_experts`; 07_sharding.py's runner calls it on each device's own groups in `shard_map`."""
-    return layer_fn(x_GTD, kernel_DE, experts, apply_experts)
+    experts included (one device, or GSPMD's choice). `layer_fn(x_GTD, router, experts,
+    run_experts)` is the layer's math (`router`: 04's `Router.params()`, the kernel and any
+    balancing bias), and a runner decides where it runs and with which `run_experts`;
+    07_sharding.py's runner calls it on each device's own groups in `shard_map`."""
+    return layer_fn(x_GTD, router, experts, apply_experts)
 
 
 class MoELayer(nnx.Module):
@@ -323,15 +330,18 @@ class MoELayer(nnx.Module):
         capacity = tokens if cfg.dropless else cfg.capacity(tokens, capacity_factor)
         x_GTD = x_BLD.reshape(num_groups, tokens, dim)
         # Decode-sized calls read only their chosen experts (all but the oracle): nothing drops.
+        # Under expert choice a token has E assignments (every expert, kept or not).
+        assignments = cfg.num_experts if cfg.routing == "experts_choose" else cfg.top_k
         chosen = cfg.dispatch != "loop" and reads_chosen_experts(
-            batch * length, tokens, capacity, cfg.top_k, cfg.num_experts)
+            batch * length, tokens, capacity, assignments, cfg.num_experts)
         real_N = np.arange(padded_batch * padded_length).reshape(
             padded_batch, padded_length)[:batch, :length].reshape(-1)
 
         # The layer's math on some groups: route them, dispatch, run the experts, combine.
-        def layer_fn(x_GTD, kernel_DE, experts, run_experts):
-            routing, losses = router_lib.route_groups(x_GTD, kernel_DE, cfg, capacity=capacity,
-                                                      key=key if train else None)
+        def layer_fn(x_GTD, router, experts, run_experts):
+            routing, losses = router_lib.route_groups(
+                x_GTD, router["kernel"], cfg, capacity=capacity, key=key if train else None,
+                bias_E=router.get("bias"))
             if chosen and run_experts is apply_experts:  # 07's runner keeps its all-to-all
                 y_GTD = dispatch_chosen(x_GTD, routing, experts, real_N, cfg.ffn_variant,
                                         cfg.dtype)
@@ -341,11 +351,13 @@ class MoELayer(nnx.Module):
             return y_GTD, routing, losses
 
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
-        y_GTD, routing, losses = self.run_groups(layer_fn, x_GTD, self.router.kernel[...], experts)
+        y_GTD, routing, losses = self.run_groups(layer_fn, x_GTD, self.router.params(), experts)
         # Per-layer numbers for 06's logs, and each assignment's decision for 11's analysis.
-        metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
-                                             capacity=capacity, seq_len=padded_length)
-        metrics["drop_rate_by_position"] = metrics["drop_rate_by_position"][:length]
+        metrics = router_lib.routing_metrics(
+            routing, num_experts=cfg.num_experts, capacity=capacity, seq_len=padded_length,
+            experts_choose=cfg.routing == "experts_choose")
+        for name in ("drop_rate_by_position", "tokens_left_behind_by_position"):
+            metrics[name] = metrics[name][:length]
         def unpadded(x):  # [G, T, ...] back to [B, L, ...] without the zero tokens
             return x.reshape(padded_batch, padded_length, -1)[:batch, :length]
 

@@ -266,3 +266,208 @@ def test_bad_call_is_a_clear_error():
     with pytest.raises(ValueError, match="D=8"):
         layer(jnp.ones((1, 4, 6)), capacity=4)
     assert math.isclose(cfg.capacity(64, 2.0), 32)
+
+
+# --- Aux-loss-free balancing: a bias that steers selection only ----------------------------
+
+def test_bias_steers_selection_but_not_combine_weights():
+    # 3 tokens, 3 experts, top-1. Scores with a bias of 0.35 on e2: token 0 (.5, .3, .55) now
+    # picks e2; token 1 (.6, .3, .45) and token 2 (.2, .7, .45) keep e0 and e1.
+    probs_GTE = jnp.array([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]])
+    logits_GTE = jnp.log(probs_GTE)
+    plain = router_lib.route(logits_GTE, top_k=1, capacity=3)
+    biased = router_lib.route(logits_GTE, top_k=1, capacity=3, bias_E=jnp.array([0, 0, 0.35]))
+    assert plain.expert_GTA[0, :, 0].tolist() == [0, 0, 1]
+    assert biased.expert_GTA[0, :, 0].tolist() == [2, 0, 1]
+    # The combine weight is the chosen expert's *unbiased* probability (Wang et al. 2024).
+    np.testing.assert_allclose(biased.weight_GTA[0, :, 0], [0.2, 0.6, 0.7], rtol=1e-6)
+    # A zero bias changes nothing at all.
+    zero = router_lib.route(logits_GTE, top_k=1, capacity=3, bias_E=jnp.zeros(3))
+    for a, b in zip(zero, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_routing_bias_is_a_param_of_zeros_that_no_gradient_reaches():
+    cfg = router_lib.RouterConfig(d_model=8, num_experts=4, balance_bias_rate=0.001)
+    layer = router_lib.Router(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(layer.bias, router_lib.RoutingBias) and isinstance(layer.bias, nnx.Param)
+    assert layer.bias.logical_axes == ("unmodeled",)
+    np.testing.assert_array_equal(layer.bias[...], np.zeros(4, np.float32))
+    assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 2  # checkpoints carry it
+    assert not hasattr(router_lib.Router(router_lib.RouterConfig(d_model=8, num_experts=4),
+                                         rngs=nnx.Rngs(0)), "bias")  # default: OpenMoE's params
+    layer.bias[...] = jnp.array([0.3, -0.2, 0.1, 0.0])
+    x_GTD = jax.random.normal(jax.random.key(3), (2, 16, 8))
+
+    def loss(layer):
+        routing, losses = layer(x_GTD, capacity=6)
+        return routing.weight_GTA.sum() + losses["load_balance_loss"] + losses["router_z_loss"]
+
+    grad = jax.grad(loss)(layer)
+    assert float(jnp.abs(grad.kernel[...]).max()) > 0
+    np.testing.assert_array_equal(grad.bias[...], np.zeros(4, np.float32))
+
+
+def test_update_balance_bias_by_hand_and_per_layer_rows():
+    load_E = jnp.array([0.4, 0.3, 0.2, 0.1])  # mean 0.25: two over, two under
+    bias_E = router_lib.update_balance_bias(jnp.zeros(4), load_E, 0.001)
+    np.testing.assert_allclose(bias_E, [-0.001, -0.001, 0.001, 0.001])
+    assert np.isclose(router_lib.max_violation(load_E), 0.4 / 0.25 - 1)
+    # [layers, E]: each row is balanced against its own mean; a balanced row stays put.
+    load_LE = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    bias_LE = router_lib.update_balance_bias(jnp.zeros((2, 4)), load_LE, 0.01)
+    np.testing.assert_allclose(bias_LE, [[-0.01, -0.01, 0.01, 0.01], [0, 0, 0, 0]])
+    np.testing.assert_allclose(router_lib.max_violation(load_LE), [0.6, 0.0], rtol=1e-6)
+
+
+def test_repeated_bias_updates_balance_a_skewed_router():
+    # Fixed logits that favour low-numbered experts; only the bias moves (no training).
+    logits_GTE = (jax.random.normal(jax.random.key(4), (2, 64, 8))
+                  - 0.3 * jnp.arange(8, dtype=jnp.float32))
+    bias_E, violations = jnp.zeros(8), []
+    for _ in range(60):
+        routing = router_lib.route(logits_GTE, top_k=2, capacity=128, bias_E=bias_E)
+        load_E = router_lib.routing_metrics(routing, num_experts=8, capacity=128,
+                                            seq_len=64)["expert_load"]
+        violations.append(float(router_lib.max_violation(load_E)))
+        bias_E = router_lib.update_balance_bias(bias_E, load_E, 0.01)
+    assert violations[0] > 0.5 and max(violations[-10:]) < violations[0] / 3, violations
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"routing": "expert_choice"}, "routing='expert_choice'"),
+    ({"routing": "experts_choose", "batch_prioritized": True}, "batch_prioritized=True"),
+    ({"routing": "experts_choose", "balance_bias_rate": 0.001}, "balance_bias_rate=0.001"),
+    ({"balance_bias_rate": -0.001}, "balance_bias_rate=-0.001: must be a finite number >= 0"),
+    ({"balance_bias_rate": float("nan")}, "balance_bias_rate=nan"),
+    ({"balance_bias_rate": float("inf")}, "balance_bias_rate=inf"),
+])
+def test_bad_routing_config_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        router_lib.RouterConfig(**kwargs)
+
+
+# --- Batch-prioritized routing (BPR) and expert choice, against loop oracles ----------------
+
+def tied_logits(shape, seed):
+    """Random logits on a coarse grid, with some tokens copied: ties among experts and tokens."""
+    logits = np.round(np.asarray(jax.random.normal(jax.random.key(seed), shape)) * 2) / 2
+    logits[:, 1::5] = logits[:, 0:1]  # every fifth token repeats the group's first
+    return jnp.asarray(logits, jnp.float32)
+
+
+def bpr_oracle(probs_GTE, top_k, capacity):
+    """BPR by walking the queue in Python: tokens sorted by top-1 probability (ties: earlier
+    token first), every first choice in that order, then every second choice, and so on."""
+    expert_GTA = np.argsort(-probs_GTE, axis=-1, kind="stable")[..., :top_k]
+    slot_GTA = np.zeros(expert_GTA.shape, np.int64)
+    for g in range(probs_GTE.shape[0]):
+        order = sorted(range(probs_GTE.shape[1]), key=lambda t: (-probs_GTE[g, t].max(), t))
+        arrivals = {}
+        for a in range(top_k):
+            for t in order:
+                e = int(expert_GTA[g, t, a])
+                slot_GTA[g, t, a] = arrivals.get(e, 0)
+                arrivals[e] = slot_GTA[g, t, a] + 1
+    return expert_GTA, slot_GTA
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_batch_prioritized_routing_equals_a_loop_oracle(top_k):
+    logits_GTE = tied_logits((3, 40, 6), top_k)
+    routing = router_lib.route(logits_GTE, top_k=top_k, capacity=9, batch_prioritized=True)
+    probs_GTE = np.asarray(jax.nn.softmax(logits_GTE))
+    expert_GTA, slot_GTA = bpr_oracle(probs_GTE, top_k, capacity=9)
+    np.testing.assert_array_equal(routing.expert_GTA, expert_GTA)
+    np.testing.assert_array_equal(routing.slot_GTA, slot_GTA)
+    np.testing.assert_array_equal(routing.kept_GTA, slot_GTA < 9)
+    assert 0 < (slot_GTA < 9).sum() < slot_GTA.size
+    chosen_GTA = np.take_along_axis(probs_GTE, expert_GTA, axis=-1)
+    np.testing.assert_array_equal(routing.weight_GTA, chosen_GTA * (slot_GTA < 9))
+    # Only the order changed: the load-balance loss is bit for bit the plain router's.
+    plain = router_lib.route(logits_GTE, top_k=top_k, capacity=9)
+    assert not np.array_equal(plain.slot_GTA, routing.slot_GTA)
+    assert (router_lib.load_balance_loss(logits_GTE, routing.expert_GTA)
+            == router_lib.load_balance_loss(logits_GTE, plain.expert_GTA))
+
+
+def test_batch_prioritized_routing_by_hand():
+    # route_demo's 8 tokens (the worked example's choices, confidences 1.7 ... 4.0): by
+    # position token 6 is left behind; by confidence the two least sure, 0 and 5, are.
+    logits_TE, by_position, by_confidence = router_lib.route_demo(capacity=2)
+    served = [np.asarray(r.kept_GTA[0]).any(-1).tolist() for r in (by_position, by_confidence)]
+    assert served[0] == [True] * 6 + [False, True]
+    assert served[1] == [False, True, True, True, True, False, True, True]
+    # Queue of e1 under BPR: first choices of t6 (4.0), t2 (2.5), t5 (1.8), then second ones.
+    assert by_confidence.slot_GTA[0, 6, 0] == 0 and by_confidence.slot_GTA[0, 2, 0] == 1
+    assert by_confidence.slot_GTA[0, 5, 0] == 2 and not by_confidence.kept_GTA[0, 5, 0]
+    np.testing.assert_array_equal(by_confidence.weight_GTA[0, 6],
+                                  jax.nn.softmax(logits_TE[6])[np.array([1, 2])])
+
+
+def experts_choose_oracle(probs_GTE, capacity):
+    """Each expert, in plain Python, takes its `capacity` most probable tokens of the group
+    (ties: earlier token first); slot = the token's rank in the expert's list."""
+    rank_GTE = np.zeros(probs_GTE.shape, np.int64)
+    groups, tokens, experts = probs_GTE.shape
+    for g in range(groups):
+        for e in range(experts):
+            ranked = sorted(range(tokens), key=lambda t: (-probs_GTE[g, t, e], t))
+            for rank, t in enumerate(ranked):
+                rank_GTE[g, t, e] = rank
+    return rank_GTE, rank_GTE < capacity
+
+
+@pytest.mark.parametrize("capacity", [3, 50])
+def test_experts_choose_equals_a_loop_oracle(capacity):
+    logits_GTE = tied_logits((2, 40, 6), seed=7)
+    routing = router_lib.route_experts_choose(logits_GTE, capacity=capacity)
+    probs_GTE = np.asarray(jax.nn.softmax(logits_GTE))
+    rank_GTE, taken_GTE = experts_choose_oracle(probs_GTE, capacity)
+    expert_GTA = np.argsort(-probs_GTE, axis=-1, kind="stable")  # A = E, best first
+    np.testing.assert_array_equal(routing.expert_GTA, expert_GTA)
+    np.testing.assert_array_equal(routing.slot_GTA, np.take_along_axis(rank_GTE, expert_GTA, -1))
+    kept_GTA = np.take_along_axis(taken_GTE, expert_GTA, -1)
+    np.testing.assert_array_equal(routing.kept_GTA, kept_GTA)
+    np.testing.assert_array_equal(routing.weight_GTA,
+                                  np.take_along_axis(probs_GTE, expert_GTA, -1) * kept_GTA)
+    # Every expert is exactly full (C ≤ T), or takes the whole group (C > T).
+    per_expert = np.stack([(np.asarray(routing.expert_GTA) == e)
+                           & np.asarray(routing.kept_GTA) for e in range(6)]).sum(axis=(2, 3))
+    assert np.all(per_expert == min(capacity, 40))
+    metrics = router_lib.routing_metrics(routing, num_experts=6, capacity=capacity, seq_len=40,
+                                         experts_choose=True)
+    np.testing.assert_allclose(metrics["expert_load"], np.full(6, 1 / 6), rtol=1e-6)
+    assert np.isclose(metrics["fraction_tokens_left_behind"], 1 - taken_GTE.any(-1).mean())
+
+
+def test_experts_choose_by_hand_leaves_a_token_behind():
+    # route_demo's 8 tokens, capacity 2: e0 takes t3, t1; e1 t6, t2; e2 t4, t1; e3 t7, t3.
+    # Tokens 0 and 5 are nobody's top two; token 1 gets two experts, token 6 only one.
+    logits_TE, _, _ = router_lib.route_demo(capacity=2)
+    routing = router_lib.route_experts_choose(jnp.asarray(logits_TE)[None], capacity=2)
+    taken = {e: sorted(int(t) for t, a in zip(*np.nonzero(
+        (np.asarray(routing.expert_GTA[0]) == e) & np.asarray(routing.kept_GTA[0])))) for e in range(4)}
+    assert taken == {0: [1, 3], 1: [2, 6], 2: [1, 4], 3: [3, 7]}
+    metrics = router_lib.routing_metrics(routing, num_experts=4, capacity=2, seq_len=8,
+                                         experts_choose=True)
+    np.testing.assert_allclose(metrics["tokens_left_behind_by_position"],
+                               [1, 0, 0, 0, 0, 1, 0, 0])
+    assert np.isclose(metrics["fraction_tokens_left_behind"], 2 / 8)
+
+
+def test_route_groups_dispatches_on_the_config():
+    x_GTD = jax.random.normal(jax.random.key(0), (2, 16, 8))
+    kernel_DE = jax.random.normal(jax.random.key(1), (8, 4))
+    logits_GTE = router_lib.router_logits(x_GTD, kernel_DE)
+    cases = {"tokens_choose": router_lib.route(logits_GTE, top_k=2, capacity=5),
+             "bpr": router_lib.route(logits_GTE, top_k=2, capacity=5, batch_prioritized=True),
+             "experts_choose": router_lib.route_experts_choose(logits_GTE, capacity=5)}
+    for name, expected in cases.items():
+        cfg = router_lib.RouterConfig(d_model=8, num_experts=4, batch_prioritized=name == "bpr",
+                                      routing=name if name == "experts_choose" else "tokens_choose")
+        routing, losses = router_lib.route_groups(x_GTD, kernel_DE, cfg, capacity=5)
+        for a, b in zip(routing, expected):
+            np.testing.assert_array_equal(a, b)
+        assert losses["router_z_loss"] == router_lib.router_z_loss(logits_GTE)
+        assert (losses["load_balance_loss"] == 0) == (name == "experts_choose")

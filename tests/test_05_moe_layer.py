@@ -295,3 +295,51 @@ def test_chosen_experts_multiply_bfloat16_kernels_in_float32():
                                   jnp.float32)
     assert y_ND.dtype == jnp.bfloat16
     np.testing.assert_array_equal(y_ND, exact_ND.astype(jnp.bfloat16))
+
+
+# --- Routing variants: every dispatch path serves BPR, expert choice and a biased router -------
+BIAS_E = jnp.array([0.3, -0.2, 0.1, 0.0])
+VARIANTS = {"bpr": dict(batch_prioritized=True), "experts_choose": dict(routing="experts_choose"),
+            "bias": dict(balance_bias_rate=0.001)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_path_serves_each_routing_variant_as_the_oracle_does(variant):
+    layers = moe.layers_per_dispatch(dataclasses.replace(CFG, **VARIANTS[variant]))
+    for layer in layers.values():
+        if variant == "bias":  # a RoutingBias of zeros, then set as 09's balancing would
+            assert isinstance(layer.router.bias, moe.router_lib.RoutingBias)
+            np.testing.assert_array_equal(layer.router.bias[...], np.zeros(4, np.float32))
+            layer.router.bias[...] = BIAS_E
+    by_path = {name: moe.outputs_and_grads(layer, X_BLD, 1.0) for name, layer in layers.items()}
+    y_oracle, stats, grads_oracle = by_path["loop"]
+    assert 0 < float(stats["fraction_tokens_left_behind"]) < 1  # some tokens served, some not
+    for name in ("einsum", "gather", "ragged"):
+        y_BLD, _, grads = by_path[name]
+        np.testing.assert_allclose(y_BLD, y_oracle, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert len(grads) == len(grads_oracle) == 5 + (variant == "bias")
+        for grad, grad_oracle in zip(grads, grads_oracle):
+            scale = float(jnp.max(jnp.abs(grad_oracle)))
+            np.testing.assert_allclose(grad, grad_oracle, rtol=1e-4, atol=1e-5 * scale)
+    # The routing really is the variant's: it differs from OpenMoE's plain queue here.
+    plain = moe.MoELayer(CFG, rngs=nnx.Rngs(0))
+    _, plain_stats = plain(X_BLD, capacity_factor=1.0)
+    if variant == "experts_choose":
+        assert stats["expert_BLA"].shape == (2, 16, 4) and float(stats["load_balance_loss"]) == 0
+    else:
+        assert not np.array_equal(stats["kept_BLA"], plain_stats["kept_BLA"]) or not (
+            np.array_equal(stats["expert_BLA"], plain_stats["expert_BLA"]))
+    if variant == "bias":  # no gradient reaches the bias
+        assert float(jnp.abs(grads_oracle[0]).max()) == 0 and grads_oracle[0].shape == (4,)
+
+
+def test_expert_choice_excludes_dropless_and_decodes_through_the_chosen_path():
+    with pytest.raises(ValueError, match="dropless=True"):
+        dataclasses.replace(CFG, routing="experts_choose", dropless=True)
+    # One token: every expert takes it (C ≥ 1 = T), so it gets all E experts' mixture.
+    cfg = dataclasses.replace(CFG, routing="experts_choose")
+    gather, loop = (moe.MoELayer(dataclasses.replace(cfg, dispatch=d), rngs=nnx.Rngs(0))
+                    for d in ("gather", "loop"))
+    y_BLD, stats = gather(X_BLD[:1, :1], train=False)
+    assert np.asarray(stats["kept_BLA"]).all()
+    np.testing.assert_allclose(y_BLD, loop(X_BLD[:1, :1], train=False)[0], rtol=1e-5, atol=1e-7)
