@@ -338,8 +338,8 @@ def capacity_settings(cfg) -> dict[str, tuple[float, str]]:
     train_cf, eval_cf = cfg.train_capacity_factor, cfg.eval_capacity_factor
     return {f"train cf {train_cf} (T5X)": (train_cf, "t5x"),
             f"train cf {train_cf} x k (ColossalAI)": (train_cf, "colossalai"),
-            f"eval cf {eval_cf} (T5X)": (eval_cf, "t5x"),
-            "dropless": (train_cf, "dropless")}
+            f"eval cf {eval_cf} (T5X)": (eval_cf, "t5x"),  # expert choice has no dropless form:
+            **({"dropless": (train_cf, "dropless")} if cfg.routing == "tokens_choose" else {})}
 
 
 def drop_towards_the_end(subject: Subject, decisions_at: Callable[[float, str], Decisions],
@@ -415,7 +415,7 @@ def early_routing_lines(early: dict | None) -> list[str]:
 
 def drop_lines(drops: dict, sources: list[str]) -> list[str]:
     """Finding 3: drop rate by quarter of the sequence per setting, then the capacity sweep."""
-    train, colossal, evaluation, dropless = (  # each setting's last-quarter drop rate per source
+    train, colossal, evaluation, *dropless = (  # each setting's last-quarter drop rate per source
         {source: quarter_means(curve_L)[-1] for source, curve_L in curves.items()}
         for curves in drops["curves"].values())
     worst = max(colossal, key=colossal.get)
@@ -436,7 +436,7 @@ def drop_lines(drops: dict, sources: list[str]) -> list[str]:
             "capacity drops come from imbalance alone, and the end of a sequence loses most on "
             f"'{worst}' ({colossal[worst]:.1%} vs {seen:.1%} in-distribution). The evaluation "
             f"capacity leaves {shrink:.0%} of the training capacity's end-of-sequence drops; "
-            f"dropless experts leave {max(dropless.values()):.0%}."]
+            + (f"dropless experts leave {max(dropless[0].values()):.0%}." if dropless else "")]
 
 
 # --- Part 7: putting it together ------------------------------------------------------------------
@@ -588,8 +588,7 @@ def main(argv=None) -> None:
                           min_count=args.min_count or (32 if args.quick else 128))
     print("\n".join(results["lines"]))
     print("report.txt, analysis.json: removed with the temporary directory (--out keeps them)"
-          if args.quick and not args.out else
-          f"written to {results['out_dir']}: report.txt, analysis.json")
+          if args.quick and not args.out else f"written to {results['out_dir']}: report.txt, analysis.json")
     failures = self_test_failures(results, args.sweep)
     if failures:
         sys.exit("self-test FAILED: " + "; ".join(failures))
