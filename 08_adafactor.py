@@ -264,22 +264,33 @@ def _frozen(count, start: int | None, update: Callable, statistics: tuple):
     return jax.lax.cond(count >= start, held, update)
 
 
-def _plan_leaves(params, min_dim_size_to_factor: int,
-                 logical_axes: Mapping[str, tuple[str, ...]] | None, factor_rules: Mapping[str, str]):
-    """Every leaf's LeafPlan (optax mode without `logical_axes`, T5X mode with), the leaves, and
-    the tree structure to rebuild trees shaped like `params`."""
+def _checked_steps(frozen_from: Mapping[str, int] | None) -> dict[str, int]:
+    """frozen_from as a dict, every step an int >= 0, or a ValueError naming the leaf."""
+    for name, start in (frozen_from or {}).items():
+        if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+            raise ValueError(f"frozen_from[{name!r}]={start!r}: must be an int >= 0 (a step)")
+    return dict(frozen_from or {})
+
+
+def _plan_leaves(params, min_dim_size_to_factor: int, logical_axes: Mapping[str, tuple[str, ...]] | None,
+                 factor_rules: Mapping[str, str], frozen_from: Mapping[str, int]):
+    """Every leaf's LeafPlan (optax mode without `logical_axes`, T5X mode with), the leaves, the
+    tree structure to rebuild trees shaped like `params`, and the leaves' names."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [leaf_name(path) for path, _ in flat]
+    if unknown := sorted(set(frozen_from) - set(names)):
+        raise ValueError(f"frozen_from names {unknown[:5]}, which are not leaves of the params; "
+                         f"leaf names look like {names[:3]} (08's leaf_name)")
     if logical_axes is None:
         plan_list = [optax_plan(p.shape, p.dtype, min_dim_size_to_factor) for _, p in flat]
     else:
-        names = [leaf_name(path) for path, _ in flat]
         unknown = [name for name in names if name not in logical_axes]
         if unknown:
             raise ValueError(f"T5X mode: no logical axes for parameters {unknown[:5]}; pass "
                              "logical_axes_by_name(state) of the same parameter tree")
         plan_list = [t5x_plan(name, p.shape, logical_axes[name], factor_rules,
                               min_dim_size_to_factor) for name, (_, p) in zip(names, flat)]
-    return plan_list, [p for _, p in flat], treedef
+    return plan_list, [p for _, p in flat], treedef, names
 
 
 def adafactor(learning_rate: float | Callable | None = None,
@@ -299,19 +310,10 @@ def adafactor(learning_rate: float | Callable | None = None,
     for axis, role in factor_rules.items():
         if role not in FACTOR_ROLES:
             raise ValueError(f"factor_rules[{axis!r}]={role!r}: must be one of {FACTOR_ROLES}")
-    frozen_from = dict(frozen_from or {})
-    for name, start in frozen_from.items():
-        if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
-            raise ValueError(f"frozen_from[{name!r}]={start!r}: must be an int >= 0 (a step)")
+    frozen_from = _checked_steps(frozen_from)
 
     def plans(params):
-        plan_list, leaves, treedef = _plan_leaves(params, cfg.min_dim_size_to_factor,
-                                                  logical_axes, factor_rules)
-        names = [leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        if unknown := sorted(set(frozen_from) - set(names)):
-            raise ValueError(f"frozen_from names {unknown[:5]}, which are not leaves of the "
-                             f"params; leaf names look like {names[:3]} (08's leaf_name)")
-        return plan_list, leaves, treedef, names
+        return _plan_leaves(params, cfg.min_dim_size_to_factor, logical_axes, factor_rules, frozen_from)
 
     def init(params):
         plan_list, leaves, treedef, _ = plans(params)
