@@ -33,6 +33,7 @@ from support import cli
 
 CAPACITY_RULES = ("t5x", "colossalai")
 GROUP_RULES = ("divisor", "flaxformer")
+ROUTINGS = ("tokens_choose", "experts_choose")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class RouterConfig:
     renormalize: bool = False  # False: raw softmax probs (OpenMoE); True: sum to 1 over k (Mixtral)
     jitter_noise: float = 0.0  # ε: inputs × uniform(1-ε, 1+ε) while training; OpenMoE 0 (off)
     init_std: float = 0.02  # router kernel ~ N(0, init_std²), no bias (flaxformer RouterWeights)
+    routing: str = "tokens_choose"  # OpenMoE; "experts_choose": each expert takes its top-C tokens
+    #                                 (Zhou et al. 2022; flaxformer ExpertsChooseMaskedRouter)
+    batch_prioritized: bool = False  # BPR: queue the most confident tokens first (V-MoE, Riquelme
+    #                                  et al. 2021; flaxformer batch_prioritized_routing); OpenMoE off
+    balance_bias_rate: float = 0.0  # u of aux-loss-free balancing (Wang et al. 2024: 0.001); 0 off
 
     def __post_init__(self):
         for name in ("d_model", "num_experts", "max_group_size", "group_multiple", "expert_replicas",
@@ -75,6 +81,22 @@ class RouterConfig:
         if not 0 <= self.jitter_noise < 1 or not self.init_std > 0:
             raise ValueError(f"{type(self).__name__}: jitter_noise={self.jitter_noise} must be in "
                              f"[0, 1) and init_std={self.init_std} must be > 0")
+        self.check_routing()
+
+    def check_routing(self):
+        """The routing variant and its two options, which only token choice has."""
+        name = type(self).__name__
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"{name}.routing={self.routing!r}: must be one of {ROUTINGS}")
+        if not 0 <= self.balance_bias_rate < math.inf:
+            raise ValueError(f"{name}.balance_bias_rate={self.balance_bias_rate}: must be a finite "
+                             "number >= 0 (0 = off; Wang et al. 2024 use 0.001)")
+        for option, on in (("batch_prioritized", self.batch_prioritized),
+                           ("balance_bias_rate", self.balance_bias_rate > 0)):
+            if on and self.routing != "tokens_choose":
+                raise ValueError(f"{name}.{option}={getattr(self, option)}: only with routing="
+                                 f"'tokens_choose' (got routing={self.routing!r}): an expert "
+                                 "that chooses its tokens has no queue to reorder or bias")
 
     def group_shape(self, num_tokens: int) -> tuple[int, int]:
         """(G, T): split the batch's tokens into G equal groups of T tokens.
@@ -171,13 +193,22 @@ def router_logits(x_GTD, kernel_DE, *, jitter_noise: float = 0.0, key=None):
     return jnp.einsum("GTD,DE->GTE", x_GTD, kernel_DE.astype(jnp.float32))
 
 
-def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False) -> Routing:
-    """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`."""
+def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
+          batch_prioritized: bool = False, bias_E=None) -> Routing:
+    """Top-k choices, queue slots in OpenMoE's priority order, drops beyond `capacity`.
+
+    `bias_E` (aux-loss-free balancing, Wang et al. 2024): the top-k is taken of probs + bias,
+    while the combine weight stays the unbiased probability, so the bias steers *which* experts
+    a token gets and nothing else; no gradient reaches it.
+    """
     num_groups, tokens, experts = logits_GTE.shape
     probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
 
     # The choice is discrete; gradients reach the router only through the combine weights.
-    _, expert_GTA = jax.lax.top_k(jax.lax.stop_gradient(probs_GTE), top_k)
+    scores_GTE = jax.lax.stop_gradient(probs_GTE)
+    if bias_E is not None:
+        scores_GTE = scores_GTE + jax.lax.stop_gradient(bias_E).astype(jnp.float32)
+    _, expert_GTA = jax.lax.top_k(scores_GTE, top_k)
     choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.int32)
     # Pick each choice's probability with a one-hot product: its gradient is dense, not a scatter.
     gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE.astype(jnp.float32))
@@ -193,6 +224,24 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False) -
 
     kept_GTA = slot_GTA < capacity
     return Routing(expert_GTA, slot_GTA, kept_GTA, gate_GTA * kept_GTA)
+
+
+def update_balance_bias(bias_E, expert_load_E, rate: float):
+    """One step of aux-loss-free balancing: b_e ← b_e + u · sign(mean load − load_e).
+
+    Wang et al. 2024 (arXiv 2408.15664) run it after every training step with u = 0.001, as
+    DeepSeek-V3 (arXiv 2412.19437 §2.1.2, bias update speed γ = 0.001) does: an overloaded
+    expert's bias falls by u, an underloaded one's rises by u, so its score needs to beat the
+    others by less to be chosen. Pure, and it works on [..., E] (e.g. one row per MoE layer).
+    """
+    mean_load = jnp.mean(expert_load_E, axis=-1, keepdims=True)
+    return bias_E + rate * jnp.sign(mean_load - expert_load_E)
+
+
+def max_violation(expert_load_E):
+    """MaxVio = max_e load_e / mean load − 1 (Wang et al. 2024's balance measure) over [..., E]:
+    0 when balanced; 1 when the busiest expert carries twice its fair share."""
+    return jnp.max(expert_load_E, axis=-1) / jnp.mean(expert_load_E, axis=-1) - 1.0
 
 
 def load_balance_loss(logits_GTE, expert_GTA):
@@ -212,24 +261,43 @@ def router_z_loss(logits_GTE):
     return jnp.mean(jax.nn.logsumexp(logits_GTE.astype(jnp.float32), axis=-1) ** 2)
 
 
-def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int) -> dict:
-    """What flaxformer records (sows) per layer, plus each expert's load and drop rate by position.
+def routing_metrics(routing: Routing, *, num_experts: int, capacity: int, seq_len: int,
+                    experts_choose: bool = False) -> dict:
+    """What flaxformer records (sows) per layer, plus each expert's load and drop rates by position.
 
     Groups hold whole batch rows in order, so flat token n sits at sequence position n mod L.
     """
-    top_k = routing.expert_GTA.shape[-1]
-    kept_NA = routing.kept_GTA.reshape(-1, top_k).astype(jnp.float32)
+    assignments = routing.expert_GTA.shape[-1]
+    kept_NA = routing.kept_GTA.reshape(-1, assignments).astype(jnp.float32)
+    served_N = kept_NA.max(axis=-1)  # 1 where at least one expert serves the token
     num_groups = routing.expert_GTA.shape[0]
+    chosen_NAE = jax.nn.one_hot(routing.expert_GTA.reshape(-1, assignments), num_experts)
+    if experts_choose:  # every expert is listed for every token: count what each one took
+        chosen_NAE = chosen_NAE * kept_NA[..., None]
+    chosen_E = jnp.sum(chosen_NAE, axis=(0, 1))
     return {
         "fraction_dropped": 1.0 - kept_NA.mean(),
-        "fraction_tokens_left_behind": 1.0 - kept_NA.max(axis=-1).mean(),
-        "drop_rate_by_position": 1.0 - kept_NA.reshape(-1, seq_len, top_k).mean(axis=(0, 2)),
-        # Share of the (pre-capacity) assignments each expert received; 1/E when balanced.
-        "expert_load": jnp.mean(jax.nn.one_hot(routing.expert_GTA, num_experts), axis=(0, 1, 2)),
+        "fraction_tokens_left_behind": 1.0 - served_N.mean(),
+        "drop_rate_by_position": 1.0 - kept_NA.reshape(-1, seq_len, assignments).mean(axis=(0, 2)),
+        "tokens_left_behind_by_position": 1.0 - served_N.reshape(-1, seq_len).mean(axis=0),
+        # Share of the assignments each expert received, 1/E when balanced: before capacity for
+        # token choice (what the bias balances), the kept ones for expert choice (uniform).
+        "expert_load": chosen_E / jnp.maximum(jnp.sum(chosen_E), 1.0),
         # Filled share of all expert buffers, and mean combine weight of what was kept.
         "expert_usage": kept_NA.sum() / (num_groups * num_experts * capacity),
         "router_confidence": routing.weight_GTA.sum() / jnp.maximum(kept_NA.sum(), 1.0),
     }
+
+
+class RoutingBias(nnx.Param):
+    """The per-expert bias b [E] of aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3).
+
+    It shifts the scores the top-k is taken of, never the combine weights. No gradient reaches
+    it (`route` stops it) and no optimizer may update it: 09's Adafactor freezes it and sets it
+    after each step with `update_balance_bias`. It is a Param all the same, so checkpoints,
+    10's loading and 07's sharding rules (its one axis is "unmodeled": whole on every device)
+    carry it with no extra plumbing.
+    """
 
 
 class Router(nnx.Module):
@@ -244,21 +312,36 @@ class Router(nnx.Module):
         # (for E < 128) it keeps the kernel's gradient statistics whole, not as row and column
         # averages.
         self.kernel = nnx.Param(value_DE, logical_axes=("embed", "unmodeled"))
+        if cfg.balance_bias_rate > 0:  # only then: a default model has exactly OpenMoE's params
+            self.bias = RoutingBias(jnp.zeros((cfg.num_experts,), jnp.float32),
+                                    logical_axes=("unmodeled",))
+
+    def params(self) -> dict:
+        """The router's arrays as a pytree, {"kernel": [D, E]} and "bias": [E] when balancing:
+        what 05 hands its runner (07 replicates it on every device with one spec, P())."""
+        bias = {"bias": self.bias[...]} if hasattr(self, "bias") else {}
+        return {"kernel": self.kernel[...], **bias}
 
     def __call__(self, x_GTD, *, capacity: int, key=None) -> tuple[Routing, dict]:
         check_float(x_GTD, "router input x_GTD")
         if x_GTD.ndim != 3 or x_GTD.shape[-1] != self.cfg.d_model:
             raise ValueError(f"router input must be [G, T, D={self.cfg.d_model}]; "
                              f"got shape {x_GTD.shape}")
-        return route_groups(x_GTD, self.kernel[...], self.cfg, capacity=capacity, key=key)
+        params = self.params()
+        return route_groups(x_GTD, params["kernel"], self.cfg, capacity=capacity, key=key,
+                            bias_E=params.get("bias"))
 
 
-def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int,
-                 key=None) -> tuple[Routing, dict]:
-    """The router as a pure function of its kernel: each group's routing and the two losses,
-    averaged over the groups given. Pure, so 07 can run it on each device's own groups."""
+def route_groups(x_GTD, kernel_DE, cfg: RouterConfig, *, capacity: int, key=None,
+                 bias_E=None) -> tuple[Routing, dict]:
+    """The router as a pure function of its arrays: each group's routing (cfg.routing, with
+    its options) and the two losses, averaged over the groups given. Pure, so 07 can run it on
+    each device's own groups."""
     logits_GTE = router_logits(x_GTD, kernel_DE, jitter_noise=cfg.jitter_noise, key=key)
-    routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity, renormalize=cfg.renormalize)
+    if cfg.routing == "experts_choose" or cfg.batch_prioritized:
+        raise NotImplementedError("expert choice and BPR arrive in the next commit")
+    routing = route(logits_GTE, top_k=cfg.top_k, capacity=capacity, renormalize=cfg.renormalize,
+                    bias_E=bias_E)
     losses = {"load_balance_loss": load_balance_loss(logits_GTE, routing.expert_GTA),
               "router_z_loss": router_z_loss(logits_GTE)}
     return routing, losses

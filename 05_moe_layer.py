@@ -274,12 +274,13 @@ DISPATCH = {"gather": dispatch_gather, "einsum": dispatch_einsum, "ragged": disp
             "loop": dispatch_loop}
 
 
-def run_groups_here(layer_fn, x_GTD, kernel_DE, experts):
+def run_groups_here(layer_fn, x_GTD, router, experts):
     """MoELayer's default runner: route and run every group on the devices that hold it,
-    experts included (one device, or GSPMD's choice). `layer_fn(x_GTD, kernel_DE, experts,
-    run_experts)` is the layer's math, and a runner decides where it runs and with which
-    `run_experts`; 07_sharding.py's runner calls it on each device's own groups in `shard_map`."""
-    return layer_fn(x_GTD, kernel_DE, experts, apply_experts)
+    experts included (one device, or GSPMD's choice). `layer_fn(x_GTD, router, experts,
+    run_experts)` is the layer's math (`router`: 04's `Router.params()`, the kernel and any
+    balancing bias), and a runner decides where it runs and with which `run_experts`;
+    07_sharding.py's runner calls it on each device's own groups in `shard_map`."""
+    return layer_fn(x_GTD, router, experts, apply_experts)
 
 
 class MoELayer(nnx.Module):
@@ -329,9 +330,10 @@ class MoELayer(nnx.Module):
             padded_batch, padded_length)[:batch, :length].reshape(-1)
 
         # The layer's math on some groups: route them, dispatch, run the experts, combine.
-        def layer_fn(x_GTD, kernel_DE, experts, run_experts):
-            routing, losses = router_lib.route_groups(x_GTD, kernel_DE, cfg, capacity=capacity,
-                                                      key=key if train else None)
+        def layer_fn(x_GTD, router, experts, run_experts):
+            routing, losses = router_lib.route_groups(
+                x_GTD, router["kernel"], cfg, capacity=capacity, key=key if train else None,
+                bias_E=router.get("bias"))
             if chosen and run_experts is apply_experts:  # 07's runner keeps its all-to-all
                 y_GTD = dispatch_chosen(x_GTD, routing, experts, real_N, cfg.ffn_variant,
                                         cfg.dtype)
@@ -341,11 +343,13 @@ class MoELayer(nnx.Module):
             return y_GTD, routing, losses
 
         experts = (self.wi_0[...], self.wi_1[...], self.wo[...])
-        y_GTD, routing, losses = self.run_groups(layer_fn, x_GTD, self.router.kernel[...], experts)
+        y_GTD, routing, losses = self.run_groups(layer_fn, x_GTD, self.router.params(), experts)
         # Per-layer numbers for 06's logs, and each assignment's decision for 11's analysis.
-        metrics = router_lib.routing_metrics(routing, num_experts=cfg.num_experts,
-                                             capacity=capacity, seq_len=padded_length)
-        metrics["drop_rate_by_position"] = metrics["drop_rate_by_position"][:length]
+        metrics = router_lib.routing_metrics(
+            routing, num_experts=cfg.num_experts, capacity=capacity, seq_len=padded_length,
+            experts_choose=cfg.routing == "experts_choose")
+        for name in ("drop_rate_by_position", "tokens_left_behind_by_position"):
+            metrics[name] = metrics[name][:length]
         def unpadded(x):  # [G, T, ...] back to [B, L, ...] without the zero tokens
             return x.reshape(padded_batch, padded_length, -1)[:batch, :length]
 

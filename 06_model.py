@@ -74,6 +74,9 @@ class ModelConfig:
     init_std: float = 0.02               # router kernel ~ N(0, init_std²) (flaxformer RouterWeights)
     moe_dispatch: str = "gather"         # 05's path: "gather", "einsum" (T5X), "ragged" or "loop"
     dropless: bool = False               # experts serve every assignment (not OpenMoE: it dropped)
+    routing: str = "tokens_choose"       # 04's router; "experts_choose": Zhou et al. 2022 (not causal)
+    batch_prioritized: bool = False      # BPR: confident tokens queue first (V-MoE; OpenMoE: off)
+    balance_bias_rate: float = 0.0       # aux-loss-free balancing's u (Wang et al. 2024: 0.001); 0 off
     max_seq_len: int = 2048              # longest sequence the model accepts
     rope_max_timescale: float = 10_000.0  # RoPE base θ
     init_scale: float = 0.1              # variance-scaling scale of every kernel (OpenMoE SCALE)
@@ -105,12 +108,10 @@ class ModelConfig:
                 f" must be in [1, num_experts={self.num_experts}]")
         interval = self.moe_interval
         require("moe_interval", interval == 0 or (interval > 0 and self.num_layers % interval == 0),
-                f" must be 0 (dense) or divide num_layers={self.num_layers}, so MoE blocks are "
-                "evenly spaced")
+                f" must be 0 (dense) or divide num_layers={self.num_layers} (evenly spaced MoE blocks)")
         require("moe_wiring", self.moe_wiring in ("sequential", "parallel"),
                 "; use 'sequential' (released code) or 'parallel' (paper Eq. 4)")
-        require("remat_policy", self.remat_policy in REMAT_POLICIES,
-                f"; use one of {sorted(REMAT_POLICIES)}")
+        require("remat_policy", self.remat_policy in REMAT_POLICIES, f"; use one of {sorted(REMAT_POLICIES)}")
         require("dtype", jnp.issubdtype(self.dtype, jnp.floating), " must be a float dtype")
         self.ffn_config(), self.moe_config()  # 03 and 05 check the remaining fields
 
@@ -150,8 +151,7 @@ PRESETS: dict[str, ModelConfig] = {
 # Each preset's dense counterpart: the paper's "w/o MoE" ablation (Table 3).
 PRESETS |= {f"{name}-dense": dataclasses.replace(cfg, moe_interval=0) for name, cfg in PRESETS.items()}
 # The paper's totals and active parameters per token (Table 11), for comparison.
-PAPER_PARAMETERS = {"openmoe-base": (650e6, 142e6), "openmoe-8b": (8.7e9, 2.1e9),
-                    "openmoe-34b": (34e9, 6.0e9)}
+PAPER_PARAMETERS = {"openmoe-base": (650e6, 142e6), "openmoe-8b": (8.7e9, 2.1e9), "openmoe-34b": (34e9, 6.0e9)}
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -163,13 +163,13 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     attention_and_norms = 4 * d * hk + 2 * d
     num_moe = len(cfg.moe_layers)
     dense_layers = (cfg.num_layers - num_moe) * (attention_and_norms + one_ffn)
-    moe_shared = num_moe * (attention_and_norms + d * cfg.num_experts + one_ffn
+    router = (d + (cfg.balance_bias_rate > 0)) * cfg.num_experts  # kernel [D, E], any bias [E]
+    moe_shared = num_moe * (attention_and_norms + router + one_ffn
                             + (d if cfg.moe_wiring == "sequential" else 0))
     embedding = 2 * cfg.vocab_size * d + d  # input table, output projection, final norm
     total = embedding + dense_layers + moe_shared + num_moe * cfg.num_experts * one_ffn
     active = dense_layers + moe_shared + num_moe * cfg.top_k * one_ffn
-    return {"total": total, "embedding": embedding, "active_non_embedding": active,
-            "active": active + embedding}
+    return {"total": total, "embedding": embedding, "active_non_embedding": active, "active": active + embedding}
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
@@ -388,8 +388,7 @@ class OpenMoE(nnx.Module):
                 run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat_policy])
             x_BLD, layer_cache, stats = run(block, x_BLD)
             layer_caches.append(layer_cache)
-            if stats is not None:
-                moe_stats.append(stats)
+            moe_stats += [] if stats is None else [stats]
 
         x_BLD = self.decoder_norm(x_BLD)
         if logit_mask_BL1 is not None:
@@ -432,8 +431,10 @@ def loss_fn(model: OpenMoE, batch: dict, *, train: bool = True):
     metrics = {"loss": total, "cross_entropy": cross_entropy, "z_loss": z_loss,
                "load_balance_loss": load_balance, "router_z_loss": router_z, "accuracy": accuracy,
                "num_tokens": num_tokens, "fraction_dropped": layer_mean("fraction_dropped")}
-    if moe_stats:
-        metrics["drop_rate_by_position"] = jnp.stack([s["drop_rate_by_position"] for s in moe_stats])
+    # Per MoE layer in layer order: [layers, L] by position, and [layers, E] loads for 09's biases.
+    for name in ("drop_rate_by_position", "tokens_left_behind_by_position", "expert_load"):
+        if moe_stats:
+            metrics[name] = jnp.stack([stats[name] for stats in moe_stats])
     return total, metrics
 
 

@@ -237,7 +237,7 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
     tokens travel to their experts' devices and back by all-to-all.
 
     Outside, the groups [G, T, D] are split over ('expert', 'data') like the batch; the router
-    kernel is whole on every device; the expert kernels [E, ...] are split over 'expert', their
+    (kernel, and any balancing bias) is whole on every device; the expert kernels [E, ...] are split over 'expert', their
     hidden units over 'model'. Inside `shard_map` each device sees its local pieces and:
       1. routes its groups: logits, top-k, queue, drops and losses never leave the device (the
          losses are then averaged over devices, which equals their mean over all groups);
@@ -262,15 +262,15 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
         out_GECD = jax.lax.psum(partial_GECD, "model")
         return jax.lax.all_to_all(out_GECD, "expert", 0, 1, tiled=True)
 
-    def run_groups(layer_fn, x_GTD, kernel_DE, experts):
-        def local(x_GTD, kernel_DE, experts):
-            y_GTD, routing, losses = layer_fn(x_GTD, kernel_DE, experts, run_experts)
+    def run_groups(layer_fn, x_GTD, router, experts):
+        def local(x_GTD, router, experts):
+            y_GTD, routing, losses = layer_fn(x_GTD, router, experts, run_experts)
             return y_GTD, routing, jax.tree.map(lambda v: jax.lax.pmean(v, BATCH_AXES), losses)
 
         specs = tuple(expert_spec if k.ndim == 4 else (down_spec if i == 2 else up_spec)
                       for i, k in enumerate(experts))
         return jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES), P(), specs),
-                             out_specs=(P(BATCH_AXES), P(BATCH_AXES), P()))(x_GTD, kernel_DE,
+                             out_specs=(P(BATCH_AXES), P(BATCH_AXES), P()))(x_GTD, router,
                                                                             experts)
 
     return run_groups

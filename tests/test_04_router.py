@@ -266,3 +266,82 @@ def test_bad_call_is_a_clear_error():
     with pytest.raises(ValueError, match="D=8"):
         layer(jnp.ones((1, 4, 6)), capacity=4)
     assert math.isclose(cfg.capacity(64, 2.0), 32)
+
+
+# --- Aux-loss-free balancing: a bias that steers selection only ----------------------------
+
+def test_bias_steers_selection_but_not_combine_weights():
+    # 3 tokens, 3 experts, top-1. Scores with a bias of 0.35 on e2: token 0 (.5, .3, .55) now
+    # picks e2; token 1 (.6, .3, .45) and token 2 (.2, .7, .45) keep e0 and e1.
+    probs_GTE = jnp.array([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]])
+    logits_GTE = jnp.log(probs_GTE)
+    plain = router_lib.route(logits_GTE, top_k=1, capacity=3)
+    biased = router_lib.route(logits_GTE, top_k=1, capacity=3, bias_E=jnp.array([0, 0, 0.35]))
+    assert plain.expert_GTA[0, :, 0].tolist() == [0, 0, 1]
+    assert biased.expert_GTA[0, :, 0].tolist() == [2, 0, 1]
+    # The combine weight is the chosen expert's *unbiased* probability (Wang et al. 2024).
+    np.testing.assert_allclose(biased.weight_GTA[0, :, 0], [0.2, 0.6, 0.7], rtol=1e-6)
+    # A zero bias changes nothing at all.
+    zero = router_lib.route(logits_GTE, top_k=1, capacity=3, bias_E=jnp.zeros(3))
+    for a, b in zip(zero, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_routing_bias_is_a_param_of_zeros_that_no_gradient_reaches():
+    cfg = router_lib.RouterConfig(d_model=8, num_experts=4, balance_bias_rate=0.001)
+    layer = router_lib.Router(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(layer.bias, router_lib.RoutingBias) and isinstance(layer.bias, nnx.Param)
+    assert layer.bias.logical_axes == ("unmodeled",)
+    np.testing.assert_array_equal(layer.bias[...], np.zeros(4, np.float32))
+    assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 2  # checkpoints carry it
+    assert not hasattr(router_lib.Router(router_lib.RouterConfig(d_model=8, num_experts=4),
+                                         rngs=nnx.Rngs(0)), "bias")  # default: OpenMoE's params
+    layer.bias[...] = jnp.array([0.3, -0.2, 0.1, 0.0])
+    x_GTD = jax.random.normal(jax.random.key(3), (2, 16, 8))
+
+    def loss(layer):
+        routing, losses = layer(x_GTD, capacity=6)
+        return routing.weight_GTA.sum() + losses["load_balance_loss"] + losses["router_z_loss"]
+
+    grad = jax.grad(loss)(layer)
+    assert float(jnp.abs(grad.kernel[...]).max()) > 0
+    np.testing.assert_array_equal(grad.bias[...], np.zeros(4, np.float32))
+
+
+def test_update_balance_bias_by_hand_and_per_layer_rows():
+    load_E = jnp.array([0.4, 0.3, 0.2, 0.1])  # mean 0.25: two over, two under
+    bias_E = router_lib.update_balance_bias(jnp.zeros(4), load_E, 0.001)
+    np.testing.assert_allclose(bias_E, [-0.001, -0.001, 0.001, 0.001])
+    assert np.isclose(router_lib.max_violation(load_E), 0.4 / 0.25 - 1)
+    # [layers, E]: each row is balanced against its own mean; a balanced row stays put.
+    load_LE = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    bias_LE = router_lib.update_balance_bias(jnp.zeros((2, 4)), load_LE, 0.01)
+    np.testing.assert_allclose(bias_LE, [[-0.01, -0.01, 0.01, 0.01], [0, 0, 0, 0]])
+    np.testing.assert_allclose(router_lib.max_violation(load_LE), [0.6, 0.0], rtol=1e-6)
+
+
+def test_repeated_bias_updates_balance_a_skewed_router():
+    # Fixed logits that favour low-numbered experts; only the bias moves (no training).
+    logits_GTE = (jax.random.normal(jax.random.key(4), (2, 64, 8))
+                  - 0.3 * jnp.arange(8, dtype=jnp.float32))
+    bias_E, violations = jnp.zeros(8), []
+    for _ in range(60):
+        routing = router_lib.route(logits_GTE, top_k=2, capacity=128, bias_E=bias_E)
+        load_E = router_lib.routing_metrics(routing, num_experts=8, capacity=128,
+                                            seq_len=64)["expert_load"]
+        violations.append(float(router_lib.max_violation(load_E)))
+        bias_E = router_lib.update_balance_bias(bias_E, load_E, 0.01)
+    assert violations[0] > 0.5 and max(violations[-10:]) < violations[0] / 3, violations
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"routing": "expert_choice"}, "routing='expert_choice'"),
+    ({"routing": "experts_choose", "batch_prioritized": True}, "batch_prioritized=True"),
+    ({"routing": "experts_choose", "balance_bias_rate": 0.001}, "balance_bias_rate=0.001"),
+    ({"balance_bias_rate": -0.001}, "balance_bias_rate=-0.001: must be a finite number >= 0"),
+    ({"balance_bias_rate": float("nan")}, "balance_bias_rate=nan"),
+    ({"balance_bias_rate": float("inf")}, "balance_bias_rate=inf"),
+])
+def test_bad_routing_config_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        router_lib.RouterConfig(**kwargs)

@@ -321,6 +321,26 @@ def test_every_moe_setting_of_the_model_reaches_its_moe_layers():
         "dispatch", "jitter_noise"}
 
 
+
+def test_routing_fields_reach_the_router_and_loss_reports_per_layer_loads():
+    # The three routing fields flow from the model to 04's router by name; the loss's metrics
+    # hold each MoE layer's expert loads [layers, E] (09's balancing reads them) and its share
+    # of tokens no expert served, by position [layers, L].
+    cfg = dataclasses.replace(TINY, num_layers=4, balance_bias_rate=0.001, batch_prioritized=True)
+    assert cfg.moe_config().balance_bias_rate == 0.001 and cfg.moe_config().batch_prioritized
+    assert dataclasses.replace(TINY, routing="experts_choose").moe_config().routing == "experts_choose"
+    model = model_lib.OpenMoE(dataclasses.replace(cfg, batch_prioritized=False), rngs=nnx.Rngs(0))
+    biases = [layer.mlp.router.bias for layer in model.layers if layer.is_moe]
+    assert len(biases) == 2 and all(np.all(b[...] == 0) for b in biases)
+    counts = model_lib.parameter_counts(model.cfg)
+    assert counts["total"] == sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    _, metrics = loss(model, _batch(_tokens((2, 17))))
+    assert metrics["expert_load"].shape == (2, 4)
+    np.testing.assert_allclose(metrics["expert_load"].sum(-1), 1.0, rtol=1e-6)
+    assert metrics["tokens_left_behind_by_position"].shape == (2, 16)
+    with pytest.raises(ValueError, match="balance_bias_rate=-1.0"):
+        dataclasses.replace(TINY, balance_bias_rate=-1.0)
+
 # --- Bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes, message", [
