@@ -1,0 +1,229 @@
+"""Tests for 13_chat.py: chat rows whose only targets are the assistant's, the fine-tune run (its
+identity, exact resume, frozen routers, 8 devices equal to one) from a tiny base in the released
+layout, the errors a user meets before anything compiles, and the KV-cached chat."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load
+from test_support_tensor_files import FIXTURES
+
+chat = load("13_chat")
+released = load("10_released_models")
+model_lib = load("06_model")
+tok = load("01_tokenizer")
+
+TURNS = [{"role": "user", "content": "What does `os.sep` do?"}, {"role": "assistant", "content": "It separates."},
+         {"role": "user", "content": "And `os.walk`?"}, {"role": "assistant", "content": "Walks a tree."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tok.embedded_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """06's tiny preset, random, exported as a released checkpoint (config.json, safetensors, spiece)."""
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=128)
+    directory = tmp_path_factory.mktemp("base") / "tiny"
+    released.export_hf(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)), directory, tokenizer=tokenizer)
+    return directory
+
+
+def recipe(base_dir, run_dir, **changes):
+    return dataclasses.replace(chat.QUICK, base=str(base_dir), run_dir=str(run_dir), steps=4, lr=1e-2,
+                               eval_every=0, checkpoint_every=2, **changes)
+
+
+# --- Chat rows ----------------------------------------------------------------------------------
+
+def test_only_the_assistants_tokens_and_eos_are_targets(tokenizer):
+    row = next(chat.pack_chat_rows([TURNS], tokenizer, 128, {}))
+    prompt1 = [0] + tokenizer.encode(released.CHAT_TEMPLATE.format(query=TURNS[0]["content"]))
+    reply1 = tokenizer.encode(" It separates.") + [1]
+    prompt2 = tokenizer.encode(chat.NEXT_TURN.format(query=TURNS[2]["content"]))
+    reply2 = tokenizer.encode(" Walks a tree.") + [1]
+    sequence = prompt1 + reply1 + prompt2 + reply2
+    n = len(sequence) - 1
+    # Inputs are the sequence from id 0, targets one ahead; each target is weighted by whether
+    # it is the assistant's (prompt and template tokens are inputs only).
+    np.testing.assert_array_equal(row["inputs"][:n], sequence[:-1])
+    np.testing.assert_array_equal(row["targets"][:n], sequence[1:])
+    weights = [0.0] * (len(prompt1) - 1) + [1.0] * len(reply1) + [0.0] * len(prompt2) + [1.0] * len(reply2)
+    np.testing.assert_array_equal(row["loss_mask"][:n], weights)
+    assert row["loss_mask"][n:].sum() == 0 and set(row["segment_ids"][:n]) == {1}
+    np.testing.assert_array_equal(row["positions"][:n], np.arange(n))
+
+
+def test_per_token_loss_is_the_t5x_loss_over_assistant_tokens():
+    # A tiny vocabulary, so the loss can be computed by hand from the logits.
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=16, max_seq_len=8, num_layers=2,
+                              z_loss_weight=0.0, aux_loss_weight=0.0, router_z_loss_weight=0.0)
+    model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 16, (2, 8)).astype(np.int32),
+             "targets": rng.integers(0, 16, (2, 8)).astype(np.int32),
+             "loss_mask": (rng.random((2, 8)) < 0.5).astype(np.float32)}
+    batch["loss_mask"][0, 0] = 1.0
+    _, metrics = model_lib.loss_fn(model, batch, train=False)
+    logits = np.asarray(model(jnp.asarray(batch["inputs"]), train=False)[0], np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    per_token = -np.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
+    by_hand = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    np.testing.assert_allclose(float(metrics["cross_entropy"]), by_hand, rtol=1e-5)
+    # Not the port's "label smoothing", which sums -log p over the whole vocabulary.
+    port = (-log_p.sum(-1) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    assert by_hand < port / 4
+
+
+def test_conversations_share_a_row_but_never_attend_to_each_other(tokenizer):
+    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    row = next(chat.pack_chat_rows([TURNS[:2], other], tokenizer, 128, {}))
+    first = row["segment_ids"] == 1
+    second = row["segment_ids"] == 2
+    assert first.any() and second.any() and row["positions"][second][0] == 0
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=128,
+                              eval_capacity_factor=8.0)  # nothing dropped: routing groups cannot differ
+    model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))
+    together = model(jnp.asarray(row["inputs"][None]), positions_BL=jnp.asarray(row["positions"][None]),
+                     segment_ids_BL=jnp.asarray(row["segment_ids"][None]), train=False)[0][0]
+    alone_row = next(chat.pack_chat_rows([other], tokenizer, int(second.sum()), {}))
+    alone = model(jnp.asarray(alone_row["inputs"][None]), train=False)[0][0]
+    np.testing.assert_allclose(np.asarray(together)[second], np.asarray(alone), atol=1e-5)
+
+
+def test_a_long_conversation_is_cut_at_a_turn_boundary_and_counted(tokenizer):
+    length = len(chat.encode_turns(chat.conversation_turns(TURNS[:2]), tokenizer)[0][0]) + 8
+    stats = {}
+    rows = list(chat.pack_chat_rows([TURNS], tokenizer, length, stats))
+    assert stats == {"conversations": 1, "truncated": 1, "skipped": 0}
+    assert rows[0]["loss_mask"].sum() == len(tokenizer.encode(" It separates.")) + 1
+    stats = {}
+    assert list(chat.pack_chat_rows([TURNS], tokenizer, 20, stats)) == [] and stats["skipped"] == 1
+
+
+@pytest.mark.parametrize("conversation", [[{"role": "user", "content": "Hi"}], [],
+                                          [{"role": "assistant", "content": "Hi"}]])
+def test_a_conversation_without_an_assistant_turn_is_named(tokenizer, conversation):
+    with pytest.raises(ValueError, match="conversation 1 has roles"):
+        list(chat.pack_chat_rows([TURNS, conversation], tokenizer, 128, {}))
+
+
+# --- Errors before anything compiles ------------------------------------------------------------
+
+def test_a_template_longer_than_the_sequence_is_refused(base_dir, tmp_path):
+    with pytest.raises(ValueError, match="chat template alone takes"):
+        chat.prepare(recipe(base_dir, tmp_path / "run", seq_len=24))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_base_whose_tokenizer_does_not_match_is_refused(tmp_path, tokenizer):
+    # 10's fixture (256 ids) with the embedded tokenizer's 8,320 beside it.
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "hf_safetensors", base)
+    shutil.copy(FIXTURES / "config.json", base / "config.json")
+    shutil.copy(tokenizer.path, base / "spiece.model")
+    with pytest.raises(ValueError, match="does not belong|does not match"):
+        chat.prepare(recipe(base, tmp_path / "run"))
+
+
+def test_bad_recipe_fields_are_named():
+    with pytest.raises(ValueError, match="optimizer"):
+        dataclasses.replace(chat.QUICK, optimizer="sgd")
+    with pytest.raises(ValueError, match="chat_data"):
+        dataclasses.replace(chat.QUICK, chat_data="nope")
+
+
+# --- The fine-tune run ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight(base_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    return chat.finetune(recipe(base_dir, run_dir), progress=False), run_dir
+
+
+def test_the_run_records_its_base_and_the_loss_falls(straight, base_dir):
+    summary, run_dir = straight
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["base"] == str(base_dir) and len(saved["base_fingerprint"]) == 16
+    assert saved["model.vocab_size"] == 8320 and saved["model.t5x_padding"] is True
+    losses = list(summary["losses"].values())
+    assert losses[-1] < losses[0]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and lines[-1]["data/conversations"] > 0
+
+
+def test_a_killed_fine_tune_resumes_bit_exactly(straight, base_dir, tmp_path):
+    summary, run_dir = straight
+    cfg = recipe(base_dir, tmp_path)
+    chat.finetune(cfg, stop_after=2, progress=False)
+    resumed = chat.finetune(cfg, progress=False)
+    assert list(resumed["losses"]) == [3, 4]
+    assert [resumed["losses"][s] for s in (3, 4)] == [summary["losses"][s] for s in (3, 4)]
+    for a, b in zip(*(jax.tree.leaves(chat.run_params(dataclasses.replace(resumed["cfg"], run_dir=str(d)))[1])
+                      for d in (run_dir, tmp_path))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_directory_of_another_base_is_refused(straight, base_dir, tmp_path, tokenizer):
+    _, run_dir = straight
+    other = tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    with pytest.raises(ValueError, match="different run.*'base'"):
+        chat.finetune(recipe(other, run_dir), progress=False)
+    # The same path holding other weights: the fingerprint tells them apart.
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=128)
+    released.export_hf(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(5)), other, tokenizer=tokenizer, overwrite=True)
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run_dir, moved)
+    saved = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**saved, "base": str(other)}))
+    with pytest.raises(ValueError, match="base_fingerprint"):
+        chat.finetune(recipe(other, moved), progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_frozen_routers_keep_the_bases_routers(base_dir, tmp_path, optimizer):
+    cfg = dataclasses.replace(recipe(base_dir, tmp_path), steps=2, train_routers=False, optimizer=optimizer)
+    summary = chat.finetune(cfg, progress=False)
+    _, _, _, base = chat.prepare(cfg)
+    _, tuned = chat.run_params(summary["cfg"])
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(base)[0], jax.tree.leaves(tuned)):
+        same = np.array_equal(np.asarray(a), np.asarray(b))
+        assert same == ("router" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+
+
+def test_eight_devices_equal_one(base_dir, tmp_path):
+    assert len(jax.devices()) == 8
+    one = chat.finetune(dataclasses.replace(recipe(base_dir, tmp_path / "one"), steps=2),
+                        mesh=load("07_sharding").mesh_from_text("", jax.devices()[:1]), progress=False)
+    eight = chat.finetune(dataclasses.replace(recipe(base_dir, tmp_path / "eight"), steps=2,
+                                              mesh="data=2,expert=2,model=2"), progress=False)
+    np.testing.assert_allclose(list(eight["losses"].values()), list(one["losses"].values()), rtol=2e-5)
+    assert eight["cfg"].base_fingerprint == one["cfg"].base_fingerprint
+
+
+def test_fingerprint_changes_with_any_one_value():
+    params = {"a": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones(5, jnp.bfloat16)}
+    changed = {**params, "a": params["a"].at[2, 1].add(1e-6)}
+    swapped = {**params, "a": params["a"][::-1]}
+    prints = {chat.fingerprint(p) for p in (params, changed, swapped)}
+    assert len(prints) == 3 and chat.fingerprint(params) == chat.fingerprint(dict(params))
+
+
+def test_the_chat_session_reuses_its_cache_exactly(base_dir, tokenizer):
+    cfg = dataclasses.replace(released.load_config(base_dir)[1], eval_capacity_factor=8.0)
+    model = released.model_from_tensors(released.read_tensors(base_dir), cfg)
+    session = chat.ChatSession(model, tokenizer, max_new_tokens=4)
+    first, second = session.reply("Hi"), session.reply("And?")
+    history = (chat.encode_turns([("Hi", "")], tokenizer)[0][0] + first + [1]
+               + tokenizer.encode(chat.NEXT_TURN.format(query="And?")))
+    assert model_lib.generate(model, [history], max_new_tokens=4)[0] == second
