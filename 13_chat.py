@@ -20,6 +20,7 @@ Run: `python 13_chat.py` (fine-tunes runs/laptop, ~10 min), `--quick` (self-test
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -126,6 +127,7 @@ def pack_chat_rows(conversations, tokenizer, seq_len: int, stats: dict):
         yield row
 
 
+@functools.lru_cache(maxsize=2)
 def embedded_conversations(split: str) -> list[list[dict]]:
     """01's stdlib chats; a function's two questions ("what does it do", "show me its code")
     become one two-turn conversation, so multi-turn rows are in the offline set too."""
