@@ -279,7 +279,8 @@ def step_times(configs: dict, rounds: int = 5, steps: int = 2) -> dict[str, floa
     for name, cfg in configs.items():
         mesh = train_lib.build_mesh(cfg)
         trainers[name] = train_lib.build_trainer(cfg, mesh)
-        batch = next(train_lib.train_batches(cfg, train_lib.load_tokenizer(cfg), tok.mixture_sources(cfg.mixture)))
+        sources = tok.mixture_sources(cfg.mixture)
+        batch = next(train_lib.train_batches(cfg, train_lib.load_tokenizer(cfg), sources))
         batches[name] = train_lib.shard.global_batch(batch, mesh)
     best = {name: float("inf") for name in configs}
     for _ in range(rounds + 1):  # the first round compiles
