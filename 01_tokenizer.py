@@ -4,17 +4,16 @@ OpenMoE's first phase trained on 50% RedPajama (web, books, papers, Wikipedia) a
 (deduplicated source code), sampled as a mixture of documents by seqio, T5's data library (arXiv
 2402.01739, §2.2 and Table 1). Its tokenizer is umT5's SentencePiece unigram model: 256,000
 pieces with byte fallback, the T5 id layout (0 = pad, also the decoder's start token; 1 = eos;
-2 = unk), plus 300 sentinels `<extra_id_0>`… at the top, padded to 256,384 embedding rows. A
-sentinel stands for a hidden stretch of text in T5's fill-in-the-blanks span corruption (09).
-
+2 = unk), plus 300 sentinels `<extra_id_0>`… at the top (the hidden spans of T5's span
+corruption, 09), padded to 256,384 embedding rows.
 This file builds the same two halves offline, from what every Python installation carries: *code*
 is the standard library's `.py` files (test suites skipped), *text* its English prose
-(`pydoc_data.topics`, the docstrings). Real runs stream hub datasets instead (RedPajama, The Stack,
-any dataset with a text column). A small unigram model is trained on the embedded corpus and
-cached; umT5's own `spiece.model` loads unchanged. Last, a mixture's documents become one stream
-of ids, packed into training rows. Left out: umT5's Unicode normalization (text stays byte-exact,
-so code round-trips). Self-test: `python 01_tokenizer.py` (about 30 s).
-"""
+(`pydoc_data.topics`, the docstrings), plus chats answered by a stdlib function's docstring or
+code (§5 proposes instruction data in warm-up). Real runs stream hub datasets instead. A small
+unigram model is trained on the embedded corpus and cached; umT5's own `spiece.model` loads
+unchanged. Last, a mixture's documents become one stream of ids, packed into training rows.
+Left out: umT5's Unicode normalization (text stays byte-exact, so code round-trips).
+Self-test: `python 01_tokenizer.py` (about 30 s)."""
 
 from __future__ import annotations
 
@@ -47,22 +46,17 @@ log = logging.getLogger(__name__)
 # --- The embedded corpus: Python's own prose and code, as two `datasets.Dataset`s. ----------------
 # Directories inside a Python source tree that hold test suites or third-party code, not stdlib.
 SKIPPED_DIRECTORIES = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-# Documents are cut into chunks of at most this many characters, at paragraph boundaries, so that
-# text and code "documents" have similar sizes: mixing by documents (as seqio does) is then also
-# mixing by bytes, as it was for RedPajama pages and The Stack's files.
+# Documents are cut into chunks of at most this many characters, at paragraph boundaries: mixing
+# by documents (as seqio does) is then also mixing by bytes, as for RedPajama's and The Stack's.
 MAX_DOCUMENT_CHARS = 4096
-# Share of documents (whole files, before chunking) that go to the validation split.
-VALIDATION_FRACTION = 0.05
+VALIDATION_FRACTION = 0.05  # share of documents (whole files, before chunking) held out for validation
 
 
 def split_into_chunks(document: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
-    """Cut a document into consecutive chunks of at most `max_chars`, preferring blank lines.
-
-    The chunks concatenate back to the document exactly:
+    """Cut a document into consecutive chunks of at most `max_chars`, preferring blank lines;
+    paragraphs keep their separators, so the chunks concatenate back to the document exactly:
     >>> split_into_chunks("para one\\n\\npara two\\n", max_chars=12)
-    ['para one\\n\\n', 'para two\\n']
-    """
-    # Paragraphs keep their trailing separators, so joining the chunks restores the document.
+    ['para one\\n\\n', 'para two\\n']"""
     pieces = []
     for paragraph in re.split(r"(?<=\n\n)", document):
         # A paragraph longer than a chunk is cut at line ends, and a single huge line hard-cut.
@@ -83,7 +77,7 @@ def is_validation(document_id: str, fraction: float = VALIDATION_FRACTION) -> bo
 
 def python_files(directory: pathlib.Path) -> tuple[list[tuple[str, str]], int]:
     """(relative path, source) of every `.py` file under `directory` outside test suites, and how
-    many were skipped as not valid UTF-8 (a source tree may hold a few; they should not stop a run)."""
+    many were skipped as not UTF-8 (a source tree may hold a few; they must not stop a run)."""
     sources, undecodable = [], 0
     for path in sorted(directory.rglob("*.py")):
         relative = path.relative_to(directory)
@@ -96,21 +90,23 @@ def python_files(directory: pathlib.Path) -> tuple[list[tuple[str, str]], int]:
     return sources, undecodable
 
 
-def docstrings(source: str) -> list[str]:
-    """The module, class and function docstrings of a Python source, in file order."""
+def _parse(source: str) -> ast.Module | None:
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
-    nodes = (n for n in ast.walk(tree)
+        return ast.parse(source)
+    except SyntaxError:  # a file written for another Python version
+        return None
+
+
+def docstrings(source: str) -> list[str]:
+    """The module, class and function docstrings of a Python source, outermost first."""
+    nodes = (n for n in ast.walk(_parse(source) or ast.Module([], []))
              if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
     return [doc for doc in map(ast.get_docstring, nodes) if doc]
 
 
 @functools.lru_cache(maxsize=2)
 def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, str]]:
-    """Every embedded document as {"id", "source", "text"}, before chunking and splitting.
-    Parsing the standard library takes seconds, so both splits share one reading."""
+    """Every embedded document as {"id", "source", "text"}, before chunking and splitting."""
     import pydoc_data.topics
     directory = pathlib.Path(directory or sysconfig.get_paths()["stdlib"])
     sources, undecodable = python_files(directory)
@@ -118,10 +114,8 @@ def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, 
         log.warning("skipped %d undecodable .py files under %s", undecodable, directory)
     documents = [{"id": f"pydoc_topics/{name}", "source": "text", "text": text}
                  for name, text in sorted(pydoc_data.topics.topics.items())]
-    for relative, source in sources:
-        # A module's docstrings together read as one prose document about that module.
-        prose = "\n\n".join(docstrings(source))
-        if prose:
+    for relative, source in sources:  # a module's docstrings read as one prose document about it
+        if prose := "\n\n".join(docstrings(source)):
             documents.append({"id": f"docstrings/{relative}", "source": "text", "text": prose})
         documents.append({"id": f"stdlib/{relative}", "source": "code", "text": source})
     return documents
@@ -129,12 +123,9 @@ def embedded_documents(directory: pathlib.Path | None = None) -> list[dict[str, 
 
 @functools.lru_cache(maxsize=4)
 def embedded_corpus(split: str = "train", directory: str | None = None) -> dict[str, datasets.Dataset]:
-    """The default corpus: {"text": Dataset, "code": Dataset}, columns `id`, `source`, `text`.
-
-    Documents are assigned to `train` or `validation` by a hash of their id (a path relative to
-    the standard library, so the split is the same on every machine with the same Python
-    version), then cut into chunks; chunks keep their document's split, so nothing leaks.
-    """
+    """The default corpus: {"text": Dataset, "code": Dataset}, columns `id`, `source`, `text`. A
+    document's split is a hash of its id (a path in the standard library: the same on every
+    machine with the same Python); its chunks keep that split, so nothing leaks."""
     if split not in ("train", "validation"):
         raise ValueError(f"split={split!r} is not a split of the embedded corpus; use 'train' or 'validation'")
     by_source: dict[str, list[dict[str, str]]] = {}
@@ -153,15 +144,17 @@ def embedded_corpus(split: str = "train", directory: str | None = None) -> dict[
 OTHER_LANGUAGES = pathlib.Path(__file__).resolve().parent / "data" / "other_languages.txt"
 
 
+def chat_text(turns: Sequence[str], *, ask_reply: bool = False) -> str:
+    """Turns alternating User and Assistant (MT-Bench's shape), e.g. "### User:\\nHi?\\n\\n###
+    Assistant:\\nHello."; `ask_reply` adds an empty Assistant turn: a prompt for the reply."""
+    text = "\n\n".join(f"### {'Assistant' if i % 2 else 'User'}:\n{t}" for i, t in enumerate(turns))
+    return text + "\n\n### Assistant:\n" if ask_reply else text
+
+
 def chat_formatted(texts: list[str]) -> list[str]:
-    """Each document as a chat: paragraphs alternate User and Assistant turns (MT-Bench's shape).
-    The words are in distribution; the format is what the router never trained on."""
-    chats = []
-    for text in texts:
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-        turns = [f"### {'Assistant' if i % 2 else 'User'}:\n{p}" for i, p in enumerate(paragraphs)]
-        chats.append("\n\n".join(turns) + "\n\n### Assistant:\n")
-    return chats
+    """Each document as a chat prompt, its paragraphs the turns. The words are in distribution;
+    the format is what the router never trained on (unless warm-up mixed in instructions)."""
+    return [chat_text([p.strip() for p in t.split("\n\n") if p.strip()], ask_reply=True) for t in texts]
 
 
 def other_language_texts(path: pathlib.Path = OTHER_LANGUAGES) -> list[str]:
@@ -172,11 +165,48 @@ def other_language_texts(path: pathlib.Path = OTHER_LANGUAGES) -> list[str]:
             if document.strip()]
 
 
+# Instruction pairs (§5: mix instruction data into warm-up, so the router learns to balance chat
+# tokens too). Offline, each public stdlib function asks "what does it do" (answered by its
+# docstring's first paragraph) and, if it has at most 12 lines and no decorator, its code.
+
+
+def instruction_pairs(split: str = "train", directory: str | None = None) -> list[dict[str, str]]:
+    """Chat pairs {"user", "assistant"} from public modules of the standard library, e.g. "What
+    does `os.walk` do?" → "Directory tree generator.". A pair has its file's split (the corpus'
+    `is_validation`), so no held-out file leaks; the order is the files', on every machine."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r} is not a split of the instruction pairs; "
+                         "use 'train' or 'validation'")
+    pairs = []
+    for document in embedded_documents(pathlib.Path(directory) if directory else None):
+        module = document["id"].removeprefix("stdlib/").removesuffix(".py").removesuffix("/__init__")
+        if (document["source"] != "code" or is_validation(document["id"]) != (split == "validation")
+                or "/_" in f"/{module}" or (tree := _parse(document["text"])) is None):
+            continue  # prose, the other split, a private module (_strptime, __main__), or unparsable
+        for node in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name[0] != "_"):
+            name = f"`{module.replace('/', '.')}.{node.name}`"
+            if doc := ast.get_docstring(node):
+                pairs.append({"user": f"What does {name} do?",
+                              "assistant": doc.split("\n\n")[0].strip()})
+            if node.end_lineno - node.lineno < 12 and not node.decorator_list:
+                code = "\n".join(document["text"].splitlines()[node.lineno - 1:node.end_lineno])
+                pairs.append({"user": f"Show me the code of {name}.",
+                              "assistant": f"```python\n{code}\n```"})
+    return pairs
+
+
+@functools.lru_cache(maxsize=4)
+def instruction_corpus(split: str = "train", directory: str | None = None) -> datasets.Dataset:
+    """instruction_pairs as the mixture source "instructions": `text` is the chat (chat_text)."""
+    return datasets.Dataset.from_list([
+        {**pair, "source": "instructions", "text": chat_text([pair["user"], pair["assistant"]])}
+        for pair in instruction_pairs(split, directory)])
+
+
 # --- Hub corpora, streamed by name for real runs, and mixtures of sources, sampled like seqio -----
 @dataclasses.dataclass(frozen=True)
 class HubSource:
     """Where one mixture component lives: a hub dataset (or a local json/parquet builder)."""
-
     path: str                          # hub name, e.g. "bigcode/the-stack-dedup", or "json"/"parquet"
     config: str | None = None          # the dataset's configuration (RedPajama: "c4", "arxiv", …)
     column: str = "text"               # which column holds the document (The Stack: "content")
@@ -184,9 +214,8 @@ class HubSource:
     data_files: str | Sequence[str] | None = None  # local files, for the "json"/"parquet" builders
 
 
-# The datasets OpenMoE trained on (RedPajama subsets, The Stack dedup), plus English Wikipedia,
-# which the phase-II and 34B mixtures add (they used TFDS wikipedia/20190301.en; this is the hub's
-# current dump). The Stack is gated: accept its terms on the hub and log in before streaming it.
+# OpenMoE's datasets (RedPajama subsets, The Stack dedup; gated: accept its terms and log in), and
+# English Wikipedia of the phase-II and 34B mixtures (TFDS 20190301.en then; the hub's dump now).
 HUB_SOURCES: dict[str, HubSource] = {
     **{f"redpajama_{subset}": HubSource("togethercomputer/RedPajama-Data-1T", subset) for subset in (
         "c4", "wikipedia", "stackexchange", "arxiv", "book", "github", "common_crawl")},
@@ -197,12 +226,9 @@ HUB_SOURCES: dict[str, HubSource] = {
 
 def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_index: int = 0,
                     process_count: int = 1) -> datasets.IterableDataset:
-    """Stream one source as an `IterableDataset` with columns `text` and `source`.
-
-    `spec` is a `HubSource` or a key of `HUB_SOURCES`. With several hosts, each host streams
-    only its own shard (`process_index` of `process_count`), so no document is read twice.
-    Errors name the dataset and what to check, before any training starts.
-    """
+    """Stream one source (a `HubSource` or a key of `HUB_SOURCES`) as an `IterableDataset` with
+    columns `text` and `source`; with several hosts, each its own shard (`process_index` of
+    `process_count`). Errors name the dataset and what to check, before any training starts."""
     if isinstance(spec, str):
         if spec not in HUB_SOURCES:
             raise ValueError(f"unknown hub source {spec!r}; known: {sorted(HUB_SOURCES)}, "
@@ -218,8 +244,7 @@ def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_i
         raise ValueError(f"hub dataset {label} could not be loaded: {error}. Check the name and "
                          "configuration on the hub, your login for gated datasets, and the network "
                          "(HF_HUB_OFFLINE=1 forbids downloads)") from error
-    # Peek at one document so that a wrong column name fails now, not hours into a run.
-    first = next(iter(stream.take(1)), None)
+    first = next(iter(stream.take(1)), None)  # a wrong column fails now, not hours into a run
     if first is None:
         raise ValueError(f"hub dataset {label} split {spec.split!r} is empty")
     if spec.column not in first:
@@ -236,8 +261,10 @@ def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_i
 # Sampling rates per source (normalized to probabilities by `mixture_probabilities`), from
 # OpenMoE's seqio mixtures (t5/data/mixtures.py of its t5 fork; paper Table 1).
 MIXTURES: dict[str, dict[str, float]] = {
-    # The embedded default: OpenMoE phase I's 50% text / 50% code.
-    "embedded": {"text": 1.0, "code": 1.0},
+    "embedded": {"text": 1.0, "code": 1.0},  # the embedded default: phase I's 50% text / 50% code
+    "embedded-code30": {"text": 0.7, "code": 0.3},  # §5: ~30% code, not 50% (the 34B mixture: 35%)
+    # For 09's warmup_mixture (§5): instruction chats are a third of documents, ~4% of the tokens.
+    "embedded-instructions": {"text": 1.0, "code": 1.0, "instructions": 1.0},
     # Version I (OpenMoE-Base and 8B before 780B tokens): 50% RedPajama, 50% The Stack.
     "openmoe_v1": {"redpajama_c4": 15, "redpajama_wikipedia": 4.5, "redpajama_stackexchange": 2,
                    "redpajama_arxiv": 2.5, "redpajama_book": 4.5, "redpajama_github": 4.5,
@@ -263,12 +290,9 @@ def mixture_probabilities(name: str) -> dict[str, float]:
 
 def mix(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
         probabilities: Mapping[str, float], *, seed: int = 0, stopping_strategy: str = "all_exhausted"):
-    """Interleave sources, drawing each next document's source with the given probabilities.
-
-    The draw sequence is fixed by `seed`. With "all_exhausted" (the default) sampling goes on
-    until every source has been seen once, repeating the smaller ones, as a mixture of a small
-    and a large corpus should; "first_exhausted" stops at the first source to run out.
-    """
+    """Interleave sources, drawing each next document's source with the given probabilities
+    (fixed by `seed`). "all_exhausted" samples until every source has been seen once, repeating
+    the smaller ones (as a mixture should); "first_exhausted" stops at the first to run out."""
     if set(probabilities) != set(sources):
         raise ValueError(f"mixture probabilities are given for {sorted(probabilities)} but the "
                          f"sources are {sorted(sources)}; give one probability per source")
@@ -276,8 +300,7 @@ def mix(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
             sum(probabilities.values()), 1.0, abs_tol=1e-6):
         raise ValueError(f"mixture probabilities {dict(probabilities)} must be non-negative and "
                          f"sum to 1 (they sum to {sum(probabilities.values()):.6g})")
-    names = sorted(sources)
-    # Only the shared columns survive interleaving: each source may carry extra ones.
+    names = sorted(sources)  # only the shared columns survive interleaving (sources may add more)
     parts = [sources[name].select_columns(["text", "source"]) for name in names]
     return datasets.interleave_datasets(parts, probabilities=[probabilities[n] for n in names],
                                         seed=seed, stopping_strategy=stopping_strategy)
@@ -291,7 +314,6 @@ RESERVED_PIECES = 3 + 256
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """How to train (or complete) a tokenizer. Defaults are OpenMoE's umT5 tokenizer."""
-
     vocab_size: int = 256_000            # SentencePiece pieces (umT5: 256,000)
     num_extra_ids: int = 300             # span-corruption sentinels (OpenMoE: 300; early configs 100)
     pad_vocab_to_multiple: int = 128     # embedding rows are padded (256,300 -> 256,384)
@@ -301,19 +323,12 @@ class TokenizerConfig:
     seed: int = 0                        # which sample of the corpus
 
     def __post_init__(self):
-        if self.vocab_size <= RESERVED_PIECES:
-            raise ValueError(f"vocab_size={self.vocab_size} must exceed the {RESERVED_PIECES} "
-                             "pieces that pad/eos/unk and byte fallback reserve")
-        if self.num_extra_ids < 0:
-            raise ValueError(f"num_extra_ids={self.num_extra_ids} must be >= 0")
-        if self.pad_vocab_to_multiple < 1:
-            raise ValueError(f"pad_vocab_to_multiple={self.pad_vocab_to_multiple} must be >= 1")
-        if self.model_type not in ("unigram", "bpe"):
-            raise ValueError(f"model_type={self.model_type!r}; use 'unigram' (umT5) or 'bpe'")
-        if not 0.9 <= self.character_coverage <= 1.0:
-            raise ValueError(f"character_coverage={self.character_coverage} must be in [0.9, 1]")
-        if self.max_training_chars < 1:
-            raise ValueError(f"max_training_chars={self.max_training_chars} must be >= 1")
+        cli.check_fields(self, {
+            "vocab_size": (cli.int_at_least(RESERVED_PIECES + 1), f"an int > {RESERVED_PIECES} (reserved)"),
+            "model_type": (lambda v: v in ("unigram", "bpe"), "'unigram' (umT5) or 'bpe'"),
+            "character_coverage": (lambda v: 0.9 <= v <= 1.0, "in [0.9, 1]"),
+            **{name: (cli.int_at_least(low), f"an int >= {low}") for name, low in (
+                ("num_extra_ids", 0), ("pad_vocab_to_multiple", 1), ("max_training_chars", 1))}})
 
 
 # The tokenizer the embedded default run uses: small enough to train in seconds on a laptop.
@@ -321,13 +336,10 @@ EMBEDDED_TOKENIZER = TokenizerConfig(vocab_size=8_000)
 
 
 class Tokenizer:
-    """Text <-> ids in T5's layout: SentencePiece ids, then sentinels, then padding rows.
-
-    For a model of P pieces with X sentinels (`num_extra_ids`), ids 0..P-1 are SentencePiece's
-    own (so a loaded `spiece.model` gives exactly its ids), `<extra_id_0>` is P+X-1 and
-    `<extra_id_{X-1}>` is P (T5 counts sentinels down from the top), and `vocab_size` rounds P+X
-    up to a multiple of `pad_vocab_to_multiple`; the padding rows are never produced.
-    """
+    """Text <-> ids in T5's layout: SentencePiece ids, then sentinels, then padding rows. For a
+    model of P pieces with X sentinels, ids 0..P-1 are SentencePiece's own (a loaded `spiece.model`
+    gives exactly its ids), `<extra_id_0>` is P+X-1 and `<extra_id_{X-1}>` is P (T5 counts them
+    down from the top); `vocab_size` rounds P+X up to a multiple of `pad_vocab_to_multiple`."""
 
     def __init__(self, model_proto: bytes, *, num_extra_ids: int = 300,
                  pad_vocab_to_multiple: int = 128, path: str | None = None):
@@ -339,8 +351,8 @@ class Tokenizer:
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(f"SentencePiece model {path or ''} has pad_id={self.pad_id}, "
                              f"eos_id={self.eos_id}; OpenMoE's T5 layout needs both pieces")
-        used = self.piece_count + num_extra_ids
-        self.vocab_size = -(-used // pad_vocab_to_multiple) * pad_vocab_to_multiple
+        rows = self.piece_count + num_extra_ids
+        self.vocab_size = -(-rows // pad_vocab_to_multiple) * pad_vocab_to_multiple
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, num_extra_ids: int = 300,
@@ -376,8 +388,8 @@ class Tokenizer:
         text, run = [], []
         for token in map(int, ids):
             if self.piece_count <= token < self.piece_count + self.num_extra_ids:
-                text.append(self.processor.decode(run))
-                text.append(f"<extra_id_{self.piece_count + self.num_extra_ids - 1 - token}>")
+                index = self.piece_count + self.num_extra_ids - 1 - token
+                text += [self.processor.decode(run), f"<extra_id_{index}>"]
                 run = []
             else:
                 run.append(token if 0 <= token < self.piece_count else self.unk_id)
@@ -401,8 +413,7 @@ def default_cache_dir() -> pathlib.Path:
 def training_sample(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
                     max_chars: int, seed: int) -> list[str]:
     """Equal shares of `max_chars` from each source, drawn in a seeded random order."""
-    share = max_chars // max(1, len(sources))
-    sample = []
+    share, sample = max_chars // max(1, len(sources)), []
     for name in sorted(sources):
         taken = 0
         for example in sources[name].shuffle(seed=seed):
@@ -416,12 +427,9 @@ def training_sample(sources: Mapping[str, datasets.Dataset | datasets.IterableDa
 def train_tokenizer(sources: Mapping[str, datasets.Dataset | datasets.IterableDataset],
                     config: TokenizerConfig = EMBEDDED_TOKENIZER,
                     cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """Train a SentencePiece model on a sample of `sources`, or load it from the cache.
-
-    The cache key hashes the exact training text, the config and the SentencePiece version: a
-    second run with the same corpus and settings loads in milliseconds, and any change retrains.
-    (Atomic writes, and retraining a cached file that no longer loads: support/files.py.)
-    """
+    """Train a SentencePiece model on a sample of `sources`, or load it from the cache, whose key
+    hashes the training text, the config and the SentencePiece version: the same corpus and
+    settings load in milliseconds, any change retrains (atomic writes: support/files.py)."""
     texts = training_sample(sources, config.max_training_chars, config.seed)
     if not any(texts):
         raise ValueError(f"cannot train a tokenizer on an empty corpus (sources: {sorted(sources)})")
@@ -485,12 +493,9 @@ def token_stream(texts: Iterator[str], tokenizer: Tokenizer, chunk: int = 64) ->
 
 
 def pack_lm_rows(tokens: Iterator[int], seq_len: int) -> Iterator[dict[str, np.ndarray]]:
-    """Cut the stream into rows of seq_len + 1 tokens: inputs row[:-1], targets row[1:].
-
-    Documents are simply concatenated (eos between them) and attention runs across them, as
-    OpenMoE's full_lm task did: no padding, every token is a target. E.g. with seq_len 4,
-    [a b eos c d e ...] → inputs [a b eos c], targets [b eos c d].
-    """
+    """Cut the stream into rows of seq_len + 1 tokens: inputs row[:-1], targets row[1:]. Documents
+    are concatenated (eos between them), attention runs across them, as in OpenMoE's full_lm: no
+    padding. E.g. seq_len 4: [a b eos c d e ...] → inputs [a b eos c], targets [b eos c d]."""
     while len(row := np.fromiter(itertools.islice(tokens, seq_len + 1), np.int32)) == seq_len + 1:
         yield {"inputs": row[:-1], "targets": row[1:], "loss_mask": np.ones(seq_len, np.float32),
                "segment_ids": np.ones(seq_len, np.int32), "positions": np.arange(seq_len, dtype=np.int32)}
@@ -500,17 +505,15 @@ def decoder_row(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int)
     """Pack (inputs, targets) examples into one decoder row, as seqio's DecoderFeatureConverter:
     each example is the sequence inputs+targets, its decoder inputs shifted right by one with the
     start token 0, loss on targets only, its own segment id and positions from 0; zeros pad."""
-    row = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_DTYPES.items()}
-    start = 0
+    row, end = {name: np.zeros(seq_len, dtype) for name, dtype in ROW_DTYPES.items()}, 0
     for segment, (inputs, targets) in enumerate(examples, start=1):
         sequence = np.concatenate([inputs, targets])
-        end = start + len(sequence)
+        start, end = end, end + len(sequence)
         row["targets"][start:end] = sequence
         row["inputs"][start + 1:end] = sequence[:-1]
         row["loss_mask"][start + len(inputs):end] = 1.0
         row["segment_ids"][start:end] = segment
         row["positions"][start:end] = np.arange(len(sequence))
-        start = end
     return row
 
 
@@ -521,16 +524,17 @@ def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
 
 def mixture_sources(mixture: str, process_index: int = 0, process_count: int = 1) -> dict:
     """This host's share of every source of a named mixture (hub sources stream; errors early)."""
-    if mixture != "embedded":
+    names = sorted(mixture_probabilities(mixture))
+    if not set(names) <= {"text", "code", "instructions"}:
         return {name: load_hub_source(name, process_index=process_index, process_count=process_count)
-                for name in mixture_probabilities(mixture)}
-    return {name: ds.shard(process_count, process_index) for name, ds in embedded_corpus("train").items()}
+                for name in names}
+    return {name: (instruction_corpus("train") if name == "instructions" else embedded_corpus("train")[name])
+            .shard(process_count, process_index) for name in names}
 
 
 def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int) -> dict[str, list]:
-    """Up to `count` held-out next-token batches of `rows` rows per domain, from the embedded
-    corpus' validation split (held out from every mixture, with text and code apart); a domain
-    without one full batch is left out."""
+    """Up to `count` held-out next-token batches of `rows` rows per domain (text, code), from the
+    embedded corpus' validation split; a domain without one full batch is left out."""
     batches = {}
     for domain, ds in embedded_corpus("validation").items():
         flat = list(itertools.islice(pack_lm_rows(token_stream(iter(ds["text"]), tokenizer), seq_len),
@@ -542,46 +546,49 @@ def validation_batches(tokenizer: Tokenizer, seq_len: int, rows: int, count: int
 # --- Self-test: build the corpus, train a tokenizer, show it working, check the round trips. ------
 if __name__ == "__main__":
     parser = cli.ArgumentParser(description=(
-        "Build the embedded text+code corpus, train (or load from cache) a small umT5-style "
-        "SentencePiece tokenizer, print worked examples and tokens per byte, and check round trips."))
+        "Build the embedded text+code corpus and instruction chats, train (or load from cache) a small "
+        "umT5-style SentencePiece tokenizer, print worked examples and tokens per byte, check round trips."))
     parser.add_argument("--cache-dir", default=None, help="where trained tokenizers are cached "
                         "(default: $OPENMOE_CACHE_DIR or .cache/ beside this file)")
     args = parser.parse_args()
     datasets.disable_progress_bars()
 
-    # 1. The corpus: two sources, each split by document into train and validation.
+    # 1. The corpus (text, code and instruction chats, each split by file) and the tokenizer,
+    #    trained once on the text and code, then loaded from the cache.
     start = time.time()
-    train, validation = embedded_corpus("train"), embedded_corpus("validation")
-    print(f"Embedded corpus (built in {time.time() - start:.1f} s from Python's own files):")
-    print(f"  {'source':8}{'train chunks':>14}{'val chunks':>12}{'train MB':>10}")
-    for source in train:
-        megabytes = sum(map(len, train[source]["text"])) / 1e6
-        print(f"  {source:8}{len(train[source]):>14,}{len(validation[source]):>12,}{megabytes:>10.1f}")
-    train_ids = {i.split("#")[0] for ds in train.values() for i in ds["id"]}
-    if leaked := train_ids & {i.split("#")[0] for ds in validation.values() for i in ds["id"]}:
-        sys.exit(f"self-test FAILED: {len(leaked)} documents are in both splits, e.g. {min(leaked)}")
-
-    # 2. The 50/50 mixture, as phase I of OpenMoE drew its documents.
-    first = mix(train, mixture_probabilities("embedded"), seed=0).select(range(2000))["source"]
-    print(f"\nMixture 'embedded': first 12 draws {first[:12]}; "
-          f"text share of 2000 draws = {first.count('text') / 2000:.3f} (expected 0.5)")
-    if abs(first.count("text") / 2000 - 0.5) >= 4 * math.sqrt(0.25 / 2000):
-        sys.exit("self-test FAILED: the text share is more than 4 standard errors from 0.5")
-
-    # 3. The tokenizer: trained once, then loaded from the cache.
-    start = time.time()
+    train, validation = ({**embedded_corpus(split), "instructions": instruction_corpus(split)}
+                         for split in ("train", "validation"))
     tokenizer = embedded_tokenizer(args.cache_dir)
-    print(f"\nTokenizer ready in {time.time() - start:.1f} s: {tokenizer.path}")
-    print(f"  {tokenizer.piece_count:,} pieces + {tokenizer.num_extra_ids} sentinels -> "
-          f"{tokenizer.vocab_size:,} embedding rows (a multiple of 128)")
-    print(f"  pad={tokenizer.pad_id} eos={tokenizer.eos_id} unk={tokenizer.unk_id}  "
+    print(f"Corpus and tokenizer ready in {time.time() - start:.1f} s (from Python's own files). "
+          f"Tokens per byte, the measure of the paper's Table 10, on held-out documents:\n"
+          f"  {'source':13}{'train docs':>11}{'val docs':>10}{'train MB':>10}{'tokens/byte':>13}")
+    for source in train:
+        megabytes, sample = sum(map(len, train[source]["text"])) / 1e6, validation[source]["text"][:200]
+        print(f"  {source:13}{len(train[source]):>11,}{len(validation[source]):>10,}{megabytes:>10.1f}"
+              f"{tokenizer.tokens_per_byte(sample):>13.3f}")
+        if [tokenizer.decode(ids) for ids in tokenizer.encode_batch(sample)] != sample:
+            sys.exit(f"self-test FAILED: a held-out {source} document does not round-trip")
+    ids = lambda corpus: {i for name in ("text", "code") for i in corpus[name]["id"]}
+    if leaked := ids(train) & ids(validation):
+        sys.exit(f"self-test FAILED: {len(leaked)} files are in both splits, e.g. {min(leaked)}")
+    chats = train["instructions"]["text"]
+    print("An instruction pair as a chat:\n" + next((c for c in chats if "`os.walk`" in c), chats[0]))
+
+    # 2. A mixture draws each document's source by its rate, as seqio did: here thirds (§5's warm-up).
+    first = mix(train, mixture_probabilities("embedded-instructions"), seed=0).select(range(3000))["source"]
+    print(f"\nMixture 'embedded-instructions': first 8 draws {first[:8]}; "
+          f"text share of 3000 draws = {first.count('text') / 3000:.3f} (expected 1/3)")
+    if abs(first.count("text") / 3000 - 1 / 3) >= 4 * math.sqrt(2 / 9 / 3000):
+        sys.exit("self-test FAILED: the text share is more than 4 standard errors from 1/3")
+
+    # 3. T5's id layout, and worked examples: a sentence, a line of code, text the corpus never saw.
+    print(f"\nTokenizer {tokenizer.path}: {tokenizer.piece_count:,} pieces + {tokenizer.num_extra_ids} "
+          f"sentinels -> {tokenizer.vocab_size:,} embedding rows (a multiple of 128)\n  "
+          f"pad={tokenizer.pad_id} eos={tokenizer.eos_id} unk={tokenizer.unk_id}  "
           f"<extra_id_0>={tokenizer.sentinel_id(0)}  <extra_id_299>={tokenizer.sentinel_id(299)}")
     if ((tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) != (0, 1, 2) or tokenizer.vocab_size % 128
             or tokenizer.decode([tokenizer.sentinel_id(0)]) != "<extra_id_0>"):
-        sys.exit("self-test FAILED: the ids are not T5's layout (pad 0, eos 1, unk 2, sentinels "
-                 "on top, rows a multiple of 128)")
-
-    # 4. Worked examples: a sentence, a line of code, and text the corpus never saw.
+        sys.exit("self-test FAILED: the ids are not T5's layout (pad 0, eos 1, unk 2, sentinels on top)")
     for label, text in [("sentence", "The quick brown fox jumps over the lazy dog."),
                         ("code", "    for key, value in sorted(items.items()):\n"),
                         ("unseen", "東京は晴れ 🙂")]:
@@ -589,12 +596,5 @@ if __name__ == "__main__":
         print(f"\n  {label}: {text!r}\n    pieces {tokenizer.pieces(text)}\n    ids    {ids}")
         if tokenizer.decode(ids) != text or tokenizer.unk_id in ids:
             sys.exit(f"self-test FAILED: {text!r} does not round-trip without <unk>")
-    print("  (unseen characters fall back to their UTF-8 bytes, <0xE6> ..., never to <unk>)")
-
-    # 5. Compression by domain, the measure of the paper's Table 10, on held-out documents.
-    for source in validation:
-        sample = validation[source]["text"][:200]
-        print(f"\n  tokens per byte, {source} (validation): {tokenizer.tokens_per_byte(sample):.3f}")
-        if [tokenizer.decode(ids) for ids in tokenizer.encode_batch(sample)] != sample:
-            sys.exit(f"self-test FAILED: a held-out {source} document does not round-trip")
-    print("\nAll round trips exact, no <unk>: OK")
+    print("  (unseen characters fall back to their UTF-8 bytes, <0xE6> ..., never to <unk>)\n\n"
+          "All round trips exact, no <unk>: OK")

@@ -14,11 +14,15 @@ learning rate 1/√max(step, 10⁴) (`openmoe_schedule`).
   optax mode (default): equal to `optax.adafactor` to float32 round-off, checked in the tests;
   T5X mode (`logical_axes=`): factoring from logical axis names, clipping and parameter scale per
   expert, statistics in f32 — every difference from optax is listed in `t5x_plan`.
+`frozen_from` stops chosen leaves from a given step: their update is zero and their statistics
+keep their values; `routing_frozen_from` and `with_balanced_biases` are the two rules of §5's
+router variants (router kernels frozen after warm-up; aux-loss-free biases, Wang et al. 2024).
 Left out: T5X's step_offset, global-norm clipping, max_parameter_scale and NaN skipping, and the
 paper's relative step size min(1e-2, 1/√t) (OpenMoE gives an explicit schedule instead).
 Run the self-test: `python 08_adafactor.py` (`--help` for options).
 """
 
+import functools
 import importlib
 import math
 import sys
@@ -33,6 +37,7 @@ from flax import nnx
 
 from support import cli
 
+router_lib = importlib.import_module("04_router")
 model_lib = importlib.import_module("06_model")
 
 
@@ -247,45 +252,73 @@ def _update_leaf(cfg, plan, grad, v_row, v_col, v, m, param, beta2, lr):
     return -u, v_row, v_col, v, m
 
 
-def _plan_leaves(params, min_dim_size_to_factor: int,
-                 logical_axes: Mapping[str, tuple[str, ...]] | None, factor_rules: Mapping[str, str]):
-    """Every leaf's LeafPlan (optax mode without `logical_axes`, T5X mode with), the leaves, and
-    the tree structure to rebuild trees shaped like `params`."""
+def _frozen(count, start: int | None, update: Callable, statistics: tuple):
+    """update() of one leaf, or, once the optimizer has taken `start` steps, no step and its
+    `statistics` (v_row, v_col, v, m) as they were. A `lax.cond` runs one branch, so a frozen
+    leaf keeps its bits, and before `start` the leaf is computed exactly as if never frozen (a
+    `jnp.where` after the update changes XLA's fusion of it, hence its round-off)."""
+    if start is None:
+        return update()
+
+    def held():
+        return (jnp.zeros_like(jax.eval_shape(update)[0]), *statistics)
+
+    return jax.lax.cond(count >= start, held, update)
+
+
+def _checked_steps(frozen_from: Mapping[str, int] | None) -> dict[str, int]:
+    """frozen_from as a dict, every step an int >= 0, or a ValueError naming the leaf."""
+    for name, start in (frozen_from or {}).items():
+        if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+            raise ValueError(f"frozen_from[{name!r}]={start!r}: must be an int >= 0 (a step)")
+    return dict(frozen_from or {})
+
+
+def _plan_leaves(params, min_dim_size_to_factor: int, logical_axes: Mapping[str, tuple[str, ...]] | None,
+                 factor_rules: Mapping[str, str], frozen_from: Mapping[str, int]):
+    """Every leaf's LeafPlan (optax mode without `logical_axes`, T5X mode with), the leaves, the
+    tree structure to rebuild trees shaped like `params`, and the leaves' names."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [leaf_name(path) for path, _ in flat]
+    if unknown := sorted(set(frozen_from) - set(names)):
+        raise ValueError(f"frozen_from names {unknown[:5]}, which are not leaves of the params; "
+                         f"leaf names look like {names[:3]} (08's leaf_name)")
     if logical_axes is None:
         plan_list = [optax_plan(p.shape, p.dtype, min_dim_size_to_factor) for _, p in flat]
     else:
-        names = [leaf_name(path) for path, _ in flat]
         unknown = [name for name in names if name not in logical_axes]
         if unknown:
             raise ValueError(f"T5X mode: no logical axes for parameters {unknown[:5]}; pass "
                              "logical_axes_by_name(state) of the same parameter tree")
         plan_list = [t5x_plan(name, p.shape, logical_axes[name], factor_rules,
                               min_dim_size_to_factor) for name, (_, p) in zip(names, flat)]
-    return plan_list, [p for _, p in flat], treedef
+    return plan_list, [p for _, p in flat], treedef, names
 
 
 def adafactor(learning_rate: float | Callable | None = None,
               cfg: AdafactorConfig = AdafactorConfig(),
               logical_axes: Mapping[str, tuple[str, ...]] | None = None,
               factor_rules: Mapping[str, str] = OPENMOE_FACTOR_RULES,
-              ) -> optax.GradientTransformation:
+              frozen_from: Mapping[str, int] | None = None) -> optax.GradientTransformation:
     """Adafactor as an optax GradientTransformation; use with `optax.apply_updates`.
 
     learning_rate: a float, a schedule step → lr (e.g. `openmoe_schedule()`), or None (lr 1,
     as `optax.adafactor`'s default). Without `logical_axes` this is optax mode; with
     `logical_axes` ({leaf name: axis names}, see `logical_axes_by_name`) it is T5X mode.
     Params may be plain pytrees or an nnx State of Params; grads must share their structure.
+    frozen_from: {leaf name: optimizer step}; from that step on the leaf's update is zero and
+    its v_row, v_col, v and m keep their values (before it, it trains as if not listed).
     """
     for axis, role in factor_rules.items():
         if role not in FACTOR_ROLES:
             raise ValueError(f"factor_rules[{axis!r}]={role!r}: must be one of {FACTOR_ROLES}")
+    frozen_from = _checked_steps(frozen_from)
 
     def plans(params):
-        return _plan_leaves(params, cfg.min_dim_size_to_factor, logical_axes, factor_rules)
+        return _plan_leaves(params, cfg.min_dim_size_to_factor, logical_axes, factor_rules, frozen_from)
 
     def init(params):
-        plan_list, leaves, treedef = plans(params)
+        plan_list, leaves, treedef, _ = plans(params)
         v_row, v_col, v = [], [], []
         for plan, p in zip(plan_list, leaves):
             # Tiny [1] placeholders keep the three trees shaped like the params (as optax does).
@@ -307,15 +340,16 @@ def adafactor(learning_rate: float | Callable | None = None,
         if params is None:
             raise ValueError("Adafactor needs the params in update(grads, state, params): the "
                              "step size is relative to each parameter's RMS")
-        plan_list, leaves, treedef = plans(params)
+        plan_list, leaves, treedef, names = plans(params)
         # β₂ₜ = 1 − t^−c with t = count + 1, so the first step keeps no history (β₂ = 0).
         beta2 = 1.0 - jnp.asarray(state.count + 1, jnp.float32) ** -cfg.decay_rate
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         columns = [treedef.flatten_up_to(tree)
                    for tree in (grads, state.v_row, state.v_col, state.v)]
         m_leaves = [None] * len(leaves) if state.m is None else treedef.flatten_up_to(state.m)
-        out = [_update_leaf(cfg, plan, g, vr, vc, v, m, p, beta2, lr) for plan, g, vr, vc, v, m, p
-               in zip(plan_list, *columns, m_leaves, leaves)]
+        out = [_frozen(state.count, frozen_from.get(name), functools.partial(
+                   _update_leaf, cfg, plan, g, vr, vc, v, m, p, beta2, lr), (vr, vc, v, m))
+               for plan, name, g, vr, vc, v, m, p in zip(plan_list, names, *columns, m_leaves, leaves)]
         updates, v_row, v_col, v, m = (treedef.unflatten(column) for column in zip(*out))
         return updates, AdafactorState(state.count + 1, v_row, v_col, v,
                                        None if state.m is None else m)
@@ -324,8 +358,10 @@ def adafactor(learning_rate: float | Callable | None = None,
 
 
 def openmoe_adafactor(params_state, schedule: ScheduleConfig = ScheduleConfig(),
-                      cfg: AdafactorConfig = AdafactorConfig()) -> optax.GradientTransformation:
-    """OpenMoE's optimizer: T5X-mode Adafactor with the rsqrt schedule. For 09_train.py:
+                      cfg: AdafactorConfig = AdafactorConfig(),
+                      frozen_from: Mapping[str, int] | None = None) -> optax.GradientTransformation:
+    """OpenMoE's optimizer: T5X-mode Adafactor with the rsqrt schedule (`frozen_from`: as in
+    `adafactor`). For 09_train.py:
 
         graph, params, rest = nnx.split(model, nnx.Param, ...)
         tx = openmoe_adafactor(params)               # reads each Param's logical_axes
@@ -333,8 +369,47 @@ def openmoe_adafactor(params_state, schedule: ScheduleConfig = ScheduleConfig(),
         updates, opt_state = tx.update(grads, opt_state, params)   # inside the jitted step
         params = optax.apply_updates(params, updates)
     """
-    return adafactor(openmoe_schedule(schedule), cfg,
-                     logical_axes=logical_axes_by_name(params_state))
+    return adafactor(openmoe_schedule(schedule), cfg, logical_axes=logical_axes_by_name(params_state),
+                     frozen_from=frozen_from)
+
+
+# --- Leaves that a rule moves instead of Adafactor: §5's router variants (used by 09) -------------
+def leaf_kinds(params) -> dict[str, type]:
+    """{08's leaf name: its nnx.Variable class} (nnx.Param, 04's RoutingBias, ...)."""
+    return {leaf_name(path): type(v) for path, v in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+
+
+def routing_frozen_from(params, freeze_router_after: int = 0) -> dict[str, int]:
+    """`frozen_from` for OpenMoE's routers: every RoutingBias from step 0 (the balance rule moves
+    it, not gradients), and with freeze_router_after=N > 0 every router kernel from step N on
+    (§5: remove the trainable router after warm-up, since routing settles early, §4.2)."""
+    frozen = {}
+    for name, kind in leaf_kinds(params).items():
+        if issubclass(kind, router_lib.RoutingBias):
+            frozen[name] = 0
+        elif freeze_router_after and name.endswith("router/kernel"):
+            frozen[name] = freeze_router_after
+    return frozen
+
+
+def with_balanced_biases(params, expert_load_ME, rate: float):
+    """Aux-loss-free balancing after the optimizer step (Wang et al. 2024, arXiv 2408.15664;
+    DeepSeek-V3 §2.1.2): each MoE layer's RoutingBias moves by 04's update_balance_bias toward
+    its own row of 06's expert_load [M MoE layers, E] (layer order, averaged over microbatches).
+    Row m is the m-th MoE block: names are ordered by their block numbers as numbers (10 after 9)."""
+    biases = sorted((name for name, kind in leaf_kinds(params).items()
+                     if issubclass(kind, router_lib.RoutingBias)),
+                    key=lambda name: [int(key) for key in name.split("/") if key.isdigit()])
+    if len(biases) != expert_load_ME.shape[0]:
+        raise ValueError(f"{len(biases)} routing biases but {expert_load_ME.shape[0]} MoE layers' loads")
+
+    def balanced(path, x):  # a bias takes its own layer's loads; every other leaf stays as it is
+        name = leaf_name(path)
+        return (router_lib.update_balance_bias(x, expert_load_ME[biases.index(name)], rate)
+                if name in biases else x)
+
+    return jax.tree_util.tree_map_with_path(balanced, params)
 
 
 def tree_bytes(tree) -> int:
@@ -412,7 +487,23 @@ if __name__ == "__main__":
     if ours_losses[-1] >= 0.5 * ours_losses[0]:
         sys.exit("self-test FAILED: Adafactor should at least halve the toy problem's loss")
 
-    # 2. T5X mode, per expert: two experts 100× apart in scale, the same gradient. optax sizes
+    # 2. Freezing a leaf, as 09 freezes routers after warm-up: "router" trains for 3 updates,
+    #    then it and its statistics stay bit for bit; "experts" trains on.
+    tx = adafactor(openmoe_schedule(schedule), toy_cfg, frozen_from={"router": 3})
+    p, state, seen = params, tx.init(params), []
+    for _ in range(6):
+        updates, state = jax.jit(tx.update)(jax.grad(loss)(p), state, p)
+        p = optax.apply_updates(p, updates)
+        seen.append((p["router"], state.v["router"], p["experts"]))
+    held = all(np.array_equal(a, b) for s in seen[3:] for a, b in zip(s[:2], seen[2][:2]))
+    print(f"router frozen from step 3: unchanged after it {held}, moved before it "
+          f"{not np.array_equal(seen[1][0], seen[2][0])}, experts still moving "
+          f"{not np.array_equal(seen[2][2], seen[5][2])}")
+    if not (held and not np.array_equal(seen[1][0], seen[2][0])
+            and not np.array_equal(seen[2][2], seen[5][2])):
+        sys.exit("self-test FAILED: a frozen leaf must train until its step, then keep its bits")
+
+    # 3. T5X mode, per expert: two experts 100× apart in scale, the same gradient. optax sizes
     #    both steps by the RMS of the whole tensor; T5X by each expert's own RMS.
     experts = {"wi": jnp.stack([jnp.ones((32, 48)), 0.01 * jnp.ones((32, 48))])}
     grads = {"wi": jnp.asarray(rng.normal(size=(2, 32, 48)), jnp.float32)}
@@ -432,7 +523,7 @@ if __name__ == "__main__":
     if relative["optax"][1] <= 50 * relative["optax"][0]:
         sys.exit("self-test FAILED: optax mode should size both experts' steps by one shared RMS")
 
-    # 3. OpenMoE's schedule: flat 0.01 for 10K steps, then 1/√step.
+    # 4. OpenMoE's schedule: flat 0.01 for 10K steps, then 1/√step.
     lr = openmoe_schedule()
     print("\nOpenMoE learning rate:", ", ".join(
         f"step {s:,} → {float(lr(s)):.5f}" for s in (0, 9_999, 40_000, 500_000, 1_000_000)))
@@ -441,7 +532,7 @@ if __name__ == "__main__":
             sys.exit(f"self-test FAILED: the learning rate at step {s:,} is {float(lr(s))}, "
                      f"OpenMoE's schedule gives {want}")
 
-    # 4. Optimizer-state memory of every preset, from shapes alone (nothing is allocated).
+    # 5. Optimizer-state memory of every preset, from shapes alone (nothing is allocated).
     print(f"\n{'preset':20}{'params':>8}{'f32 GiB':>9}{'Adafactor (T5X) MiB':>22}"
           f"{'optax.adafactor MiB':>22}{'AdamW GiB':>16}")
     for name, cfg in model_lib.PRESETS.items():

@@ -134,6 +134,69 @@ def test_named_mixtures_have_openmoe_code_shares():
         tok.mixture_probabilities("nope")
 
 
+
+def test_section_5_mixtures_have_their_code_shares():
+    code30 = tok.mixture_probabilities("embedded-code30")
+    assert math.isclose(code30["code"], 0.3) and math.isclose(code30["text"], 0.7)
+    thirds = tok.mixture_probabilities("embedded-instructions")
+    assert sorted(thirds) == ["code", "instructions", "text"]
+    assert all(math.isclose(p, 1 / 3) for p in thirds.values())
+    sources = tok.mixture_sources("embedded-instructions")
+    assert sorted(sources) == ["code", "instructions", "text"]
+    assert sources["instructions"][0]["source"] == "instructions"
+    assert sorted(tok.mixture_sources("embedded-code30")) == ["code", "text"]
+
+
+# --- Instruction pairs: chats from the standard library --------------------------------------
+
+STDLIB_LIKE = {
+    "shapes.py": '"""Shapes."""\n\ndef area(w, h):\n    """Multiply.\n\n    More words."""\n'
+                 '    return w * h\n\n\ndef _hidden():\n    """Private."""\n\n\n@staticmethod\n'
+                 'def decorated():\n    """Decorated."""\n\n\ndef long(x):\n    """Long."""\n'
+                 + "    x += 1\n" * 12 + "    return x\n",
+    "pkg/__init__.py": "def helper():\n    return 1\n",
+    "_private.py": 'def visible():\n    """Never asked: its module is private."""\n',
+    "broken.py": "def (:\n",
+}
+
+
+def test_instruction_pairs_ask_what_a_function_does_and_for_short_code(tmp_path):
+    for relative, source in STDLIB_LIKE.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(source)
+    pairs = {split: tok.instruction_pairs(split, str(tmp_path)) for split in ("train", "validation")}
+    # Each file's pairs are in its own split, as the corpus splits it (by the file's id).
+    every = pairs["train"] + pairs["validation"]
+    for split, split_pairs in pairs.items():
+        for pair in split_pairs:
+            module = pair["user"].split("`")[1].rsplit(".", 1)[0]
+            file_id = f"stdlib/{module.replace('.', '/')}" + ("/__init__.py" if module == "pkg" else ".py")
+            assert tok.is_validation(file_id) == (split == "validation")
+    assert {(p["user"], p["assistant"]) for p in every} == {
+        ("What does `shapes.area` do?", "Multiply."),
+        ("Show me the code of `shapes.area`.", '```python\ndef area(w, h):\n    """Multiply.\n\n'
+                                               '    More words."""\n    return w * h\n```'),
+        ("What does `shapes.decorated` do?", "Decorated."),  # decorated: no code pair
+        ("What does `shapes.long` do?", "Long."),            # 14 lines: no code pair
+        ("Show me the code of `pkg.helper`.", "```python\ndef helper():\n    return 1\n```"),
+    }
+    assert all(set(p) == {"user", "assistant"} for p in every)
+    with pytest.raises(ValueError, match="'test'.*'train' or 'validation'"):
+        tok.instruction_pairs("test")
+
+
+def test_instruction_corpus_is_chats_from_the_standard_library():
+    corpus = tok.instruction_corpus("train")
+    assert set(corpus["source"]) == {"instructions"} and {"text", "user", "assistant"} <= set(corpus.column_names)
+    walk = [row for row in corpus if row["user"] == "What does `os.walk` do?"]
+    assert len(walk) == 1 and walk[0]["assistant"] == "Directory tree generator."
+    # The chat format is 01's one (11's chat prompts use it too): a User turn, then an Assistant turn.
+    assert walk[0]["text"] == "### User:\nWhat does `os.walk` do?\n\n### Assistant:\nDirectory tree generator."
+    assert tok.chat_formatted([walk[0]["user"] + "\n\n" + walk[0]["assistant"]]) == [
+        walk[0]["text"] + "\n\n### Assistant:\n"]
+    assert any(row["assistant"].startswith("```python\ndef ") for row in corpus)
+    assert not set(corpus["user"]) & {p["user"] for p in tok.instruction_pairs("validation")}
+
 # --- Hub sources, exercised on local files in the same schema (no network) -------------------
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import load
 
+router_lib = load("04_router")
 ada = load("08_adafactor")
 
 # 1-D, 2-D (both orientations), a stacked-expert 3-D tensor and a router with a small side.
@@ -158,6 +159,70 @@ def test_t5x_mode_statistics_are_f32_for_bf16_params():
     assert all(optax.apply_updates(params, updates)[k].dtype == jnp.bfloat16 for k in params)
 
 
+def _trajectory(tx, params, steps):
+    """(params, state) after every one of `steps` jitted updates with _run's gradients."""
+    step, state, seen = jax.jit(tx.update), tx.init(params), []
+    for i in range(steps):
+        grads = _tree(SHAPES, 1 + i, scale=10.0 ** (i % 3 - 1))
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        seen.append((params, state))
+    return seen
+
+
+@pytest.mark.parametrize("logical_axes", [None, AXES], ids=["optax", "t5x"])
+def test_frozen_leaves_stop_exactly_from_their_step(logical_axes):
+    # "embedding" is factored (v_row, v_col), "router" is not (v); momentum adds m to both.
+    cfg = ada.AdafactorConfig(min_dim_size_to_factor=8, beta1=0.9)
+    params, frozen = _tree(SHAPES, 0), {"embedding": 3, "router": 3}
+    plain = _trajectory(ada.adafactor(schedule, cfg, logical_axes), params, 6)
+    held = _trajectory(ada.adafactor(schedule, cfg, logical_axes, frozen_from=frozen), params, 6)
+    fields = ("v_row", "v_col", "v", "m")
+    for step, ((p_plain, s_plain), (p_held, s_held)) in enumerate(zip(plain, held)):
+        for name in SHAPES:
+            stats_plain = [getattr(s_plain, f)[name] for f in fields]
+            stats_held = [getattr(s_held, f)[name] for f in fields]
+            if name in frozen and step >= 3:
+                # Updates 0..2 moved it; from step 3 on the leaf and its statistics keep their bits.
+                np.testing.assert_array_equal(p_held[name], held[2][0][name])
+                for got, kept in zip(stats_held, (getattr(held[2][1], f)[name] for f in fields)):
+                    np.testing.assert_array_equal(got, kept)
+                assert not np.array_equal(p_plain[name], p_held[name])  # it would have moved
+            else:  # before its step, and every other leaf: exactly the unfrozen optimizer
+                np.testing.assert_array_equal(p_held[name], p_plain[name])
+                for got, want in zip(stats_held, stats_plain):
+                    np.testing.assert_array_equal(got, want)
+    # A step past the run, or no leaf at all: bit for bit today's optimizer.
+    for unused in ({"router": 100}, {}):
+        late = _trajectory(ada.adafactor(schedule, cfg, logical_axes, frozen_from=unused), params, 4)
+        for name in SHAPES:
+            np.testing.assert_array_equal(late[-1][0][name], plain[3][0][name])
+
+
+def test_frozen_from_names_leaves_and_steps():
+    with pytest.raises(ValueError, match=r"frozen_from\['router'\]=-1: must be an int >= 0"):
+        ada.adafactor(frozen_from={"router": -1})
+    with pytest.raises(ValueError, match=r"frozen_from\['router'\]=1.5"):
+        ada.adafactor(frozen_from={"router": 1.5})
+    with pytest.raises(ValueError, match=r"frozen_from names \['routr'\].*look like"):
+        ada.adafactor(frozen_from={"routr": 0}).init(_tree(SHAPES, 0))
+
+def test_biases_follow_the_balance_rule_by_block_number_not_by_spelling():
+    # Blocks 2 and 10: sorted as text, "10" would come first and take layer 0's loads.
+    params = {"layers": {block: {"mlp": {"router": {"bias": router_lib.RoutingBias(
+        jnp.zeros(4), logical_axes=("unmodeled",))}}} for block in (10, 2)}}
+    load_ME = jnp.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    new = ada.with_balanced_biases(params, load_ME, 0.5)
+    bias = {block: np.asarray(new["layers"][block]["mlp"]["router"]["bias"][...]) for block in (2, 10)}
+    assert list(bias[2]) == [-0.5, 0.5, 0.5, 0.5] and list(bias[10]) == [0.5, 0.5, 0.5, -0.5]
+    with pytest.raises(ValueError, match="2 routing biases but 3 MoE layers"):
+        ada.with_balanced_biases(params, jnp.ones((3, 4)), 0.5)
+    # The optimizer leaves biases alone from step 0; router kernels only with a freeze step.
+    assert ada.routing_frozen_from(params) == {"layers/2/mlp/router/bias": 0, "layers/10/mlp/router/bias": 0}
+    kernel = {"router": {"kernel": nnx.Param(jnp.zeros((3, 4)), logical_axes=("embed", "unmodeled"))}}
+    assert ada.routing_frozen_from(kernel) == {} and ada.routing_frozen_from(kernel, 7) == {"router/kernel": 7}
+
+
 class _Tiny(nnx.Module):
     def __init__(self, rngs):
         init = jax.nn.initializers.normal(1.0)
@@ -200,7 +265,9 @@ def test_state_follows_parameter_shardings(mode):
               for k, v in _tree(shapes, 0).items()}
     grads = {k: jax.device_put(v, params[k].sharding) for k, v in _tree(shapes, 1).items()}
     cfg = ada.AdafactorConfig(min_dim_size_to_factor=8, beta1=0.9)
-    tx = ada.adafactor(0.01, cfg, logical_axes=AXES if mode == "t5x" else None)
+    # The router is frozen from the second update on: a held leaf keeps its shardings too.
+    tx = ada.adafactor(0.01, cfg, logical_axes=AXES if mode == "t5x" else None,
+                       frozen_from={"router": 1})
     with jax.set_mesh(mesh):
         initial, jitted = tx.init(params), jax.jit(tx.init)(params)
         updates, state = jax.jit(tx.update)(grads, initial, params)
