@@ -279,7 +279,7 @@ def step_times(configs: dict, rounds: int = 5, steps: int = 2) -> dict[str, floa
     for name, cfg in configs.items():
         mesh = train_lib.build_mesh(cfg)
         trainers[name] = train_lib.build_trainer(cfg, mesh)
-        sources = tok.mixture_sources(cfg.mixture)
+        sources = {m: tok.mixture_sources(m) for m in {cfg.mixture, cfg.warmup_mixture} - {""}}
         batch = next(train_lib.train_batches(cfg, train_lib.load_tokenizer(cfg), sources))
         batches[name] = train_lib.shard.global_batch(batch, mesh)
     best = {name: float("inf") for name in configs}
