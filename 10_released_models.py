@@ -70,6 +70,13 @@ HF_SHAPES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_he
 HF_FIXED = {"hidden_act": "swiglu", "mlp_gated": True, "tie_word_embeddings": False,
             "attention_bias": False, "rope_scaling": None, "rms_norm_eps": 1e-6,
             "router_noisy_policy": None, "pretraining_tp": 1}
+# Keys of the released config.json that only the port reads (its kernels, load balancer, training
+# loss and init), with the released values, kernels off: `from_pretrained` fails without them.
+HF_PORT_ONLY = {"enable_kernel": False, "enable_load_balance": False, "load_balance_tolerance": 0.1,
+                "load_balance_beam_width": 8, "load_balance_group_swap_factor": 0.4,
+                "enable_comm_overlap": False, "enable_hierarchical_alltoall": False,
+                "label_smoothing": 0.001, "z_loss_factor": 0.01, "initializer_range": 0.02,
+                "expert_parallel": None, "layer_norm_epsilon": 1e-6, "transformers_version": "4.34.0"}
 # How T5X evaluated the released weights (06's padding masks, 04's flaxformer groups).
 T5X_SEMANTICS = {"t5x_padding": True, "group_rule": "flaxformer"}
 
@@ -102,7 +109,7 @@ def hf_config(cfg) -> dict:
                          f"ffn_variant={cfg.ffn_variant!r}, moe_wiring={cfg.moe_wiring!r}")
     return {"architectures": ["OpenMoeForCausalLM"], "model_type": "llama",
             "auto_map": {"AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"},
-            **HF_FIXED, **{key: getattr(cfg, field) for key, field in HF_FIELDS.items()},
+            **HF_FIXED, **HF_PORT_ONLY, **{key: getattr(cfg, field) for key, field in HF_FIELDS.items()},
             "num_key_value_heads": cfg.num_heads, "bos_token_id": 0, "eos_token_id": 1,
             "pad_token_id": 0, "router_drop_tks": True, "dropout_rate": 0.0,
             "torch_dtype": "float32", "use_cache": True}
@@ -262,9 +269,8 @@ def load_config(path: str | os.PathLike, *, preset: str | None = None,
     parent) or `preset`'s; the tokenizer is spiece.model's, found the same way. `overrides`
     are ModelConfig fields. A hub name is downloaded here (weights and configs, never code)."""
     directory = tensor_files.local_or_download(path, released=HUB_MODELS)
-    config_file, spiece = (next((d / name for d in (directory, directory.parent)
-                                 if (d / name).is_file()), None)
-                           for name in ("config.json", "spiece.model"))
+    config_file, spiece = (next((d / name for d in (directory, directory.parent) if (d / name).is_file()),
+                                None) for name in ("config.json", "spiece.model"))
     if preset is not None:
         if preset not in model_lib.PRESETS:
             raise ValueError(f"preset={preset!r}; choose one of {sorted(model_lib.PRESETS)}")
@@ -404,8 +410,7 @@ def piece(tokenizer, token: int) -> str:
 
 
 def expert_table(tokenizer, routing: "model_lib.Routing", moe_layers: list[int]) -> list[str]:
-    """One line per token of `routing`: the experts each MoE layer sent it to, best first, with
-    ✗ where that expert was full."""
+    """One line per token of `routing`: its experts in each MoE layer, best first, ✗ if full."""
     lines = [f"{'token':>18} │ " + " │ ".join(f"layer {layer:<6}" for layer in moe_layers)]
     for position, token in enumerate(routing.tokens_BL[0]):
         cells = [" ".join(f"e{e}{'' if kept else '✗'}".ljust(4)
@@ -577,9 +582,8 @@ def self_test() -> None:
     prompt = prompt_ids(loaded_tokenizer, "The experts of a mixture")
     (continuation,) = model_lib.generate(loaded, [prompt], max_new_tokens=4)
     routed = model_lib.routed_text(loaded, prompt + continuation)
-    print(f"\nExported to HF safetensors and loaded back: parameters "
-          f"{'identical' if same else 'DIFFERENT'}. Greedy continuation (random weights, so "
-          f"nonsense): {loaded_tokenizer.decode(continuation)!r}. Each token's experts, one pass:")
+    print(f"\nExported to HF safetensors and loaded back: parameters {'identical' if same else 'DIFFERENT'}."
+          f" Greedy (random weights): {loaded_tokenizer.decode(continuation)!r}. Each token's experts, one pass:")
     print("\n".join(expert_table(loaded_tokenizer, routed, cfg.moe_layers)))
     for ok, failure in ((same, "exported and reloaded parameters differ"),
                         (loaded.cfg.t5x_padding and loaded.cfg.group_rule == "flaxformer",

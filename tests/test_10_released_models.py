@@ -357,6 +357,20 @@ def test_export_hf_round_trips(tmp_path, reference_model, reference, tokens_BL, 
     np.testing.assert_array_equal(np.asarray(logits_of(model, tokens_BL)), reference_logits)
 
 
+def test_an_exports_config_holds_every_key_of_the_released_config(tmp_path, reference_model,
+                                                                  hf_json):
+    # ColossalAI's OpenMoeForCausalLM reads keys our model never uses (config.enable_kernel, ...):
+    # a plain `from_pretrained(dir)` fails on any one missing. The fixture's config.json carries
+    # every key of the released one; the port-only keys get the released values (kernels off).
+    written = json.loads((released.export_hf(reference_model, tmp_path) / "config.json").read_text())
+    assert sorted(set(hf_json) - set(written)) == []
+    port_only = ["enable_kernel", "enable_load_balance", "load_balance_tolerance",
+                 "load_balance_beam_width", "load_balance_group_swap_factor", "enable_comm_overlap",
+                 "enable_hierarchical_alltoall", "label_smoothing", "z_loss_factor", "initializer_range"]
+    assert {key: written[key] for key in port_only} == {key: hf_json[key] for key in port_only}
+    assert written["enable_kernel"] is False
+
+
 def test_export_hf_replaces_an_export_only_when_told(tmp_path, reference_model):
     released.export_hf(reference_model, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
