@@ -12,8 +12,7 @@ is the standard library's `.py` files (test suites skipped), *text* its English 
 code (§5 proposes instruction data in warm-up). Real runs stream hub datasets instead. A small
 unigram model is trained on the embedded corpus and cached; umT5's own `spiece.model` loads
 unchanged. Last, a mixture's documents become one stream of ids, packed into training rows.
-Left out: umT5's Unicode normalization (text stays byte-exact, so code round-trips).
-Self-test: `python 01_tokenizer.py` (about 30 s)."""
+Left out: umT5's Unicode normalization (text stays byte-exact). Self-test: `python 01_tokenizer.py`."""
 
 from __future__ import annotations
 
@@ -263,8 +262,9 @@ def load_hub_source(spec: HubSource | str, *, name: str | None = None, process_i
 MIXTURES: dict[str, dict[str, float]] = {
     "embedded": {"text": 1.0, "code": 1.0},  # the embedded default: phase I's 50% text / 50% code
     "embedded-code30": {"text": 0.7, "code": 0.3},  # §5: ~30% code, not 50% (the 34B mixture: 35%)
-    # For 09's warmup_mixture (§5): instruction chats are a third of documents, ~4% of the tokens.
-    "embedded-instructions": {"text": 1.0, "code": 1.0, "instructions": 1.0},
+    # For 09's warmup_mixture (§5): a pair is ~66 tokens, a document ~600-900, so 12 pairs per
+    # text and code document make instruction chats about a third of the warm-up's tokens.
+    "embedded-instructions": {"text": 1.0, "code": 1.0, "instructions": 12.0},
     # Version I (OpenMoE-Base and 8B before 780B tokens): 50% RedPajama, 50% The Stack.
     "openmoe_v1": {"redpajama_c4": 15, "redpajama_wikipedia": 4.5, "redpajama_stackexchange": 2,
                    "redpajama_arxiv": 2.5, "redpajama_book": 4.5, "redpajama_github": 4.5,
@@ -553,8 +553,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     datasets.disable_progress_bars()
 
-    # 1. The corpus (text, code and instruction chats, each split by file) and the tokenizer,
-    #    trained once on the text and code, then loaded from the cache.
+    # 1. The corpus (text, code, instruction chats; split by file), the tokenizer (cached).
     start = time.time()
     train, validation = ({**embedded_corpus(split), "instructions": instruction_corpus(split)}
                          for split in ("train", "validation"))
@@ -574,12 +573,13 @@ if __name__ == "__main__":
     chats = train["instructions"]["text"]
     print("An instruction pair as a chat:\n" + next((c for c in chats if "`os.walk`" in c), chats[0]))
 
-    # 2. A mixture draws each document's source by its rate, as seqio did: here thirds (§5's warm-up).
-    first = mix(train, mixture_probabilities("embedded-instructions"), seed=0).select(range(3000))["source"]
+    # 2. A mixture draws each document's source by its rate, as seqio did (here §5's warm-up).
+    rates = mixture_probabilities("embedded-instructions")
+    first, p = mix(train, rates, seed=0).select(range(3000))["source"], rates["text"]
     print(f"\nMixture 'embedded-instructions': first 8 draws {first[:8]}; "
-          f"text share of 3000 draws = {first.count('text') / 3000:.3f} (expected 1/3)")
-    if abs(first.count("text") / 3000 - 1 / 3) >= 4 * math.sqrt(2 / 9 / 3000):
-        sys.exit("self-test FAILED: the text share is more than 4 standard errors from 1/3")
+          f"text share of 3000 draws = {first.count('text') / 3000:.3f} (expected {p:.3f})")
+    if abs(first.count("text") / 3000 - p) >= 4 * math.sqrt(p * (1 - p) / 3000):
+        sys.exit(f"self-test FAILED: the text share is more than 4 standard errors from {p:.3f}")
 
     # 3. T5's id layout, and worked examples: a sentence, a line of code, text the corpus never saw.
     print(f"\nTokenizer {tokenizer.path}: {tokenizer.piece_count:,} pieces + {tokenizer.num_extra_ids} "

@@ -216,7 +216,8 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
     num_groups, tokens, experts = logits_GTE.shape
     probs_GTE = jax.nn.softmax(logits_GTE.astype(jnp.float32), axis=-1)
 
-    # The choice is discrete; gradients reach the router only through the combine weights.
+    # The choice is discrete; gradients reach the router only through the combine weights. A
+    # balancing bias shifts the scores the choice is made from, never the weights.
     scores_GTE = jax.lax.stop_gradient(probs_GTE)
     if bias_E is not None:
         scores_GTE = scores_GTE + jax.lax.stop_gradient(bias_E).astype(jnp.float32)
@@ -224,16 +225,19 @@ def route(logits_GTE, *, top_k: int, capacity: int, renormalize: bool = False,
     choice_GTAE = jax.nn.one_hot(expert_GTA, experts, dtype=jnp.int32)
     # Pick each choice's probability with a one-hot product: its gradient is dense, not a scatter.
     gate_GTA = jnp.einsum("GTE,GTAE->GTA", probs_GTE, choice_GTAE.astype(jnp.float32))
+    # BPR: so that a confident token is not dropped for its late position, the queue visits
+    # tokens by top-1 probability. Queue place q holds token order_GT[q]: one sort per group.
     queued_GTAE = choice_GTAE
-    if batch_prioritized:  # queue place q holds token order_GT[q]: sort once, permute choices
+    if batch_prioritized:
         order_GT = jnp.argsort(-jax.lax.stop_gradient(gate_GTA[..., 0]), axis=1, stable=True)
         queued_GTA = jnp.take_along_axis(expert_GTA, order_GT[..., None], axis=1)
         queued_GTAE = jax.nn.one_hot(queued_GTA, experts, dtype=jnp.int32)
     if renormalize:
         gate_GTA = gate_GTA / jnp.sum(gate_GTA, axis=-1, keepdims=True)
 
-    # The queue: all first choices (token 0, 1, ...), then all second choices. A running count
-    # per expert along that order is each assignment's slot (flaxformer routing.py, top-k leading).
+    # The queue: all first choices (token 0, 1, ...; BPR: most sure first), then all second
+    # choices. A running count per expert along that order is each assignment's slot
+    # (flaxformer routing.py, top-k leading).
     queue_GME = jnp.swapaxes(queued_GTAE, 1, 2).reshape(num_groups, top_k * tokens, experts)
     place_GME = jnp.cumsum(queue_GME, axis=1) - 1
     slot_GM = jnp.sum(place_GME * queue_GME, axis=-1)

@@ -461,8 +461,8 @@ def _decode_step(model, tokens_BL, positions_BL, valid_BL, cache):
 
 
 class Routing(NamedTuple):
-    """A text's tokens [1, L] and, per MoE layer, each token's k experts (best first) [1, L, k]
-    and whether that expert had room for it (False: dropped)."""
+    """A text's tokens [1, L] and, per MoE layer, each token's experts, best first, [1, L, A] (A = k;
+    E under expert choice), and whether each expert served it (False: dropped, or not taken)."""
     tokens_BL: np.ndarray
     expert_BLA: list[np.ndarray]
     kept_BLA: list[np.ndarray]

@@ -237,8 +237,9 @@ def expert_parallel_runner(mesh: jax.sharding.Mesh) -> Callable:
     tokens travel to their experts' devices and back by all-to-all.
 
     Outside, the groups [G, T, D] are split over ('expert', 'data') like the batch; the router
-    (kernel, and any balancing bias) is whole on every device; the expert kernels [E, ...] are split over 'expert', their
-    hidden units over 'model'. Inside `shard_map` each device sees its local pieces and:
+    (kernel, and any balancing bias) is whole on every device; the expert kernels [E, ...] are
+    split over 'expert', their hidden units over 'model'. Inside `shard_map` each device sees
+    its local pieces and:
       1. routes its groups: logits, top-k, queue, drops and losses never leave the device (the
          losses are then averaged over devices, which equals their mean over all groups);
       2. dispatches into buffers [G_local, E, C, D] and, all_to_all along 'expert', splits E into

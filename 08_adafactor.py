@@ -15,7 +15,8 @@ learning rate 1/√max(step, 10⁴) (`openmoe_schedule`).
   T5X mode (`logical_axes=`): factoring from logical axis names, clipping and parameter scale per
   expert, statistics in f32 — every difference from optax is listed in `t5x_plan`.
 `frozen_from` stops chosen leaves from a given step: their update is zero and their statistics
-keep their values (§5 of the paper proposes removing the trainable router after warm-up; 09).
+keep their values; `routing_frozen_from` and `with_balanced_biases` are the two rules of §5's
+router variants (router kernels frozen after warm-up; aux-loss-free biases, Wang et al. 2024).
 Left out: T5X's step_offset, global-norm clipping, max_parameter_scale and NaN skipping, and the
 paper's relative step size min(1e-2, 1/√t) (OpenMoE gives an explicit schedule instead).
 Run the self-test: `python 08_adafactor.py` (`--help` for options).
@@ -36,6 +37,7 @@ from flax import nnx
 
 from support import cli
 
+router_lib = importlib.import_module("04_router")
 model_lib = importlib.import_module("06_model")
 
 
@@ -369,6 +371,45 @@ def openmoe_adafactor(params_state, schedule: ScheduleConfig = ScheduleConfig(),
     """
     return adafactor(openmoe_schedule(schedule), cfg, logical_axes=logical_axes_by_name(params_state),
                      frozen_from=frozen_from)
+
+
+# --- Leaves that a rule moves instead of Adafactor: §5's router variants (used by 09) -------------
+def leaf_kinds(params) -> dict[str, type]:
+    """{08's leaf name: its nnx.Variable class} (nnx.Param, 04's RoutingBias, ...)."""
+    return {leaf_name(path): type(v) for path, v in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+
+
+def routing_frozen_from(params, freeze_router_after: int = 0) -> dict[str, int]:
+    """`frozen_from` for OpenMoE's routers: every RoutingBias from step 0 (the balance rule moves
+    it, not gradients), and with freeze_router_after=N > 0 every router kernel from step N on
+    (§5: remove the trainable router after warm-up, since routing settles early, §4.2)."""
+    frozen = {}
+    for name, kind in leaf_kinds(params).items():
+        if issubclass(kind, router_lib.RoutingBias):
+            frozen[name] = 0
+        elif freeze_router_after and name.endswith("router/kernel"):
+            frozen[name] = freeze_router_after
+    return frozen
+
+
+def with_balanced_biases(params, expert_load_ME, rate: float):
+    """Aux-loss-free balancing after the optimizer step (Wang et al. 2024, arXiv 2408.15664;
+    DeepSeek-V3 §2.1.2): each MoE layer's RoutingBias moves by 04's update_balance_bias toward
+    its own row of 06's expert_load [M MoE layers, E] (layer order, averaged over microbatches).
+    Row m is the m-th MoE block: names are ordered by their block numbers as numbers (10 after 9)."""
+    biases = sorted((name for name, kind in leaf_kinds(params).items()
+                     if issubclass(kind, router_lib.RoutingBias)),
+                    key=lambda name: [int(key) for key in name.split("/") if key.isdigit()])
+    if len(biases) != expert_load_ME.shape[0]:
+        raise ValueError(f"{len(biases)} routing biases but {expert_load_ME.shape[0]} MoE layers' loads")
+
+    def balanced(path, x):  # a bias takes its own layer's loads; every other leaf stays as it is
+        name = leaf_name(path)
+        return (router_lib.update_balance_bias(x, expert_load_ME[biases.index(name)], rate)
+                if name in biases else x)
+
+    return jax.tree_util.tree_map_with_path(balanced, params)
 
 
 def tree_bytes(tree) -> int:

@@ -1,23 +1,22 @@
 """Chapter 9: the training program: data objective, sharded step, checkpoints, eval, loop.
 
-OpenMoE pretrained with T5X (arXiv 2402.01739 §2.3–2.5, App. B, Table 12; Fuzhao Xue's t5x
-fork, `t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): a 50% text / 50% code mixture packed
-into 2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K steps); batch
-1,024 (8B: in 8 microbatches, slices whose gradients are averaged); capacity factor 1.25 in
-training, 2.0 in evaluation. The objective was UL2's mixture of denoisers on a causal decoder
-(50% PrefixLM "[S2S] ": read a prefix, predict the rest; span corruption, hidden spans of mean
-length µ covering a share r of the tokens: "[NLU] " µ=3,8 r=0.15, "[NLG] " µ=3,8,64 r=0.5; loss
-on targets only), then plain next-token prediction (01's packed rows) after 390K steps.
-Read top to bottom: config (06's ModelConfig plus the run) → data (UL2 examples packed one per
-segment, as T5X packs them) → the step (one jitted function on 07's mesh: grads over
-microbatches → 08's Adafactor), and the dry run (that step compiled for a pod by 07's planner)
-→ the loop (checkpoints, metrics, eval, exact resume) → the command line. What keeps a run safe
-(one run per directory, nothing lost on a kill, no NaN saved) is support/'s, one line each here.
-`python 09_train.py` trains the small preset on the embedded corpus (~10 min on 2 CPU cores);
-`--config openmoe-8b` is the same program on a TPU v3 pod, `--dry-run --topology v3:16x16` its plan.
-Left out: T5X's "NaN skipping", data-loader state beyond "rows consumed" (resume replays the
-stream), pipeline parallelism. Self-test: `python 09_train.py --quick` (about a minute).
-"""
+OpenMoE pretrained with T5X (arXiv 2402.01739 §2.3–2.5, App. B, Table 12; Fuzhao Xue's t5x fork,
+`t5x/examples/t5/t5_1_1/examples/openmoe_*.gin`): a 50% text / 50% code mixture packed into
+2,048-token rows; Adafactor with lr = 1/√max(step, 10⁴) (flat 0.01 for 10K steps); batch 1,024 (8B:
+in 8 microbatches, slices whose gradients are averaged); capacity factor 1.25 in training, 2.0 in
+evaluation. The objective was UL2's mixture of denoisers on a causal decoder (50% PrefixLM "[S2S] ":
+read a prefix, predict the rest; span corruption, hidden spans of mean length µ covering a share r:
+"[NLU] " µ=3,8 r=0.15, "[NLG] " µ=3,8,64 r=0.5; loss on targets), then next-token prediction (01's
+packed rows) after 390K steps. §5's proposals are options, off by default: routers frozen after
+warm-up, instruction data in warm-up, aux-loss-free balancing biases (Wang et al. 2024). Read top to
+bottom: config → data (UL2 examples packed one per segment, as T5X packs them) → the step (one
+jitted function on 07's mesh: grads over microbatches → 08's Adafactor), and the dry run (that step
+compiled for a pod by 07's planner) → the loop (checkpoints, metrics, eval, exact resume) → the
+command line. What keeps a run safe (one run per directory, nothing lost on a kill, no NaN saved) is
+support/'s. `python 09_train.py` trains the small preset on the embedded corpus (~10 min on 2 CPU
+cores); `--config openmoe-8b` is the same program on a TPU v3 pod, `--dry-run --topology v3:16x16`
+its plan. Left out: T5X's "NaN skipping", data-loader state beyond "rows consumed" (resume replays
+the stream), pipeline parallelism. Self-test: `python 09_train.py --quick` (about a minute)."""
 from __future__ import annotations
 
 import contextlib
@@ -83,12 +82,15 @@ class TrainConfig:
     keep_period: int = 50_000            # ... plus every step divisible by this (for 11's analysis)
     peak_tflops_per_device: float = 0.0  # for MFU; 0 = known accelerators only (07.TPU_PEAK_TFLOPS)
     sample_tokens: int = 48              # tokens generated at the end (0 = none)
+    freeze_router_after: int = 0         # §5: router kernels stop training from this step; 0 = never
+    warmup_mixture: str = ""             # §5: a 01.MIXTURES name for the warmup_steps; "" = mixture
 
     def __post_init__(self):
         # Every field's rule, checked before anything is built (ModelConfig checks its own).
         cli.check_fields(self, {
             "model": (lambda v: isinstance(v, model_lib.ModelConfig), "a 06_model.ModelConfig"),
             "mixture": (lambda v: v in tok.MIXTURES, f"one of {sorted(tok.MIXTURES)}"),
+            "warmup_mixture": (lambda v: v in ("", *tok.MIXTURES), f"'' or one of {sorted(tok.MIXTURES)}"),
             "objective": (lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}"),
             "run_dir": (bool, "a directory path"),
             "seq_len": (cli.int_at_least(32), "an int >= 32 (UL2 needs room for prefix and spans)"),
@@ -100,7 +102,7 @@ class TrainConfig:
             **{name: (cli.int_at_least(1), "an int >= 1") for name in ("microbatches", "steps",
                "warmup_steps", "checkpoint_every", "keep_last", "keep_period")},
             **{name: (cli.int_at_least(0), "an int >= 0") for name in ("ul2_until_step",
-               "eval_every", "eval_batches", "sample_tokens")}})
+               "eval_every", "eval_batches", "sample_tokens", "freeze_router_after")}})
         shard.parse_mesh(self.mesh)
 
     def schedule(self) -> "ada.ScheduleConfig":
@@ -136,8 +138,8 @@ QUICK = dataclasses.replace(
     batch_size=8, microbatches=2, steps=30, warmup_steps=5, eval_every=15, eval_batches=1,
     checkpoint_every=10, keep_period=20, sample_tokens=8)
 # What may change when a run resumes: its length, the schedule (the cure for a divergence), how
-# often it evaluates and saves, the layout of the same math on devices, and where it lives.
-# Everything else (model, data, objective, seed, precision, losses) is its locked identity.
+# often it evaluates and saves, the layout of the same math on devices, and where it lives; the
+# rest (model, data, objective, seed, precision, losses, §5's options) is its locked identity.
 RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches",
                     "sample_tokens", "checkpoint_every", "keep_last", "keep_period",
                     "peak_tflops_per_device", "mesh", "microbatches", "model.remat",
@@ -163,9 +165,7 @@ def build_mesh(cfg: TrainConfig, devices=None) -> jax.sharding.Mesh:
 # --- Data: UL2's mixture of denoisers on a causal decoder, and each step's batch (LM rows: 01) ----
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    """One UL2 task (the t5 fork's `t5/data/preprocessors.py`, `ul2_objective`): its share, its
-    prefix text and its noise."""
-
+    """One UL2 task (the t5 fork's `t5/data/preprocessors.py`, `ul2_objective`)."""
     rate: float        # share of examples
     prefix: str        # plain text prepended to the inputs (tokenized, not a special token)
     mean_span: float   # µ: mean length of a corrupted span; 0 = PrefixLM
@@ -175,8 +175,7 @@ class Denoiser:
 UL2_DENOISERS = (
     Denoiser(0.5, "[S2S] ", 0, 0.5),
     Denoiser(0.1, "[NLU] ", 3, 0.15), Denoiser(0.1, "[NLU] ", 8, 0.15),
-    Denoiser(0.1, "[NLG] ", 3, 0.5), Denoiser(0.1, "[NLG] ", 8, 0.5), Denoiser(0.1, "[NLG] ", 64, 0.5),
-)
+    Denoiser(0.1, "[NLG] ", 3, 0.5), Denoiser(0.1, "[NLG] ", 8, 0.5), Denoiser(0.1, "[NLG] ", 64, 0.5))
 
 
 def random_segmentation(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
@@ -190,9 +189,8 @@ def noise_mask(length: int, density: float, mean_span: float, rng: np.random.Gen
     alternating clean span, noisy span, ...; the sequence starts clean."""
     noise = int(np.clip(round(length * density), 1, length - 1))
     spans = int(np.clip(round(noise / mean_span), 1, min(noise, length - noise)))
-    clean_lengths = random_segmentation(length - noise, spans, rng)
-    noise_lengths = random_segmentation(noise, spans, rng)
-    pattern = np.stack([clean_lengths, noise_lengths], axis=1).reshape(-1)
+    pattern = np.stack([random_segmentation(length - noise, spans, rng),  # clean, noisy, ... lengths
+                        random_segmentation(noise, spans, rng)], axis=1).reshape(-1)
     return np.repeat(np.tile([False, True], spans), pattern)
 
 
@@ -211,11 +209,8 @@ def span_corruption(tokens: np.ndarray, mask: np.ndarray, sentinel_ids: list[int
 
 def raw_length(denoiser: Denoiser, seq_len: int, prefix_len: int) -> int:
     """How many stream tokens one example takes so that prefix + inputs + targets + eos fits."""
-    room = seq_len - prefix_len - 1
-    if denoiser.mean_span == 0:
-        return room
-    # Span corruption adds two sentinels per span, at most density·n/µ + 1 spans.
-    return int((room - 2) / (1 + 2 * denoiser.density / denoiser.mean_span))
+    room = seq_len - prefix_len - 1  # span corruption adds 2 sentinels per span, ≤ density·n/µ + 1 spans
+    return room if not denoiser.mean_span else int((room - 2) / (1 + 2 * denoiser.density / denoiser.mean_span))
 
 
 def ul2_example(tokens: np.ndarray, denoiser: Denoiser, prefix_ids: list[int], tokenizer,
@@ -262,32 +257,33 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def train_batches(cfg: TrainConfig, tokenizer, sources: dict, *, start_step: int = 0) -> Iterator[dict]:
-    """This host's batch for every step from `start_step` on, a pure function of (seed, step).
-
-    The data position saved in a checkpoint is the step: resuming replays the stream from the
-    start and drops the batches already trained on (seconds for the laptop run; at pod scale a
-    loader with saved state, e.g. datasets' state_dict, would skip the replay).
-    """
+    """This host's batch for every step from `start_step` on, a pure function of (seed, step):
+    from `sources` ({mixture name: 01.mixture_sources}), the warmup_mixture's stream for the
+    first warmup_steps steps if there is one, then the run's mixture's, from its start. The data
+    position in a checkpoint is the step: a resumed run replays the stream and drops the batches
+    already trained on (seconds here; at pod scale a loader with saved state would skip that)."""
     local_rows = cfg.batch_size // jax.process_count()
-    tokens = tok.token_stream(tok.document_texts(sources, tok.mixture_probabilities(cfg.mixture),
-                                                 cfg.seed), tokenizer)
-    lm_rows = tok.pack_lm_rows(tokens, cfg.seq_len)
-    ul2_rows = pack_ul2_rows(tokens, cfg.seq_len, tokenizer, np.random.default_rng(cfg.seed))
+
+    def rows_of(mixture: str, rng: np.random.Generator):  # (LM rows, UL2 rows) of one stream
+        tokens = tok.token_stream(tok.document_texts(sources[mixture], tok.mixture_probabilities(
+            mixture), cfg.seed), tokenizer)
+        return tok.pack_lm_rows(tokens, cfg.seq_len), pack_ul2_rows(tokens, cfg.seq_len, tokenizer, rng)
+
+    run = rows_of(cfg.mixture, np.random.default_rng(cfg.seed))
+    warmup = rows_of(cfg.warmup_mixture, np.random.default_rng([cfg.seed, 1])) if cfg.warmup_mixture else run
     for step in itertools.count():
         use_ul2 = cfg.objective == "ul2" and (cfg.ul2_until_step == 0 or step < cfg.ul2_until_step)
+        lm_rows, ul2_rows = warmup if step < cfg.warmup_steps else run
         rows = list(itertools.islice(ul2_rows if use_ul2 else lm_rows, local_rows))
         if step >= start_step:
             yield tok.stack_rows(rows)
 
 
 # --- The step: one jitted function that takes the state and returns the new state -----------------
-def make_train_step(graphdef, rest, tx, microbatches: int):
-    """grads of 06's loss (averaged over microbatches, T5X-style) → Adafactor → new params.
-
-    With m microbatches, microbatch i takes rows i, i+m, i+2m, … so that every device keeps its
-    own rows; gradients and metrics are averaged over the m slices with a `lax.scan`, one slice
-    in memory at a time.
-    """
+def make_train_step(graphdef, rest, tx, microbatches: int, bias_rate: float = 0.0):
+    """grads of 06's loss → Adafactor → new params; with `bias_rate`, then 08's balance rule for
+    the routing biases. With m microbatches (T5X-style), microbatch i takes rows i, i+m, … (each
+    device keeps its own rows); grads and metrics are averaged over them by a `lax.scan`."""
     def loss_of(params, batch):
         return model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=True)
 
@@ -310,6 +306,8 @@ def make_train_step(graphdef, rest, tx, microbatches: int):
             metrics = jax.tree.map(lambda m: m.mean(0), metrics)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if bias_rate:
+            params = ada.with_balanced_biases(params, metrics["expert_load"], bias_rate)
         metrics["grad_norm"] = optax.tree.norm(grads)
         # The loop saves a checkpoint only from a state it has seen to be finite.
         metrics["state_finite"] = health.all_finite((params, opt_state))
@@ -337,14 +335,16 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
     with jax.set_mesh(mesh):
         model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed, abstract=abstract)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        tx = ada.openmoe_adafactor(params, cfg.schedule())
+        frozen = ada.routing_frozen_from(params, cfg.freeze_router_after)  # §5's variants (08)
+        tx = ada.openmoe_adafactor(params, cfg.schedule(), frozen_from=frozen)
         opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
         if abstract:
             opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                      jax.eval_shape(tx.init, params), opt_shardings)
         else:
             opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches, cfg.model.balance_bias_rate),
+                         donate_argnums=(0, 1))
 
     def eval_step(params, batch):  # next-token loss and accuracy at the eval capacity factor
         metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)[1]
@@ -394,15 +394,16 @@ def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, floa
 
 def step_record(step: int, metrics: dict, *, lr: float, seconds: float, tokens: int,
                 mfu_per_token_s: float | None) -> dict:
-    """One metrics.jsonl line: lr, speed, loss components, drop rate per MoE layer, and MFU
-    (model FLOPs utilization: the model's FLOPs per second over the devices' peak, so
-    `mfu_per_token_s` is FLOPs per token ÷ peak FLOP/s, None where the peak is unknown)."""
+    """One metrics.jsonl line: lr, speed, losses, drop rate and MaxVio per MoE layer, and MFU (the
+    model's FLOPs per second over the devices' peak: `mfu_per_token_s` is FLOPs per token ÷ peak
+    FLOP/s, None where the peak is unknown)."""
     record = {"step": step, "lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds}
-    for name in ("loss", "cross_entropy", "z_loss", "load_balance_loss", "router_z_loss",
-                 "accuracy", "fraction_dropped", "grad_norm"):
-        record[name] = float(metrics[name])
+    record |= {name: float(metrics[name]) for name in ("loss", "cross_entropy", "z_loss",
+               "load_balance_loss", "router_z_loss", "accuracy", "fraction_dropped", "grad_norm")}
     if "drop_rate_by_position" in metrics:
         record["drop_rate_by_layer"] = np.asarray(metrics["drop_rate_by_position"]).mean(-1).tolist()
+        record["max_violation_by_layer"] = np.asarray(
+            router_lib.max_violation(metrics["expert_load"])).tolist()
     record["mfu"] = mfu_per_token_s * record["tokens_per_s"] if mfu_per_token_s else None
     return record
 
@@ -435,7 +436,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{cfg.model.vocab_size} embedding rows; pick a matching --tokenizer")
-    sources = tok.mixture_sources(cfg.mixture, jax.process_index(), jax.process_count())
+    sources = {name: tok.mixture_sources(name, jax.process_index(), jax.process_count())
+               for name in {cfg.mixture, cfg.warmup_mixture} - {""}}
 
     # One process per run directory: the first host holds its lock for the whole run.
     with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
@@ -469,8 +471,7 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     losses, evals, started, stalls = {}, {}, time.time(), health.StallWatch()
     with contextlib.closing(bar):
         for step in bar:
-            # One step: this host's rows become global arrays, then the jitted step runs.
-            tick = time.time()
+            tick = time.time()  # one step: this host's rows become global arrays, the jitted step runs
             with jax.set_mesh(mesh):
                 trainer.params, trainer.opt_state, metrics = trainer.train_step(
                     trainer.params, trainer.opt_state, shard.global_batch(next(batches), mesh))
@@ -530,6 +531,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, object]:
     cli.add_config_flags(parser, TrainConfig, examples={"laptop": runs.flat_record(CONFIGS["laptop"]),
                                                         "OpenMoE-8B": runs.flat_record(OPENMOE)},
                          choices={"mixture": sorted(tok.MIXTURES), "objective": OBJECTIVES,
+                                  "warmup_mixture": ["", *sorted(tok.MIXTURES)],
+                                  "routing": router_lib.ROUTINGS,
                                   "dtype": ("float32", "bfloat16"), "ffn_variant": ffn.VARIANTS,
                                   "moe_wiring": ("sequential", "parallel"),
                                   "group_rule": router_lib.GROUP_RULES, "moe_dispatch": moe.DISPATCHES,
@@ -557,8 +560,8 @@ def show_ul2_example(tokenizer, text: str = "def mean(values):\n    return sum(v
     row = tok.decoder_row(examples[:2], sum(map(len, (*examples[0], *examples[1]))) + 3)
     print(f"The first two packed into one decoder row of {len(row['targets'])} tokens, 3 of them "
           "padding (positions restart at 0 in each segment):")
-    for name in ("segment_ids", "loss_mask"):
-        print(f"  {name:12} " + "".join(str(int(v)) for v in row[name]))
+    print("\n".join(f"  {name:12} " + "".join(map(str, row[name].astype(int)))
+                    for name in ("segment_ids", "loss_mask")))
     return row["loss_mask"].sum() == len(examples[0][1]) + len(examples[1][1])  # the targets only
 
 

@@ -51,6 +51,7 @@ from flax import nnx
 from support import cli, report
 
 tok = importlib.import_module("01_tokenizer")
+router_lib = importlib.import_module("04_router")
 model_lib = importlib.import_module("06_model")
 train_lib = importlib.import_module("09_train")
 released = importlib.import_module("10_released_models")
@@ -115,6 +116,31 @@ def variant_config(base, variant: Variant, root: str | pathlib.Path):
 
 
 # --- Part 2: the causal-leak probe ----------------------------------------------------------------
+def leak_in_miniature(capacity: int = 2) -> dict[str, list[str]]:
+    """04's worked example (8 tokens, 4 experts, capacity 2) routed twice, the second time with
+    the *last* token's first choice moved from e3 to e2; per router, what that did to the
+    earlier tokens' served experts, e.g. "token 1: e0 e2 -> e0"."""
+    logits_TE, _ = router_lib.worked_example(capacity)
+    changed_TE = logits_TE.copy()
+    changed_TE[-1, [2, 3]] = logits_TE[-1, [3, 2]]
+    routers = {
+        "by position (OpenMoE)": functools.partial(router_lib.route, top_k=2, capacity=capacity),
+        "by confidence (BPR)": functools.partial(router_lib.route, top_k=2, capacity=capacity,
+                                                 batch_prioritized=True),
+        "expert choice": functools.partial(router_lib.route_experts_choose, capacity=capacity),
+        "dropless": functools.partial(router_lib.route, top_k=2, capacity=len(logits_TE))}
+
+    def served(route, l_TE) -> list[str]:  # each earlier token's served experts, as text
+        routing = route(jnp.asarray(l_TE)[None])
+        return [" ".join(f"e{e}" for e, kept in zip(experts, keeps) if kept) or "nothing"
+                for experts, keeps in zip(np.asarray(routing.expert_GTA[0, :-1]),
+                                          np.asarray(routing.kept_GTA[0, :-1]))]
+
+    return {name: [f"token {t}: {a} -> {b}" for t, (a, b) in enumerate(
+                zip(served(route, logits_TE), served(route, changed_TE))) if a != b]
+            for name, route in routers.items()}
+
+
 @functools.cache
 def forward_step(model_cfg):
     """A compiled forward pass at the *training* capacity (train=True; OpenMoE has no jitter or
@@ -185,11 +211,6 @@ def leak_probe(params, model_cfg, batches: list[dict], seed: int = 0) -> dict:
 
 
 # --- Part 3: routing measures on validation text, code and chats ----------------------------------
-def max_violation(load_E: np.ndarray) -> float:
-    """MaxVio (Wang et al. 2024): how far the busiest expert is above the mean load; 0 balanced."""
-    return float(load_E.max() / load_E.mean() - 1.0)
-
-
 def routed_rows(params, model_cfg, rows: dict, batch_rows: int = 16):
     """Every MoE layer's kept and expert choices on `rows`, as [layers, rows, L, A] arrays."""
     chunks = [forward(params, model_cfg, {f: rows[f][start:start + batch_rows] for f in rows})[1:]
@@ -212,7 +233,7 @@ def routing_measures(params, model_cfg, rows_by_source: dict[str, dict]) -> dict
         results[source] = {"dropped_by_quarter": analysis.quarter_means(dropped_L),
                            "dropped_by_position": dropped_L.tolist(),
                            "left_behind_by_quarter": analysis.quarter_means(behind_L),
-                           "max_violation": max_violation(load_E)}
+                           "max_violation": float(router_lib.max_violation(load_E))}
     return results
 
 
@@ -258,7 +279,8 @@ def step_times(configs: dict, rounds: int = 5, steps: int = 2) -> dict[str, floa
     for name, cfg in configs.items():
         mesh = train_lib.build_mesh(cfg)
         trainers[name] = train_lib.build_trainer(cfg, mesh)
-        batch = next(train_lib.train_batches(cfg, train_lib.load_tokenizer(cfg), tok.mixture_sources(cfg.mixture)))
+        sources = {m: tok.mixture_sources(m) for m in {cfg.mixture, cfg.warmup_mixture} - {""}}
+        batch = next(train_lib.train_batches(cfg, train_lib.load_tokenizer(cfg), sources))
         batches[name] = train_lib.shard.global_batch(batch, mesh)
     best = {name: float("inf") for name in configs}
     for _ in range(rounds + 1):  # the first round compiles
@@ -391,6 +413,12 @@ def self_test_failures(results: dict[str, dict]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    leaks = leak_in_miniature()
+    print("The leak in miniature: 04's 8 tokens, capacity 2, and the same tokens with the last "
+          "one's first choice moved from e3 to e2. What that changes for the tokens before it:")
+    for name, changes in leaks.items():
+        print(f"  {name:22} {'; '.join(changes) or 'nothing'}")
+    print()
     names = args.variants or list(QUICK_VARIANTS if args.quick else BY_NAME)
     scratch = (tempfile.TemporaryDirectory(prefix="openmoe-lab-quick-") if args.quick and not args.root
                else None)
@@ -405,7 +433,9 @@ def main(argv=None) -> None:
           if not scratch else "the quick runs are removed with their temporary directory")
     if scratch:
         scratch.cleanup()
-    failures = self_test_failures(lab["results"])
+    failures = self_test_failures(lab["results"]) + (
+        ["the worked example: the queue by position must leak, dropless must not"]
+        if not leaks["by position (OpenMoE)"] or leaks["dropless"] else [])
     if failures:
         sys.exit("self-test FAILED: " + "; ".join(failures))
     print("OK: every variant trained and measured; the leak probe behaves as it must.")

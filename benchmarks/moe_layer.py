@@ -12,6 +12,8 @@ gradients are E times the dense FFN's: every step reads the weights twice and wr
 gradients (E=32: 268 MB, ~0.25× a dense FFN's time here on a 2-core CPU), a cost per step that
 more tokens per step amortize (`--tokens 16384`: gather at E=32 drops to ~1.5×).
 Peak memory is XLA's compiled estimate: temporaries plus outputs (gradients included).
+Rows "bpr" and "exp-choice" are 04's batch-prioritized routing and expert choice on the gather
+path; the last column divides each row by plain gather's time at the same E.
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E in {8, 32}, k=2, cf=1.25
     python benchmarks/moe_layer.py --tokens 16384 --paths gather ragged
@@ -22,6 +24,7 @@ memory), so "ragged" is for GPUs and TPUs; on CPU keep it to small T.
 """
 
 import argparse
+import dataclasses
 import importlib
 import json
 import pathlib
@@ -37,6 +40,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 ffn = importlib.import_module("03_swiglu")
 moe = importlib.import_module("05_moe_layer")
 from support import host  # noqa: E402
+
+# 04's routing variants, each timed on the gather path beside plain gather (same parameters).
+VARIANTS = {"bpr": {"batch_prioritized": True}, "exp-choice": {"routing": "experts_choose"}}
 
 
 def forward_backward(module, x):
@@ -88,6 +94,9 @@ def main():
                         default=["gather", "einsum"] + (["ragged"] if accelerator else []),
                         help="add 'loop' to time the oracle too (about E dense FFNs: slow); "
                              "'ragged' is a default on GPU and TPU only")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="routing variants on the gather path: batch-prioritized routing, "
+                             "expert choice (each token lists all E experts: E/k times the rows)")
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -113,6 +122,9 @@ def main():
         for name, layer in layers.items():
             if name in args.paths:
                 steps[(name, experts)] = forward_backward(layer, x_BLD)
+        for name in args.variants:
+            layer = moe.MoELayer(dataclasses.replace(cfg, **VARIANTS[name]), rngs=nnx.Rngs(0))
+            steps[(name, experts)] = forward_backward(layer, x_BLD)
 
     # Warm up once, then time round-robin so every path sees the same machine conditions.
     for run, _ in steps.values():
@@ -129,16 +141,19 @@ def main():
     print(f"MoE layer forward+backward vs one dense FFN: T={args.tokens} tokens, D={args.d_model}, "
           f"F={args.d_ff}, k=2, cf={args.capacity_factor}, {args.dtype}; {jax.devices()[0].device_kind}, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'path':9s} {'E':>3s} {'ms':>9s} {'x dense':>8s} {'peak MiB':>9s} {'x dense':>8s}")
+    print(f"{'path':10s} {'E':>3s} {'ms':>9s} {'x dense':>8s} {'peak MiB':>9s} {'x dense':>8s} "
+          f"{'x gather':>8s}")
     rows = []
     for (name, experts), (_, peak_bytes) in steps.items():
         row = {"path": name, "experts": experts, "ms": round(median[(name, experts)] * 1e3, 1),
                "time_ratio": round(median[(name, experts)] / dense_time, 2),
                "peak_mib": round(peak_bytes / 2**20, 1),
                "memory_ratio": round(peak_bytes / dense_bytes, 2)}
+        if ("gather", experts) in median:  # every path's time over plain gather's, same E
+            row["vs_gather"] = round(median[(name, experts)] / median[("gather", experts)], 3)
         rows.append(row)
-        print(f"{name:9s} {experts!s:>3s} {row['ms']:9.1f} {row['time_ratio']:8.2f} "
-              f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f}")
+        print(f"{name:10s} {experts!s:>3s} {row['ms']:9.1f} {row['time_ratio']:8.2f} "
+              f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f} {row.get('vs_gather', ''):>8}")
     print(json.dumps({"benchmark": "moe_layer", "tokens": args.tokens, "d_model": args.d_model,
                       "d_ff": args.d_ff, "capacity_factor": args.capacity_factor, "dtype": args.dtype,
                       "rows": rows}))

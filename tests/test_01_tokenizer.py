@@ -138,9 +138,9 @@ def test_named_mixtures_have_openmoe_code_shares():
 def test_section_5_mixtures_have_their_code_shares():
     code30 = tok.mixture_probabilities("embedded-code30")
     assert math.isclose(code30["code"], 0.3) and math.isclose(code30["text"], 0.7)
-    thirds = tok.mixture_probabilities("embedded-instructions")
-    assert sorted(thirds) == ["code", "instructions", "text"]
-    assert all(math.isclose(p, 1 / 3) for p in thirds.values())
+    warmup = tok.mixture_probabilities("embedded-instructions")
+    assert sorted(warmup) == ["code", "instructions", "text"]
+    assert math.isclose(warmup["text"], 1 / 14) and math.isclose(warmup["instructions"], 12 / 14)
     sources = tok.mixture_sources("embedded-instructions")
     assert sorted(sources) == ["code", "instructions", "text"]
     assert sources["instructions"][0]["source"] == "instructions"

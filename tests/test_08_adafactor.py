@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import load
 
+router_lib = load("04_router")
 ada = load("08_adafactor")
 
 # 1-D, 2-D (both orientations), a stacked-expert 3-D tensor and a router with a small side.
@@ -205,6 +206,22 @@ def test_frozen_from_names_leaves_and_steps():
         ada.adafactor(frozen_from={"router": 1.5})
     with pytest.raises(ValueError, match=r"frozen_from names \['routr'\].*look like"):
         ada.adafactor(frozen_from={"routr": 0}).init(_tree(SHAPES, 0))
+
+def test_biases_follow_the_balance_rule_by_block_number_not_by_spelling():
+    # Blocks 2 and 10: sorted as text, "10" would come first and take layer 0's loads.
+    params = {"layers": {block: {"mlp": {"router": {"bias": router_lib.RoutingBias(
+        jnp.zeros(4), logical_axes=("unmodeled",))}}} for block in (10, 2)}}
+    load_ME = jnp.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    new = ada.with_balanced_biases(params, load_ME, 0.5)
+    bias = {block: np.asarray(new["layers"][block]["mlp"]["router"]["bias"][...]) for block in (2, 10)}
+    assert list(bias[2]) == [-0.5, 0.5, 0.5, 0.5] and list(bias[10]) == [0.5, 0.5, 0.5, -0.5]
+    with pytest.raises(ValueError, match="2 routing biases but 3 MoE layers"):
+        ada.with_balanced_biases(params, jnp.ones((3, 4)), 0.5)
+    # The optimizer leaves biases alone from step 0; router kernels only with a freeze step.
+    assert ada.routing_frozen_from(params) == {"layers/2/mlp/router/bias": 0, "layers/10/mlp/router/bias": 0}
+    kernel = {"router": {"kernel": nnx.Param(jnp.zeros((3, 4)), logical_axes=("embed", "unmodeled"))}}
+    assert ada.routing_frozen_from(kernel) == {} and ada.routing_frozen_from(kernel, 7) == {"router/kernel": 7}
+
 
 class _Tiny(nnx.Module):
     def __init__(self, rngs):

@@ -21,8 +21,10 @@ from support import checkpoints, health, runs
 from conftest import load
 
 tok = load("01_tokenizer")
+router_lib = load("04_router")
 model_lib = load("06_model")
 shard = load("07_sharding")
+ada = load("08_adafactor")
 train_lib = load("09_train")
 
 TINY_MODEL = dataclasses.replace(model_lib.PRESETS["small"], num_layers=2, d_model=64, num_heads=4,
@@ -312,3 +314,134 @@ def test_dry_run_compiles_for_a_tpu_v3_topology(tmp_path):
                               seq_len=512)
     report = train_lib.dry_run(cfg, "v3:4x4")
     assert report["devices"] == 32 and 0 < report["estimated_mfu"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# §5's variants: routers frozen after warm-up, aux-loss-free biases, instruction data in warm-up
+# ---------------------------------------------------------------------------------------------
+
+BIASED_MODEL = dataclasses.replace(TINY_MODEL, balance_bias_rate=0.001)  # Wang et al.'s rate
+
+
+def variants(tmp_path, **overrides) -> "train_lib.TrainConfig":
+    """A tiny run with all three options on: checkpoints at steps 2, 4 and 6."""
+    return tiny(tmp_path, model=BIASED_MODEL, freeze_router_after=2, warmup_steps=3,
+                warmup_mixture="embedded-instructions", **overrides)
+
+
+def saved_params(cfg, step: int) -> dict:
+    """{leaf name: array} of the params saved at `step`, read the way chapter 10 reads them."""
+    like = train_lib.build_trainer(cfg, train_lib.build_mesh(cfg), abstract=True).params
+    params = checkpoints.restore_params(cfg.run_dir, step, like)
+    return {ada.leaf_name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory):
+    cfg = variants(tmp_path_factory.mktemp("variants"))
+    straight = train_lib.train(cfg, progress=False)
+    resumed_cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "-resumed")
+    train_lib.train(resumed_cfg, stop_after=3, progress=False)  # "killed" after step 3
+    resumed = train_lib.train(resumed_cfg, progress=False)       # resumes from step 2
+    return cfg, straight, resumed_cfg, resumed
+
+
+def test_variants_resume_exactly_biases_included(variant_runs):
+    cfg, straight, resumed_cfg, resumed = variant_runs
+    assert min(resumed["losses"]) == 3
+    for step, loss in resumed["losses"].items():
+        assert loss == straight["losses"][step], f"step {step}: {loss} != {straight['losses'][step]}"
+    # The final parameters, routing biases included, are the straight run's bit for bit.
+    final, again = saved_params(cfg, 6), saved_params(resumed_cfg, 6)
+    assert any(name.endswith("router/bias") for name in final) and final.keys() == again.keys()
+    for name in final:
+        np.testing.assert_array_equal(final[name], again[name], err_msg=name)
+
+
+def test_routers_freeze_after_their_step_while_the_rest_trains(variant_runs):
+    cfg, _, _, _ = variant_runs
+    start = saved_params(cfg, 2)
+    later = [saved_params(cfg, step) for step in (4, 6)]
+    initial = {ada.leaf_name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(
+        train_lib.build_trainer(cfg, train_lib.build_mesh(cfg)).params)[0]}
+    kernel = "layers/1/mlp/router/kernel"
+    assert not np.array_equal(initial[kernel], start[kernel])  # it trained for steps 1 and 2 ...
+    for params in later:                                       # ... and not after
+        np.testing.assert_array_equal(params[kernel], start[kernel])
+    # Everything else still moves: the experts and embeddings by Adafactor, ...
+    for name in ("layers/1/mlp/wi_0", "token_embedder"):
+        assert not np.array_equal(later[0][name], start[name]) and not np.array_equal(later[1][name], later[0][name])
+    # ... the biases by the balance rule, in steps of the rate (Adafactor leaves them alone).
+    bias = [params["layers/1/mlp/router/bias"] for params in (start, *later)]
+    assert not (np.array_equal(bias[0], bias[1]) and np.array_equal(bias[1], bias[2]))
+    assert np.allclose(bias[2] / 0.001, np.round(bias[2] / 0.001), atol=1e-3) and np.any(bias[2])
+
+
+def test_the_bias_undoes_a_skewed_router(tmp_path, tokenizer):
+    # A bias of +1 on expert 0 puts it in every token's top 2: a load of 1/2, MaxVio 3. Each
+    # step lowers its bias by the rate and raises the others', until the load evens out.
+    cfg = tiny(tmp_path, model=dataclasses.replace(TINY_MODEL, balance_bias_rate=0.05), steps=12)
+    mesh = train_lib.build_mesh(cfg)
+    trainer = train_lib.build_trainer(cfg, mesh)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0].set(1.0) if ada.leaf_name(path).endswith("router/bias") else x, trainer.params)
+    state, loads, biases = trainer.opt_state, [], []
+    batches = train_lib.train_batches(cfg, tokenizer, {"embedded": tok.mixture_sources("embedded")})
+    with jax.set_mesh(mesh):
+        for _ in range(cfg.steps):
+            before = np.asarray(params["layers"][1]["mlp"]["router"]["bias"][...])
+            params, state, metrics = trainer.train_step(params, state, shard.global_batch(next(batches), mesh))
+            load = np.asarray(metrics["expert_load"][0])
+            bias = np.asarray(params["layers"][1]["mlp"]["router"]["bias"][...])
+            # The rule, exactly: every bias moves by the rate against its expert's load error.
+            np.testing.assert_allclose(bias - before, 0.05 * np.sign(load.mean() - load), atol=1e-6)
+            loads.append(load)
+    max_violation = [float(router_lib.max_violation(load)) for load in loads]
+    assert max_violation[0] > 2.5 and max_violation[-1] < 1.0, max_violation
+
+
+def test_warmup_batches_come_from_the_warmup_mixture_then_the_runs(tmp_path, tokenizer):
+    cfg = tiny(tmp_path, seq_len=128, warmup_steps=3, warmup_mixture="embedded-instructions")
+    sources = {name: tok.mixture_sources(name) for name in ("embedded", "embedded-instructions")}
+    batches = list(itertools.islice(train_lib.train_batches(cfg, tokenizer, sources), 5))
+
+    def stream_rows(mixture, count):  # the first rows of one mixture's own stream
+        texts = tok.document_texts(sources[mixture], tok.mixture_probabilities(mixture), cfg.seed)
+        return list(itertools.islice(tok.pack_lm_rows(tok.token_stream(texts, tokenizer), 128), count))
+
+    warm, run = stream_rows("embedded-instructions", 3 * 8), stream_rows("embedded", 2 * 8)
+    for step, batch in enumerate(batches):
+        rows = warm[step * 8:(step + 1) * 8] if step < 3 else run[(step - 3) * 8:(step - 2) * 8]
+        np.testing.assert_array_equal(batch["inputs"], np.stack([r["inputs"] for r in rows]))
+    text = [tokenizer.decode(batch["targets"].reshape(-1)) for batch in batches]
+    assert all("### User:" not in t for t in text[3:]) and "### User:" in "".join(text[:3])
+    # A resumed run replays the same stream: from step 2 on, across the switch, the same batches.
+    for batch, again in zip(batches[2:], train_lib.train_batches(cfg, tokenizer, sources, start_step=2)):
+        np.testing.assert_array_equal(batch["targets"], again["targets"])
+    # Off (the default), there is one stream: the run's mixture from step 0.
+    plain = train_lib.train_batches(dataclasses.replace(cfg, warmup_mixture=""), tokenizer, sources)
+    np.testing.assert_array_equal(next(plain)["inputs"], np.stack([r["inputs"] for r in run[:8]]))
+
+
+def test_variant_fields_are_checked_locked_and_flags(tmp_path, uninterrupted):
+    with pytest.raises(ValueError, match="TrainConfig.warmup_mixture='chat': must be '' or one of"):
+        tiny(tmp_path, warmup_mixture="chat")
+    with pytest.raises(ValueError, match="TrainConfig.freeze_router_after=-1: must be an int >= 0"):
+        tiny(tmp_path, freeze_router_after=-1)
+    cfg, _ = uninterrupted
+    for change in ({"freeze_router_after": 3}, {"warmup_mixture": "embedded-code30"}):
+        with pytest.raises(ValueError, match=f"holds a different run.*{next(iter(change))}"):
+            claim(dataclasses.replace(cfg, **change), overwrite=False)
+    # A run saved before these fields existed is the same run with them off: it resumes.
+    old = tmp_path / "old"
+    old.mkdir()
+    record = {k: v for k, v in runs.flat_record(cfg).items()
+              if k not in ("freeze_router_after", "warmup_mixture", "model.balance_bias_rate")}
+    (old / "config.json").write_text(json.dumps(record))
+    claim(dataclasses.replace(cfg, run_dir=str(old)), overwrite=False)
+    flags, _ = train_lib.parse_args(["--freeze-router-after", "100", "--warmup-mixture",
+                                     "embedded-instructions", "--balance-bias-rate", "0.001"])
+    assert (flags.freeze_router_after, flags.warmup_mixture, flags.model.balance_bias_rate) == (
+        100, "embedded-instructions", 0.001)
+    with pytest.raises(SystemExit):
+        train_lib.parse_args(["--warmup-mixture", "chat"])

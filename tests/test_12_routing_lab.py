@@ -89,11 +89,6 @@ def test_a_changed_last_token_moves_nothing_when_capacity_never_binds():
     assert moved == 0 and earlier == 4 * 32 - 1
 
 
-def test_max_violation_is_the_busiest_expert_over_the_mean():
-    assert lab.max_violation(np.array([1, 1, 1, 1])) == 0
-    assert lab.max_violation(np.array([3, 1, 0, 0])) == pytest.approx(3 / 1 - 1)
-
-
 def test_every_variant_is_a_valid_run_with_its_one_switch():
     base = train_lib.CONFIGS["laptop"]
     for variant in lab.VARIANTS:
