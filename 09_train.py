@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
@@ -108,6 +109,13 @@ class TrainConfig:
     def schedule(self) -> "ada.ScheduleConfig":
         return ada.ScheduleConfig(peak=self.peak_lr, warmup_steps=self.warmup_steps)
 
+    def lr_schedule(self):  # step → lr; with make_optimizer, what the loop asks a config (13's too)
+        return ada.openmoe_schedule(self.schedule())
+
+    def make_optimizer(self, params) -> optax.GradientTransformation:  # §5's frozen routers (08)
+        return ada.openmoe_adafactor(params, self.schedule(), frozen_from=ada.routing_frozen_from(
+            params, self.freeze_router_after))
+
 
 # Named starting points. "laptop", the default run, scales OpenMoE's recipe to 2 CPU cores and
 # ~10 minutes: the same schedule shape (warmup a tenth of the run), peak 0.03 because a 4-layer
@@ -120,16 +128,14 @@ CONFIGS: dict[str, TrainConfig] = {
         objective="lm", ul2_until_step=0, seq_len=128, batch_size=16, microbatches=1, steps=480,
         peak_lr=0.03, warmup_steps=48, mesh="", eval_every=120, eval_batches=4,
         checkpoint_every=40, keep_last=2, keep_period=80),
-    "openmoe-base": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-base"),
-                                        run_dir="runs/openmoe-base", microbatches=1,
-                                        mesh="data=8,expert=16,model=1"),
+    "openmoe-base": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-base"), run_dir="runs/openmoe-base",
+                                        microbatches=1, mesh="data=8,expert=16,model=1"),
     "openmoe-8b": OPENMOE,
     # OpenMoE-34B ran on 16 model × 32 expert partitions (openmoe_xl.gin); 16 splits its 24 heads
     # in halves (07 warns), 8 keeps them whole: 53.6% estimated MFU on a v3-512, not 44.9%
     # (docs/measurements.md). `--mesh data=1,expert=32,model=16` runs the original layout.
-    "openmoe-34b": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-34b"),
-                                       run_dir="runs/openmoe-34b", mixture="openmoe_v3",
-                                       ul2_until_step=25_000, microbatches=16,
+    "openmoe-34b": dataclasses.replace(OPENMOE, model=tpu_model("openmoe-34b"), run_dir="runs/openmoe-34b",
+                                       mixture="openmoe_v3", ul2_until_step=25_000, microbatches=16,
                                        mesh="data=2,expert=32,model=8"),
 }
 # `--quick`, the self-test: a short laptop run through both objectives with two microbatches.
@@ -140,10 +146,9 @@ QUICK = dataclasses.replace(
 # What may change when a run resumes: its length, the schedule (the cure for a divergence), how
 # often it evaluates and saves, the layout of the same math on devices, and where it lives; the
 # rest (model, data, objective, seed, precision, losses, §5's options) is its locked identity.
-RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches",
-                    "sample_tokens", "checkpoint_every", "keep_last", "keep_period",
-                    "peak_tflops_per_device", "mesh", "microbatches", "model.remat",
-                    "model.remat_policy", "run_dir"}
+RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches", "sample_tokens",
+                    "checkpoint_every", "keep_last", "keep_period", "peak_tflops_per_device", "mesh",
+                    "microbatches", "model.remat", "model.remat_policy", "run_dir"}
 
 
 def model_config(cfg: TrainConfig) -> "model_lib.ModelConfig":
@@ -238,8 +243,7 @@ def pack_ul2_rows(tokens: Iterator[int], seq_len: int, tokenizer, rng: np.random
     while True:
         denoiser = denoisers[rng.choice(len(denoisers), p=rates)]
         prefix_ids = prefixes[denoiser.prefix]
-        raw = np.fromiter(itertools.islice(tokens, raw_length(denoiser, seq_len, len(prefix_ids))),
-                          np.int32)
+        raw = np.fromiter(itertools.islice(tokens, raw_length(denoiser, seq_len, len(prefix_ids))), np.int32)
         if len(raw) < 2:
             return
         example = ul2_example(raw, denoiser, prefix_ids, tokenizer, rng)
@@ -328,15 +332,17 @@ class Trainer:
     eval_step: object
 
 
-def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool = False) -> Trainer:
-    """Model born sharded with experts parallel (07), Adafactor state sharded like the params
-    (08 + 07), jitted steps. `abstract`: shapes and shardings only, nothing allocated, so that
-    OpenMoE-8B's step can be compiled on a laptop (`--dry-run`)."""
+def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool = False,
+                  params=None) -> Trainer:
+    """Model born sharded with experts parallel (07), the optimizer's state sharded like the params
+    (08 + 07), jitted steps. `abstract`: shapes and shardings only, nothing allocated (`--dry-run`
+    compiles OpenMoE-8B's step on a laptop); `params`: start from these (13: a base model's)."""
     with jax.set_mesh(mesh):
-        model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed, abstract=abstract)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        frozen = ada.routing_frozen_from(params, cfg.freeze_router_after)  # §5's variants (08)
-        tx = ada.openmoe_adafactor(params, cfg.schedule(), frozen_from=frozen)
+        model = shard.sharded_model(model_config(cfg), mesh, seed=cfg.seed,
+                                    abstract=abstract or params is not None)
+        graphdef, fresh, rest = nnx.split(model, nnx.Param, ...)
+        params = fresh if params is None else params
+        tx = cfg.make_optimizer(params)
         opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
         if abstract:
             opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -364,11 +370,9 @@ def dry_run(cfg: TrainConfig, topology: str = "") -> dict:
              for name, dtype in tok.ROW_DTYPES.items()}
     with jax.set_mesh(mesh):
         compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, batch).compile()
-    tokens = cfg.batch_size * cfg.seq_len
-    return shard.compile_report(
-        compiled, mesh, loop_trips=cfg.microbatches,
-        model_flops=model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len) * tokens,
-        peak=shard.peak_tflops(mesh.devices.flat[0], cfg.peak_tflops_per_device))
+    flops = model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    return shard.compile_report(compiled, mesh, loop_trips=cfg.microbatches, model_flops=flops,
+                                peak=shard.peak_tflops(mesh.devices.flat[0], cfg.peak_tflops_per_device))
 
 
 # --- The loop: checkpoints (what one holds; orbax's side is support/checkpoints'), eval, metrics --
@@ -385,8 +389,7 @@ def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, floa
     results = {}
     with jax.set_mesh(trainer.mesh):
         for domain, domain_batches in batches.items():
-            values = [trainer.eval_step(trainer.params, shard.global_batch(b, trainer.mesh))
-                      for b in domain_batches]
+            values = [trainer.eval_step(trainer.params, shard.global_batch(b, trainer.mesh)) for b in domain_batches]
             for name in ("loss", "accuracy"):
                 results[f"eval/{domain}/{name}"] = float(np.mean([float(v[name]) for v in values]))
     return results
@@ -402,8 +405,7 @@ def step_record(step: int, metrics: dict, *, lr: float, seconds: float, tokens: 
                "load_balance_loss", "router_z_loss", "accuracy", "fraction_dropped", "grad_norm")}
     if "drop_rate_by_position" in metrics:
         record["drop_rate_by_layer"] = np.asarray(metrics["drop_rate_by_position"]).mean(-1).tolist()
-        record["max_violation_by_layer"] = np.asarray(
-            router_lib.max_violation(metrics["expert_load"])).tolist()
+        record["max_violation_by_layer"] = np.asarray(router_lib.max_violation(metrics["expert_load"])).tolist()
     record["mfu"] = mfu_per_token_s * record["tokens_per_s"] if mfu_per_token_s else None
     return record
 
@@ -430,8 +432,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
 
     # Everything that can be wrong is checked before anything is compiled or written.
     mesh = build_mesh(cfg)
-    shard.check_fits(model_config(cfg), mesh, batch=cfg.batch_size // cfg.microbatches,
-                     seq_len=cfg.seq_len)
+    shard.check_fits(model_config(cfg), mesh, batch=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len)
     tokenizer = load_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -443,20 +444,25 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
     with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
                         writer=jax.process_index() == 0),
           checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.keep_period) as manager):
-        return training_loop(cfg, mesh, tokenizer, sources, manager, stop_after, progress)
+        trainer, eval_sets = build_trainer(cfg, mesh), tok.validation_batches(
+            tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches)
+        summary = training_loop(trainer, manager, functools.partial(train_batches, cfg, tokenizer, sources),
+                                eval_sets, stop_after=stop_after, progress=progress)
+        if summary["steps"] == cfg.steps and cfg.sample_tokens and jax.process_index() == 0:
+            summary["sample"] = sample_text(trainer, tokenizer, "def ", cfg.sample_tokens)
+        return summary
 
 
-def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
-                  stop_after: int | None, progress: bool) -> dict:
-    """The loop proper: resume, then step, evaluate, log and checkpoint until the run ends."""
-    trainer = build_trainer(cfg, mesh)  # then the newest checkpoint that reads back whole and finite
-    start_step, trainer.params, trainer.opt_state = checkpoints.restore_newest_readable(
+def training_loop(trainer: Trainer, manager, batches_from, eval_sets: dict, *, stop_after: int | None,
+                  progress: bool, data_counts: dict | None = None) -> dict:
+    """The loop proper: resume, then step, evaluate, log and checkpoint until the run ends.
+    `batches_from(start_step=n)` gives the batches from step n on; 13's fine-tunes run this loop too
+    (their `data_counts`, updated by their batches, join each metrics line)."""
+    cfg, mesh, schedule = trainer.cfg, trainer.mesh, trainer.cfg.lr_schedule()
+    start_step, trainer.params, trainer.opt_state = checkpoints.restore_newest_readable(  # whole and finite
         manager, cfg.run_dir, trainer.params, trainer.opt_state, writer=jax.process_index() == 0)
     if start_step:
         print(f"resuming {cfg.run_dir} from step {start_step}")
-    eval_sets = tok.validation_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(),
-                                      cfg.eval_batches)
-    schedule = ada.openmoe_schedule(cfg.schedule())
     peak = shard.peak_tflops(jax.devices()[0], cfg.peak_tflops_per_device)
     mfu_per_token_s = (model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len)
                        / (peak * 1e12 * mesh.size) if peak else None)
@@ -464,8 +470,7 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
     metrics_path, first_host = pathlib.Path(cfg.run_dir) / "metrics.jsonl", jax.process_index() == 0
     if first_host:
         runs.cut_metrics(metrics_path, start_step)
-    batches = train_batches(cfg, tokenizer, sources, start_step=start_step)
-    last_step = min(cfg.steps, stop_after or cfg.steps)
+    batches, last_step = batches_from(start_step=start_step), min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(start_step, last_step), initial=start_step, total=cfg.steps,
                disable=not progress or not first_host, dynamic_ncols=True)
     losses, evals, started, stalls = {}, {}, time.time(), health.StallWatch()
@@ -482,6 +487,7 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
             health.stop_if_diverged(done, record["loss"], record["grad_norm"],
                                     bool(metrics["state_finite"]), run_dir=cfg.run_dir,
                                     peak_lr=cfg.peak_lr, saved_step=manager.latest_step())
+            record |= {f"data/{name}": count for name, count in (data_counts or {}).items()}
             if warning := stalls.observe(done, record["loss"], record["grad_norm"]):
                 bar.write(warning)
             losses[done] = record["loss"]
@@ -498,12 +504,9 @@ def training_loop(cfg: TrainConfig, mesh, tokenizer, sources: dict, manager,
                     file.write(json.dumps(record) + "\n")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(manager, done, trainer)
-    summary = {"run_dir": cfg.run_dir, "steps": last_step, "seconds": time.time() - started,
-               "losses": losses, "eval": evals[max(evals)] if evals else {},
-               "checkpoints": list(manager.all_steps()), "stalled_since": stalls.since}
-    if last_step == cfg.steps and cfg.sample_tokens and first_host:
-        summary["sample"] = sample_text(trainer, tokenizer, "def ", cfg.sample_tokens)
-    return summary
+    return {"run_dir": cfg.run_dir, "steps": last_step, "seconds": time.time() - started,
+            "losses": losses, "eval": evals[max(evals)] if evals else {},
+            "checkpoints": list(manager.all_steps()), "stalled_since": stalls.since}
 
 
 # --- Command line ---------------------------------------------------------------------------------
@@ -570,14 +573,11 @@ def main(argv=None) -> None:
     and checks that the loss fell). A user's mistake is one `error:` line."""
     with cli.user_errors("interrupted; the same command resumes from the newest complete checkpoint"):
         cfg, args = parse_args(argv)
-        shard.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
-                                   auto=args.multihost_auto)
+        shard.initialize_multihost(args.coordinator, args.num_processes, args.process_id, auto=args.multihost_auto)
         if args.dry_run:
             report = dry_run(cfg, args.topology)
-            print(json.dumps(report, indent=2))
-            if "v3" in args.topology:
-                print(f"fits a 16 GiB TPU v3 core: {report['total_gib'] <= 16}")
-            return
+            fits = f"\nfits a 16 GiB TPU v3 core: {report['total_gib'] <= 16}" if "v3" in args.topology else ""
+            return print(json.dumps(report, indent=2) + fits)
         host.keep_freed_memory_mapped()
         if args.quick and not show_ul2_example(load_tokenizer(cfg)):
             raise SystemExit("self-test FAILED: the packed row's loss does not cover exactly the targets")

@@ -28,18 +28,15 @@ import json
 import pathlib
 import sys
 import tempfile
-import time
 import types
 
-import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
-from support import checkpoints, cli, health, host, runs
+from support import checkpoints, cli, host, runs
 
 tok = importlib.import_module("01_tokenizer")
 model_lib = importlib.import_module("06_model")
@@ -146,10 +143,10 @@ def hub_conversations(hub, model_prefix: str, process_index: int = 0, process_co
     return (turns for turns, model in zip(column(hub.column), models) if model.startswith(model_prefix))
 
 
-def chat_batches(cfg, tokenizer, *, start_step: int = 0, stats: dict | None = None):
+def chat_batches(cfg, tokenizer, *, start_step: int = 0, counts: dict | None = None):
     """This host's batch for every step from `start_step` on, a pure function of (seed, step):
     the conversations reshuffled every pass (hub sets stream once, in their order)."""
-    local_rows, stats = cfg.batch_size // jax.process_count(), {} if stats is None else stats
+    local_rows, counts = cfg.batch_size // jax.process_count(), {} if counts is None else counts
     source = CHAT_SOURCES[cfg.chat_data]
     if source is None:
         conversations = embedded_conversations("train")[jax.process_index()::jax.process_count()]
@@ -158,7 +155,7 @@ def chat_batches(cfg, tokenizer, *, start_step: int = 0, stats: dict | None = No
             for epoch in itertools.count())
     else:
         stream = hub_conversations(*source, jax.process_index(), jax.process_count())
-    rows = pack_chat_rows(stream, tokenizer, cfg.seq_len, stats)
+    rows = pack_chat_rows(stream, tokenizer, cfg.seq_len, counts)
     for step in itertools.count():
         batch = list(itertools.islice(rows, local_rows))
         if len(batch) < local_rows:
@@ -168,10 +165,11 @@ def chat_batches(cfg, tokenizer, *, start_step: int = 0, stats: dict | None = No
 
 
 def heldout_batches(tokenizer, seq_len: int, rows: int, count: int) -> dict[str, list]:
-    """Held-out chats (01's validation split: other files than training's) as {"chat": batches}."""
+    """Held-out chats (01's validation split: other files than training's) as 09's eval sets."""
     packed = list(pack_chat_rows(embedded_conversations("validation"), tokenizer, seq_len, {}))
     packed = packed * -(-rows // max(len(packed), 1))  # at least one full batch (rows repeat)
-    return {"chat": [tok.stack_rows(packed[i:i + rows]) for i in range(0, len(packed) - rows + 1, rows)][:count]}
+    batches = [tok.stack_rows(packed[i:i + rows]) for i in range(0, len(packed) - rows + 1, rows)][:count]
+    return {"chat": batches} if batches else {}
 
 
 # --- Part 2: the recipe and the base it starts from -----------------------------------------------
@@ -187,7 +185,7 @@ class FinetuneConfig:
     chat_data: str = "embedded"          # "embedded" (01's stdlib chats) or a hub set of CHAT_SOURCES
     run_dir: str = "runs/laptop-chat"    # config.json, metrics.jsonl and checkpoints/ live here
     optimizer: str = "adafactor"         # "adafactor" (08, T5X mode, as OpenMoE-8B-Chat) or "adamw" (optax)
-    lr: float = 1e-3                     # learning rate after warm-up (OpenMoE's SFT gin: constant 1e-3)
+    peak_lr: float = 1e-3                # learning rate after warm-up (OpenMoE's SFT gin: constant 1e-3)
     warmup_steps: int = 0                # linear warm-up from 0 to lr; 0 = constant from the start
     weight_decay: float = 0.0            # AdamW's decoupled weight decay (Adafactor: none, as OpenMoE)
     train_routers: bool = True           # false: routers frozen (08's frozen_from), chapter 11's routing kept
@@ -205,6 +203,7 @@ class FinetuneConfig:
     eval_batches: int = 4                # held-out chat batches per evaluation
     checkpoint_every: int = 40           # steps between checkpoints
     keep_last: int = 2                   # newest checkpoints kept (and every eval_every-th)
+    peak_tflops_per_device: float = 0.0  # for MFU; 0 = known accelerators only (07.TPU_PEAK_TFLOPS)
     model: model_lib.ModelConfig = model_lib.ModelConfig()  # the base's, with this recipe's fields
     base_fingerprint: str = ""           # of the base's parameters (identity: never another base)
     tokenizer_fingerprint: str = ""      # of the base's tokenizer model
@@ -214,16 +213,35 @@ class FinetuneConfig:
             **{n: (lambda v, c=c: v in c, f"one of {sorted(c)}") for n, c in (
                 ("chat_data", CHAT_SOURCES), ("optimizer", OPTIMIZERS), ("dtype", ("float32", "bfloat16")))},
             **{n: (bool, "a path or hub name") for n in ("base", "run_dir")},
-            "lr": (cli.finite_at_least(0, above=True), "a finite number > 0"),
+            "peak_lr": (cli.finite_at_least(0, above=True), "a finite number > 0"),
             "batch_size": (lambda v: cli.int_at_least(1)(v) and v % max(self.microbatches, 1) == 0,
                            f"an int >= 1 divisible by microbatches={self.microbatches}"),
             **{n: (cli.finite_at_least(0), "a finite number >= 0") for n in (
-                "weight_decay", "train_capacity_factor", "eval_capacity_factor")},
+                "weight_decay", "train_capacity_factor", "eval_capacity_factor", "peak_tflops_per_device")},
             **{n: (cli.int_at_least(1), "an int >= 1") for n in (
                 "microbatches", "steps", "checkpoint_every", "keep_last")},
             **{n: (cli.int_at_least(0), "an int >= 0") for n in (
                 "base_step", "warmup_steps", "seq_len", "seed", "eval_every", "eval_batches")}})
         shard.parse_mesh(self.mesh)
+
+    # What 09's loop asks of a config: the learning rate by step, and the optimizer.
+    def lr_schedule(self):  # a linear warm-up from 0 to peak_lr, then constant
+        return (optax.linear_schedule(0.0, self.peak_lr, self.warmup_steps) if self.warmup_steps
+                else optax.constant_schedule(self.peak_lr))
+
+    def make_optimizer(self, params) -> optax.GradientTransformation:
+        """Adafactor (08, T5X mode) or AdamW (optax) on lr_schedule. No update from step 0 (08's
+        frozen_from, or optax's zero) for routing biases (08's balance rule moves them, as in 09),
+        and with train_routers false for every router kernel."""
+        names = list(ada.leaf_kinds(params))
+        frozen = set(ada.routing_frozen_from(params)) | {
+            name for name in names if not self.train_routers and name.endswith("router/kernel")}
+        if self.optimizer == "adafactor":
+            return ada.adafactor(self.lr_schedule(), logical_axes=ada.logical_axes_by_name(params),
+                                 frozen_from=dict.fromkeys(frozen, 0))
+        labels = jax.tree.unflatten(jax.tree.structure(params), ["frozen" if n in frozen else "trained" for n in names])
+        return optax.multi_transform({"trained": optax.adamw(self.lr_schedule(), weight_decay=self.weight_decay),
+                                      "frozen": optax.set_to_zero()}, labels)
 
 
 CONFIGS = {
@@ -234,11 +252,11 @@ CONFIGS = {
         base="OrionZheng/openmoe-8b", chat_data="wildchat-gpt4", run_dir="runs/openmoe-8b-chat",
         dtype="bfloat16", remat=True, seq_len=2048, batch_size=128, steps=3000,
         mesh="data=1,expert=32,model=4", eval_every=500, checkpoint_every=250, keep_last=3)}
-QUICK = dataclasses.replace(CONFIGS["laptop"], run_dir="runs/chat-quick", batch_size=8, steps=12, lr=1e-2,
+QUICK = dataclasses.replace(CONFIGS["laptop"], run_dir="runs/chat-quick", batch_size=8, steps=12, peak_lr=1e-2,
                             eval_every=6, eval_batches=1, checkpoint_every=6)
 # What may change on resume; the rest (base, its fingerprint, data, recipe, model) is identity.
-RESUMABLE_FIELDS = {"steps", "lr", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every",
-                    "keep_last", "mesh", "microbatches", "remat", "model.remat", "run_dir"}
+RESUMABLE_FIELDS = {"steps", "peak_lr", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every",
+                    "keep_last", "peak_tflops_per_device", "mesh", "microbatches", "remat", "model.remat", "run_dir"}
 
 
 def open_base(cfg: FinetuneConfig):
@@ -292,21 +310,6 @@ def fingerprint(params) -> str:
 
 
 # --- Part 3: the fine-tune, a run directory with 09's guarantees ----------------------------------
-def make_optimizer(cfg: FinetuneConfig, params) -> optax.GradientTransformation:
-    """Adafactor (08, T5X mode) or AdamW (optax), both at a constant lr after a linear warm-up;
-    with train_routers false, every router kernel gets no update from step 0."""
-    schedule = (optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
-                else optax.constant_schedule(cfg.lr))
-    names = [ada.leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    frozen = [] if cfg.train_routers else [name for name in names if "/router/" in f"/{name}/"]
-    if cfg.optimizer == "adafactor":
-        return ada.adafactor(schedule, logical_axes=ada.logical_axes_by_name(params),
-                             frozen_from={name: 0 for name in frozen})
-    labels = jax.tree.unflatten(jax.tree.structure(params), ["frozen" if n in frozen else "trained" for n in names])
-    return optax.multi_transform({"trained": optax.adamw(schedule, weight_decay=cfg.weight_decay),
-                                  "frozen": optax.set_to_zero()}, labels)
-
-
 def base_params(cfg: FinetuneConfig, where, like):
     """The base's parameters in f32, placed like `like` (ShapeDtypeStructs with shardings): a 09
     checkpoint restored shard by shard, or a released checkpoint read slice by slice (10)."""
@@ -317,36 +320,12 @@ def base_params(cfg: FinetuneConfig, where, like):
     return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(loaded))
 
 
-def build_finetuner(cfg: FinetuneConfig, mesh, params=None):
-    """09's Trainer for this recipe: the model sharded on the mesh (07) holding `params` (None:
-    shapes only, for a dry run), the optimizer's state sharded alike, 09's train step."""
-    with jax.set_mesh(mesh):
-        model = shard.sharded_model(cfg.model, mesh, abstract=True)
-        graphdef, like, rest = nnx.split(model, nnx.Param, ...)
-        params = like if params is None else params
-        tx = make_optimizer(cfg, params)
-        opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
-        if params is like:
-            opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                     jax.eval_shape(tx.init, params), opt_shardings)
-        else:
-            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = jax.jit(train_lib.make_train_step(graphdef, rest, tx, cfg.microbatches), donate_argnums=(0, 1))
-
-    def eval_step(params, batch):  # the assistant tokens' loss and accuracy at the eval capacity
-        metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)[1]
-        return {"loss": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
-
-    return train_lib.Trainer(cfg, model.cfg, mesh, params, opt_state, step, jax.jit(eval_step))
-
-
 def prepare(cfg: FinetuneConfig, mesh=None):
     """Everything checked, the base read onto the mesh and fingerprinted: (cfg, tokenizer, mesh,
     base params). Nothing is compiled for training or written yet."""
     base_cfg, tokenizer, where = open_base(cfg)
     cfg = resolve(cfg, base_cfg, tokenizer, where)
-    mesh = mesh or shard.training_mesh(cfg.mesh, batch_size=cfg.batch_size,
-                                       microbatches=cfg.microbatches, model_cfg=cfg.model)
+    mesh = mesh or train_lib.build_mesh(cfg)
     shard.check_fits(cfg.model, mesh, batch=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len)
     like = nnx.state(shard.sharded_model(cfg.model, mesh, abstract=True), nnx.Param)
     params = base_params(cfg, where, like)
@@ -355,48 +334,19 @@ def prepare(cfg: FinetuneConfig, mesh=None):
 
 def finetune(cfg: FinetuneConfig, *, overwrite: bool = False, stop_after: int | None = None,
              progress: bool = True, mesh=None) -> dict:
-    """Fine-tune (or resume) the run in cfg.run_dir from its base; return a summary."""
+    """Fine-tune (or resume) cfg.run_dir from its base with 09's trainer and loop (lock, identity, exact
+    resume, divergence stop); its summary adds the resolved config and the chat data's counts."""
     cfg, tokenizer, mesh, params = prepare(cfg, mesh)
     with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
                      writer=jax.process_index() == 0),
           checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.eval_every or cfg.steps) as manager):
-        trainer = build_finetuner(cfg, mesh, params)
-        start, trainer.params, trainer.opt_state = checkpoints.restore_newest_readable(
-            manager, cfg.run_dir, trainer.params, trainer.opt_state, writer=jax.process_index() == 0)
-        return finetune_loop(cfg, trainer, tokenizer, manager, start, stop_after, progress)
-
-
-def finetune_loop(cfg, trainer, tokenizer, manager, start: int, stop_after, progress: bool) -> dict:
-    """09's loop in brief: step, stop on divergence, evaluate, log, checkpoint; the metrics line
-    also says how many conversations were truncated at a turn boundary or skipped so far."""
-    metrics_path, first_host, stats = pathlib.Path(cfg.run_dir) / "metrics.jsonl", jax.process_index() == 0, {}
-    if first_host:
-        runs.cut_metrics(metrics_path, start)
-    heldout = heldout_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches)
-    batches, last = chat_batches(cfg, tokenizer, start_step=start, stats=stats), min(cfg.steps, stop_after or cfg.steps)
-    losses, evals, started = {}, {}, time.time()
-    for step in tqdm(range(start, last), initial=start, total=cfg.steps, disable=not progress or not first_host):
-        tick = time.time()
-        with jax.set_mesh(trainer.mesh):
-            trainer.params, trainer.opt_state, metrics = trainer.train_step(
-                trainer.params, trainer.opt_state, shard.global_batch(next(batches), trainer.mesh))
-        done = step + 1
-        record = train_lib.step_record(done, metrics, lr=cfg.lr, seconds=time.time() - tick,
-                                       tokens=cfg.batch_size * cfg.seq_len, mfu_per_token_s=None)
-        health.stop_if_diverged(done, record["loss"], record["grad_norm"], bool(metrics["state_finite"]),
-                                run_dir=cfg.run_dir, peak_lr=cfg.lr, saved_step=manager.latest_step())
-        record.update({f"data/{k}": v for k, v in stats.items()})
-        losses[done] = record["loss"]
-        if heldout["chat"] and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            record.update(evals.setdefault(done, train_lib.evaluate(trainer, heldout)))
-        if first_host:
-            with checkpoints.resumable_write(metrics_path, manager), open(metrics_path, "a") as file:
-                file.write(json.dumps(record) + "\n")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            train_lib.save_checkpoint(manager, done, trainer)
-    return {"run_dir": cfg.run_dir, "steps": last, "seconds": time.time() - started, "losses": losses,
-            "eval": evals[max(evals)] if evals else {}, "checkpoints": list(manager.all_steps()),
-            "data": stats, "cfg": cfg}
+        counts = {}
+        summary = train_lib.training_loop(
+            train_lib.build_trainer(cfg, mesh, params=params), manager,
+            functools.partial(chat_batches, cfg, tokenizer, counts=counts),
+            heldout_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches),
+            stop_after=stop_after, progress=progress, data_counts=counts)
+    return {**summary, "data": counts, "cfg": cfg}
 
 
 HUB_PRESETS = {name: "openmoe-" + name.split("-")[1].lower() for name in released.HUB_MODELS}  # 06's shapes
@@ -410,18 +360,7 @@ def dry_run(cfg: FinetuneConfig, topology: str = "") -> dict:
         tokenizer = tok.embedded_tokenizer()  # a stand-in: only the template's length is read
     else:
         base_cfg, tokenizer, where = open_base(cfg)
-    cfg = resolve(cfg, base_cfg, tokenizer, where)
-    mesh = shard.training_mesh(cfg.mesh, shard.topology_devices(topology) if topology else None,
-                               batch_size=cfg.batch_size, microbatches=cfg.microbatches, model_cfg=cfg.model)
-    trainer = build_finetuner(cfg, mesh)
-    rows = jax.NamedSharding(mesh, jax.P(shard.BATCH_AXES))
-    batch = {name: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dtype, sharding=rows)
-             for name, dtype in tok.ROW_DTYPES.items()}
-    with jax.set_mesh(mesh):
-        compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, batch).compile()
-    flops = model_lib.train_flops_per_token(trainer.model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-    return shard.compile_report(compiled, mesh, loop_trips=cfg.microbatches, model_flops=flops,
-                                peak=shard.peak_tflops(mesh.devices.flat[0]))
+    return train_lib.dry_run(resolve(cfg, base_cfg, tokenizer, where), topology)
 
 
 # --- Part 4: judge it, before and after, on one device ---------------------------------------------
@@ -438,10 +377,15 @@ def base_model(cfg: FinetuneConfig):
     return plain_model(resolved.model, params)
 
 
+@jax.jit
+def chat_metrics(model, batch: dict) -> dict:
+    """06's loss metrics at the eval capacity (one compile serves base and fine-tune alike)."""
+    return model_lib.loss_fn(model, batch, train=False)[1]
+
+
 def heldout_loss(model, batches: list[dict]) -> dict[str, float]:
     """06's T5X cross-entropy and accuracy over the assistant tokens of held-out chats."""
-    score = jax.jit(lambda model, batch: model_lib.loss_fn(model, batch, train=False)[1])
-    values = [score(model, batch) for batch in batches]
+    values = [chat_metrics(model, batch) for batch in batches]
     weights = [float(v["num_tokens"]) for v in values]
     return {name: float(np.average([float(v[key]) for v in values], weights=weights))
             for name, key in (("loss", "cross_entropy"), ("accuracy", "accuracy"))}
@@ -452,8 +396,7 @@ def long_chat_rows(tokenizer, seq_len: int, count: int = 8) -> dict[str, np.ndar
     turn boundary), so a token's position in the row is its place in the conversation."""
     messages = list(itertools.chain.from_iterable(embedded_conversations("validation")))
     conversations = [messages[i:i + 24] for i in range(0, len(messages), 24)]
-    rows = [row for row in pack_chat_rows(conversations, tokenizer, seq_len, {})][:count]
-    return tok.stack_rows(rows)
+    return tok.stack_rows(list(itertools.islice(pack_chat_rows(conversations, tokenizer, seq_len, {}), count)))
 
 
 def drops_by_position(model, rows: dict) -> list[float]:
@@ -467,11 +410,12 @@ def drops_by_position(model, rows: dict) -> list[float]:
     return analysis.quarter_means(curve_L)
 
 
-def answer(model, tokenizer, question: str, max_new_tokens: int = 32) -> str:
-    """A greedy answer to one question in the chat template (10's prompt_ids, id 0 first)."""
-    prompt = released.prompt_ids(tokenizer, question, chat=True)
-    room = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    return tokenizer.decode(model_lib.generate(model, [prompt], max_new_tokens=max(room, 0) or 1)[0])
+def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to questions in the chat template (10's prompt_ids, id 0 first), decoded
+    together: 06's generate left-pads them to one length, so one compile serves every model."""
+    prompts = [released.prompt_ids(tokenizer, question, chat=True) for question in questions]
+    room = min(max_new_tokens, model.cfg.max_seq_len - max(map(len, prompts)))
+    return [tokenizer.decode(ids) for ids in model_lib.generate(model, prompts, max_new_tokens=max(room, 1))]
 
 
 def judge(models: dict, tokenizer, seq_len: int, questions: int = 3) -> dict:
@@ -480,7 +424,7 @@ def judge(models: dict, tokenizer, seq_len: int, questions: int = 3) -> dict:
     rows = long_chat_rows(tokenizer, seq_len)
     prompts = [c[0]["content"] for c in embedded_conversations("validation")[:questions]]
     return {name: {**heldout_loss(model, batches), "drops": drops_by_position(model, rows),
-                   "answers": [answer(model, tokenizer, p) for p in prompts], "prompts": prompts}
+                   "answers": answers(model, tokenizer, prompts), "prompts": prompts}
             for name, model in models.items()}
 
 
@@ -538,8 +482,7 @@ class ChatSession:
 def chat_loop(run_dir: str, step: int | None, **sampling) -> None:
     """Read a line, answer it, until end of input; /reset starts a new conversation."""
     cfg = runs.read_config(FinetuneConfig, pathlib.Path(run_dir) / "config.json")
-    step, params = run_params(dataclasses.replace(cfg, run_dir=run_dir), step)
-    model, tokenizer = plain_model(cfg.model, params), open_base(cfg)[1]
+    (step, model), tokenizer = run_model(dataclasses.replace(cfg, run_dir=run_dir), step), open_base(cfg)[1]
     session = ChatSession(model, tokenizer, **sampling)
     print(f"Chatting with {run_dir} (step {step}); /reset starts over, Ctrl-D ends.")
     for line in sys.stdin:
@@ -553,16 +496,15 @@ def chat_loop(run_dir: str, step: int | None, **sampling) -> None:
 
 
 # --- The command line, and the self-test ----------------------------------------------------------
-def run_params(cfg: FinetuneConfig, step: int | None = None):
-    """(step, parameters) of a fine-tune's checkpoint (default: the newest), on one device."""
+def run_model(cfg: FinetuneConfig, step: int | None = None):
+    """(step, unsharded model) of a fine-tune's checkpoint (default: the newest)."""
     steps = checkpoints.saved_steps(cfg.run_dir)
     if not steps or (step is not None and step not in steps):
         raise ValueError(f"{cfg.run_dir} has checkpoints at {list(steps)}; fine-tune it first or pick one")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(
-        nnx.eval_shape(lambda: model_lib.OpenMoE(cfg.model, rngs=nnx.Rngs(0))), nnx.Param))
+    like = nnx.state(shard.sharded_model(cfg.model, shard.mesh_from_text("", jax.devices()[:1]), abstract=True),
+                     nnx.Param)
     step = step or steps[-1]
-    return step, checkpoints.restore_params(cfg.run_dir, step, like)
+    return step, plain_model(cfg.model, checkpoints.restore_params(cfg.run_dir, step, like))
 
 
 def parse_args(argv=None):
@@ -608,10 +550,9 @@ def main(argv=None) -> None:
         summary = finetune(cfg, overwrite=args.overwrite, stop_after=args.stop_after)
         print("\n".join(runs.summary_lines(summary)) + f"\nchat data: {summary['data']}")
         if args.judge:
-            resolved = summary["cfg"]
-            after = plain_model(resolved.model, run_params(resolved)[1])
-            tokenizer = open_base(resolved)[1]
-            print("\n".join(judge_lines(judge({"base": before, "fine-tuned": after}, tokenizer, resolved.seq_len))))
+            tuned, tokenizer = summary["cfg"], open_base(summary["cfg"])[1]
+            results = judge({"base": before, "fine-tuned": run_model(tuned)[1]}, tokenizer, tuned.seq_len)
+            print("\n".join(judge_lines(results)))
 
 
 def self_test(cfg: FinetuneConfig) -> None:
@@ -637,9 +578,8 @@ def self_test(cfg: FinetuneConfig) -> None:
         before = base_model(cfg)
         finetune(cfg, stop_after=cfg.steps // 2, progress=False)
         summary = finetune(cfg, progress=False)
-        resolved = summary["cfg"]
-        after = plain_model(resolved.model, run_params(resolved)[1])
-        results = judge({"base": before, "fine-tuned": after}, tokenizer, resolved.seq_len, questions=2)
+        after = run_model(summary["cfg"])[1]
+        results = judge({"base": before, "fine-tuned": after}, tokenizer, summary["cfg"].seq_len, questions=2)
     print(f"\nFine-tuned {cfg.steps} steps (killed after {cfg.steps // 2}, resumed): train loss "
           f"{next(iter(summary['losses'].values())):.3f} -> {list(summary['losses'].values())[-1]:.3f}\n"
           + "\n".join(judge_lines(results)))

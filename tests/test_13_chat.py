@@ -19,6 +19,7 @@ chat = load("13_chat")
 released = load("10_released_models")
 model_lib = load("06_model")
 tok = load("01_tokenizer")
+ada = load("08_adafactor")
 
 TURNS = [{"role": "user", "content": "What does `os.sep` do?"}, {"role": "assistant", "content": "It separates."},
          {"role": "user", "content": "And `os.walk`?"}, {"role": "assistant", "content": "Walks a tree."}]
@@ -39,7 +40,7 @@ def base_dir(tmp_path_factory, tokenizer):
 
 
 def recipe(base_dir, run_dir, **changes):
-    return dataclasses.replace(chat.QUICK, base=str(base_dir), run_dir=str(run_dir), steps=4, lr=1e-2,
+    return dataclasses.replace(chat.QUICK, base=str(base_dir), run_dir=str(run_dir), steps=4, peak_lr=1e-2,
                                eval_every=0, checkpoint_every=2, **changes)
 
 
@@ -142,12 +143,22 @@ def test_bad_recipe_fields_are_named():
         dataclasses.replace(chat.QUICK, chat_data="nope")
 
 
-# --- The fine-tune run ------------------------------------------------------------------------
+# --- The fine-tune run: one recipe (routers frozen, experts and model sharded), run three ways ------
+FROZEN_SHARDED = {"train_routers": False, "mesh": "data=2,expert=2,model=2"}
+
 
 @pytest.fixture(scope="module")
 def straight(base_dir, tmp_path_factory):
+    """The recipe's 4 steps in one go: the run the other runs are compared with."""
     run_dir = tmp_path_factory.mktemp("straight")
-    return chat.finetune(recipe(base_dir, run_dir), progress=False), run_dir
+    return chat.finetune(recipe(base_dir, run_dir, **FROZEN_SHARDED), progress=False), run_dir
+
+
+def params_of(cfg, run_dir=None):
+    """A fine-tune's newest parameters, {name: array}."""
+    model = chat.run_model(dataclasses.replace(cfg, run_dir=str(run_dir or cfg.run_dir)))[1]
+    return {ada.leaf_name(path): np.asarray(x) for path, x in
+            jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 
 def test_the_run_records_its_base_and_the_loss_falls(straight, base_dir):
@@ -159,18 +170,56 @@ def test_the_run_records_its_base_and_the_loss_falls(straight, base_dir):
     assert losses[-1] < losses[0]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and lines[-1]["data/conversations"] > 0
+    assert "eval/chat/loss" in lines[-1]
+
+
+def test_frozen_routers_keep_the_bases_routers(straight):
+    summary, _ = straight
+    base = {ada.leaf_name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(
+        nnx.state(chat.base_model(summary["cfg"]), nnx.Param))[0]}
+    tuned = params_of(summary["cfg"])
+    assert base.keys() == tuned.keys() and any("router" in name for name in base)
+    for name in base:
+        assert np.array_equal(base[name], tuned[name]) == ("router" in name), name
+
+
+@pytest.mark.parametrize("optimizer", chat.OPTIMIZERS)
+def test_each_optimizer_moves_everything_but_what_is_frozen(optimizer):
+    # Routing biases (aux-loss-free balancing: 08's rule moves them) never take an optimizer
+    # update; router kernels only while train_routers is true.
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=64, num_layers=2, balance_bias_rate=0.001)
+    params = nnx.state(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for train_routers in (True, False):
+        tx = dataclasses.replace(chat.QUICK, optimizer=optimizer, train_routers=train_routers).make_optimizer(params)
+        updates = jax.jit(lambda grads, params: tx.update(grads, tx.init(params), params)[0])(grads, params)
+        updates = jax.tree_util.tree_flatten_with_path(updates)[0]
+        frozen = {ada.leaf_name(path): not np.any(np.asarray(u)) for path, u in updates}
+        assert any(name.endswith("router/bias") for name in frozen)
+        assert frozen == {name: name.endswith("router/bias") or (not train_routers and name.endswith(
+            "router/kernel")) for name in frozen}
 
 
 def test_a_killed_fine_tune_resumes_bit_exactly(straight, base_dir, tmp_path):
     summary, run_dir = straight
-    cfg = recipe(base_dir, tmp_path)
+    cfg = recipe(base_dir, tmp_path, **FROZEN_SHARDED)
     chat.finetune(cfg, stop_after=2, progress=False)
     resumed = chat.finetune(cfg, progress=False)
     assert list(resumed["losses"]) == [3, 4]
     assert [resumed["losses"][s] for s in (3, 4)] == [summary["losses"][s] for s in (3, 4)]
-    for a, b in zip(*(jax.tree.leaves(chat.run_params(dataclasses.replace(resumed["cfg"], run_dir=str(d)))[1])
-                      for d in (run_dir, tmp_path))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ours, theirs = params_of(resumed["cfg"]), params_of(summary["cfg"], run_dir)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_one_device_equals_eight(straight, base_dir, tmp_path):
+    summary, _ = straight
+    assert len(jax.devices()) == 8
+    one = chat.finetune(recipe(base_dir, tmp_path, **FROZEN_SHARDED), stop_after=2, progress=False,
+                        mesh=load("07_sharding").mesh_from_text("", jax.devices()[:1]))
+    np.testing.assert_allclose([one["losses"][s] for s in (1, 2)], [summary["losses"][s] for s in (1, 2)],
+                               rtol=2e-5)
+    assert one["cfg"].base_fingerprint == summary["cfg"].base_fingerprint
 
 
 def test_a_run_directory_of_another_base_is_refused(straight, base_dir, tmp_path, tokenizer):
@@ -178,7 +227,7 @@ def test_a_run_directory_of_another_base_is_refused(straight, base_dir, tmp_path
     other = tmp_path / "other"
     shutil.copytree(base_dir, other)
     with pytest.raises(ValueError, match="different run.*'base'"):
-        chat.finetune(recipe(other, run_dir), progress=False)
+        chat.finetune(recipe(other, run_dir, **FROZEN_SHARDED), progress=False)
     # The same path holding other weights: the fingerprint tells them apart.
     cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=128)
     released.export_hf(model_lib.OpenMoE(cfg, rngs=nnx.Rngs(5)), other, tokenizer=tokenizer, overwrite=True)
@@ -187,28 +236,7 @@ def test_a_run_directory_of_another_base_is_refused(straight, base_dir, tmp_path
     saved = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**saved, "base": str(other)}))
     with pytest.raises(ValueError, match="base_fingerprint"):
-        chat.finetune(recipe(other, moved), progress=False)
-
-
-@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
-def test_frozen_routers_keep_the_bases_routers(base_dir, tmp_path, optimizer):
-    cfg = dataclasses.replace(recipe(base_dir, tmp_path), steps=2, train_routers=False, optimizer=optimizer)
-    summary = chat.finetune(cfg, progress=False)
-    _, _, _, base = chat.prepare(cfg)
-    _, tuned = chat.run_params(summary["cfg"])
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(base)[0], jax.tree.leaves(tuned)):
-        same = np.array_equal(np.asarray(a), np.asarray(b))
-        assert same == ("router" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
-
-
-def test_eight_devices_equal_one(base_dir, tmp_path):
-    assert len(jax.devices()) == 8
-    one = chat.finetune(dataclasses.replace(recipe(base_dir, tmp_path / "one"), steps=2),
-                        mesh=load("07_sharding").mesh_from_text("", jax.devices()[:1]), progress=False)
-    eight = chat.finetune(dataclasses.replace(recipe(base_dir, tmp_path / "eight"), steps=2,
-                                              mesh="data=2,expert=2,model=2"), progress=False)
-    np.testing.assert_allclose(list(eight["losses"].values()), list(one["losses"].values()), rtol=2e-5)
-    assert eight["cfg"].base_fingerprint == one["cfg"].base_fingerprint
+        chat.finetune(recipe(other, moved, **FROZEN_SHARDED), progress=False)
 
 
 def test_fingerprint_changes_with_any_one_value():
