@@ -74,8 +74,9 @@ def test_per_token_loss_is_the_t5x_loss_over_assistant_tokens():
              "targets": rng.integers(0, 16, (2, 8)).astype(np.int32),
              "loss_mask": (rng.random((2, 8)) < 0.5).astype(np.float32)}
     batch["loss_mask"][0, 0] = 1.0
-    _, metrics = model_lib.loss_fn(model, batch, train=False)
-    logits = np.asarray(model(jnp.asarray(batch["inputs"]), train=False)[0], np.float64)
+    metrics, logits = jax.jit(lambda model, batch: (  # one compile, not one per eager op
+        model_lib.loss_fn(model, batch, train=False)[1], model(batch["inputs"], train=False)[0]))(model, batch)
+    logits = np.asarray(logits, np.float64)
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     per_token = -np.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
     by_hand = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
@@ -93,12 +94,12 @@ def test_conversations_share_a_row_but_never_attend_to_each_other(tokenizer):
     assert first.any() and second.any() and row["positions"][second][0] == 0
     cfg = dataclasses.replace(model_lib.PRESETS["tiny"], vocab_size=tokenizer.vocab_size, max_seq_len=128,
                               eval_capacity_factor=8.0)  # nothing dropped: routing groups cannot differ
+    forward = jax.jit(lambda model, row: model(row["inputs"][None], positions_BL=row["positions"][None],
+                                               segment_ids_BL=row["segment_ids"][None], train=False)[0][0])
     model = model_lib.OpenMoE(cfg, rngs=nnx.Rngs(0))
-    together = model(jnp.asarray(row["inputs"][None]), positions_BL=jnp.asarray(row["positions"][None]),
-                     segment_ids_BL=jnp.asarray(row["segment_ids"][None]), train=False)[0][0]
-    alone_row = next(chat.pack_chat_rows([other], tokenizer, int(second.sum()), {}))
-    alone = model(jnp.asarray(alone_row["inputs"][None]), train=False)[0][0]
-    np.testing.assert_allclose(np.asarray(together)[second], np.asarray(alone), atol=1e-5)
+    alone_row = next(chat.pack_chat_rows([other], tokenizer, 128, {}))  # the same shapes: one compile
+    together, alone = (np.asarray(forward(model, r)) for r in (row, alone_row))
+    np.testing.assert_allclose(together[second], alone[alone_row["segment_ids"] == 1], atol=1e-5)
 
 
 def test_a_long_conversation_is_cut_at_a_turn_boundary_and_counted(tokenizer):
