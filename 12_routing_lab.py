@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from support import cli, report
+from support import checkpoints, cli, files, report
 
 tok = importlib.import_module("01_tokenizer")
 router_lib = importlib.import_module("04_router")
@@ -295,11 +295,20 @@ def step_times(configs: dict, rounds: int = 5, steps: int = 2) -> dict[str, floa
 
 
 def run_variant(cfg, *, rows: int, min_count: int, probe_batches: int, progress: bool) -> dict:
-    """Train the variant's run (resumed if cut short, skipped if finished), then measure it."""
+    """Train the variant's run (resumed if cut short, skipped if finished), then measure it. The
+    measures are kept in RUN/lab_measures.json with the checkpoint and settings they describe, so
+    adding a variant measures only that one (delete the file to measure again)."""
     cli.progress(f"{cfg.run_dir}: training ({cfg.steps} steps; a finished run is only read)")
     train_lib.train(cfg, progress=progress)
+    path = pathlib.Path(cfg.run_dir) / "lab_measures.json"
+    key = {"checkpoint": max(checkpoints.saved_steps(cfg.run_dir)), "rows": rows,
+           "probe_batches": probe_batches}
+    if path.is_file() and (saved := json.loads(path.read_text()))["key"] == key:
+        return saved["measures"]
     cli.progress(f"{cfg.run_dir}: measuring routing, analysis and leak")
-    return measure(cfg, rows=rows, min_count=min_count, probe_batches=probe_batches)
+    measures = measure(cfg, rows=rows, min_count=min_count, probe_batches=probe_batches)
+    files.replace_file(path, json.dumps({"key": key, "measures": measures}))
+    return measures
 
 
 # --- Part 5: the comparison ------------------------------------------------------------------------
