@@ -26,8 +26,8 @@ other tokens of its group, later ones included, which a decoder must not see: th
 the last token of each group and counts earlier outputs that change, and compares the loss with
 teacher forcing (groups as in training) against the same text scored one prefix at a time (groups
 of one token, exactly how `generate` routes a new token).
-Run: `python 12_routing_lab.py` (every variant, one default run each; resumable). Self-test:
-`python 12_routing_lab.py --quick` (tiny runs, a few minutes). Left out: sigmoid router scores,
+Run: `python 12_routing_lab.py` (every variant, one default run each, ~2 hours; resumable).
+Self-test: `python 12_routing_lab.py --quick` (two tiny runs, about a minute). Left out: sigmoid router scores,
 shared experts, and the paper's parallel-layer and communication-overlap proposals (§5).
 """
 
