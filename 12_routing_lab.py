@@ -27,8 +27,8 @@ the last token of each group and counts earlier outputs that change, and compare
 teacher forcing (groups as in training) against the same text scored one prefix at a time (groups
 of one token, exactly how `generate` routes a new token).
 Run: `python 12_routing_lab.py` (every variant, one default run each, ~2 hours; resumable).
-Self-test: `python 12_routing_lab.py --quick` (two tiny runs, about a minute). Left out: sigmoid router scores,
-shared experts, and the paper's parallel-layer and communication-overlap proposals (§5).
+Self-test: `python 12_routing_lab.py --quick` (two tiny runs, about a minute). Left out: sigmoid
+router scores, shared experts, and the paper's parallel-layer and communication-overlap proposals.
 """
 
 from __future__ import annotations
