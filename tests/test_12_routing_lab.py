@@ -9,7 +9,6 @@ does. The lab end to end is its own self-test (`--quick`), which tests/test_layo
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
