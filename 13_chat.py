@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from support import checkpoints, cli, host, runs
+from support import checkpoints, cli, host, runs, tensor_files
 
 tok = importlib.import_module("01_tokenizer")
 model_lib = importlib.import_module("06_model")
@@ -165,11 +165,19 @@ def chat_batches(cfg, tokenizer, *, start_step: int = 0, counts: dict | None = N
 
 
 def heldout_batches(tokenizer, seq_len: int, rows: int, count: int) -> dict[str, list]:
-    """Held-out chats (01's validation split: other files than training's) as 09's eval sets."""
-    packed = list(pack_chat_rows(embedded_conversations("validation"), tokenizer, seq_len, {}))
-    packed = packed * -(-rows // max(len(packed), 1))  # at least one full batch (rows repeat)
-    batches = [tok.stack_rows(packed[i:i + rows]) for i in range(0, len(packed) - rows + 1, rows)][:count]
+    """Held-out chats (01's validation split: other files than training's) as 09's eval sets:
+    at most `count` batches of `rows`, every held-out row once; the last batch is filled up
+    with repeated rows whose loss mask is 0, so each held-out token counts exactly once."""
+    packed = list(pack_chat_rows(embedded_conversations("validation"), tokenizer, seq_len, {}))[:rows * count]
+    filler = itertools.islice(itertools.cycle(packed), -len(packed) % rows)
+    packed += [dict(row, loss_mask=np.zeros_like(row["loss_mask"])) for row in filler]
+    batches = [tok.stack_rows(packed[i:i + rows]) for i in range(0, len(packed), rows)]
     return {"chat": batches} if batches else {}
+
+
+def eval_sets(cfg, tokenizer) -> dict[str, list]:
+    """The fine-tune's held-out chat batches: what 09's loop evaluates and the judge scores."""
+    return heldout_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches)
 
 
 # --- Part 2: the recipe and the base it starts from -----------------------------------------------
@@ -292,32 +300,17 @@ def resolve(cfg: FinetuneConfig, base_cfg, tokenizer, where) -> FinetuneConfig:
                                tokenizer_fingerprint=tokenizer_hash)
 
 
-def fingerprint(params) -> str:
-    """A content hash of parameters, computed where they live (any mesh, any host count): per
-    leaf, its shape, dtype and two sums mod 2³² of its bits times odd position weights, so a
-    change to any one value changes it; then sha256 of those, on the host."""
-    def sums(x):
-        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-        index = sum(jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(np.prod(x.shape[d + 1:]) % 2**32)
-                    for d in range(x.ndim)) if x.ndim else jnp.uint32(0)
-        return jnp.stack([jnp.sum(bits * (index * np.uint32(m) | 1), dtype=jnp.uint32)
-                          for m in (2654435761, 40503)])
-
-    leaves = jax.tree.leaves(params)
-    values = jax.device_get(jax.jit(lambda ls: [sums(x) for x in ls])(leaves))
-    text = json.dumps([[list(x.shape), str(x.dtype), v.tolist()] for x, v in zip(leaves, values)])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # --- Part 3: the fine-tune, a run directory with 09's guarantees ----------------------------------
 def base_params(cfg: FinetuneConfig, where, like):
     """The base's parameters in f32, placed like `like` (ShapeDtypeStructs with shardings): a 09
-    checkpoint restored shard by shard, or a released checkpoint read slice by slice (10)."""
+    checkpoint restored shard by shard, or a released checkpoint read slice by slice (10). The
+    train step updates them in place (`runtime_owned`), so they are never held twice."""
     if isinstance(where, released.Run):
-        return checkpoints.restore_params(where.path, cfg.base_step, like)
+        return tensor_files.runtime_owned(checkpoints.restore_params(where.path, cfg.base_step, like))
     mesh = jax.tree.leaves(like)[0].sharding.mesh
-    loaded = nnx.state(released.model_from_tensors(released.read_tensors(where), cfg.model, mesh=mesh), nnx.Param)
-    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(loaded))
+    model = released.model_from_tensors(released.read_tensors(where), cfg.model, mesh=mesh)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return tensor_files.runtime_owned(jax.tree.unflatten(jax.tree.structure(like), leaves))
 
 
 def prepare(cfg: FinetuneConfig, mesh=None):
@@ -329,7 +322,7 @@ def prepare(cfg: FinetuneConfig, mesh=None):
     shard.check_fits(cfg.model, mesh, batch=cfg.batch_size // cfg.microbatches, seq_len=cfg.seq_len)
     like = nnx.state(shard.sharded_model(cfg.model, mesh, abstract=True), nnx.Param)
     params = base_params(cfg, where, like)
-    return dataclasses.replace(cfg, base_fingerprint=fingerprint(params)), tokenizer, mesh, params
+    return dataclasses.replace(cfg, base_fingerprint=runs.params_fingerprint(params)), tokenizer, mesh, params
 
 
 def finetune(cfg: FinetuneConfig, *, overwrite: bool = False, stop_after: int | None = None,
@@ -337,6 +330,9 @@ def finetune(cfg: FinetuneConfig, *, overwrite: bool = False, stop_after: int | 
     """Fine-tune (or resume) cfg.run_dir from its base with 09's trainer and loop (lock, identity, exact
     resume, divergence stop); its summary adds the resolved config and the chat data's counts."""
     cfg, tokenizer, mesh, params = prepare(cfg, mesh)
+    # The base's host copies are freed and handed back by now; from here on glibc keeps what the
+    # step frees, for a CPU step's speed (as 09 does; support/host.py).
+    host.keep_freed_memory_mapped()
     with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
                      writer=jax.process_index() == 0),
           checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.eval_every or cfg.steps) as manager):
@@ -344,7 +340,7 @@ def finetune(cfg: FinetuneConfig, *, overwrite: bool = False, stop_after: int | 
         summary = train_lib.training_loop(
             train_lib.build_trainer(cfg, mesh, params=params), manager,
             functools.partial(chat_batches, cfg, tokenizer, counts=counts),
-            heldout_batches(tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches),
+            eval_sets(cfg, tokenizer),
             stop_after=stop_after, progress=progress, data_counts=counts)
     return {**summary, "data": counts, "cfg": cfg}
 
@@ -384,7 +380,8 @@ def chat_metrics(model, batch: dict) -> dict:
 
 
 def heldout_loss(model, batches: list[dict]) -> dict[str, float]:
-    """06's T5X cross-entropy and accuracy over the assistant tokens of held-out chats."""
+    """06's T5X cross-entropy and accuracy over the assistant tokens of held-out chats, each
+    batch weighted by its tokens (as 09's loop weighs them)."""
     values = [chat_metrics(model, batch) for batch in batches]
     weights = [float(v["num_tokens"]) for v in values]
     return {name: float(np.average([float(v[key]) for v in values], weights=weights))
@@ -418,10 +415,11 @@ def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32) ->
     return [tokenizer.decode(ids) for ids in model_lib.generate(model, prompts, max_new_tokens=max(room, 1))]
 
 
-def judge(models: dict, tokenizer, seq_len: int, questions: int = 3) -> dict:
-    """Each model's held-out chat loss, drops by position on long chats, greedy answers."""
-    batches = heldout_batches(tokenizer, seq_len, 8, 64)["chat"]
-    rows = long_chat_rows(tokenizer, seq_len)
+def judge(models: dict, tokenizer, cfg: FinetuneConfig, questions: int = 3) -> dict:
+    """Each model's loss on the fine-tune's held-out chats (those its loop evaluates, at least
+    one batch), drops by position on long chats, and greedy answers."""
+    batches = eval_sets(dataclasses.replace(cfg, eval_batches=max(cfg.eval_batches, 1)), tokenizer)["chat"]
+    rows = long_chat_rows(tokenizer, cfg.seq_len)
     prompts = [c[0]["content"] for c in embedded_conversations("validation")[:questions]]
     return {name: {**heldout_loss(model, batches), "drops": drops_by_position(model, rows),
                    "answers": answers(model, tokenizer, prompts), "prompts": prompts}
@@ -545,14 +543,16 @@ def main(argv=None) -> None:
             return print(json.dumps(dry_run(cfg, args.topology), indent=2))
         if args.quick:
             return self_test(cfg)
-        host.keep_freed_memory_mapped()
-        before = base_model(cfg) if args.judge else None
+        before = {}
+        if args.judge:  # the base is judged first and let go, so the fine-tune never holds it twice
+            base_cfg, tokenizer, where = open_base(cfg)
+            before = judge({"base": base_model(cfg)}, tokenizer, resolve(cfg, base_cfg, tokenizer, where))
         summary = finetune(cfg, overwrite=args.overwrite, stop_after=args.stop_after)
         print("\n".join(runs.summary_lines(summary)) + f"\nchat data: {summary['data']}")
         if args.judge:
-            tuned, tokenizer = summary["cfg"], open_base(summary["cfg"])[1]
-            results = judge({"base": before, "fine-tuned": run_model(tuned)[1]}, tokenizer, tuned.seq_len)
-            print("\n".join(judge_lines(results)))
+            tuned = summary["cfg"]
+            after = judge({"fine-tuned": run_model(tuned)[1]}, open_base(tuned)[1], tuned)
+            print("\n".join(judge_lines(before | after)))
 
 
 def self_test(cfg: FinetuneConfig) -> None:
@@ -579,7 +579,7 @@ def self_test(cfg: FinetuneConfig) -> None:
         finetune(cfg, stop_after=cfg.steps // 2, progress=False)
         summary = finetune(cfg, progress=False)
         after = run_model(summary["cfg"])[1]
-        results = judge({"base": before, "fine-tuned": after}, tokenizer, summary["cfg"].seq_len, questions=2)
+        results = judge({"base": before, "fine-tuned": after}, tokenizer, summary["cfg"], questions=2)
     print(f"\nFine-tuned {cfg.steps} steps (killed after {cfg.steps // 2}, resumed): train loss "
           f"{next(iter(summary['losses'].values())):.3f} -> {list(summary['losses'].values())[-1]:.3f}\n"
           + "\n".join(judge_lines(results)))

@@ -10,7 +10,9 @@ Guarantees:
   - every check comes before the first change to the directory, and `overwrite` deletes the
     run's own files (RUN_FILES) and nothing else that lives there;
   - config.json and metrics.jsonl are replaced atomically, and metrics.jsonl always ends with
-    one line per step up to the checkpoint the run resumes from.
+    one line per step up to the checkpoint the run resumes from;
+  - `params_fingerprint` changes when any one parameter value does, is the same on any mesh
+    and host count, and reads one block of a few MiB at a time (no copy of the parameters).
 A run's config arrives here as a dataclass, written to config.json as one flat record; this
 module knows no chapter's config class.
 """
@@ -21,7 +23,9 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -29,8 +33,10 @@ import socket
 import sys
 from collections.abc import Iterator, Set
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from support import checkpoints, cli, files
 
@@ -43,6 +49,65 @@ RUN_FILES = ("config.json", "config_history.jsonl", "metrics.jsonl", "checkpoint
 class RunError(cli.Refused):
     """A run stopped for a reason the user can act on; the message says what to do."""
 
+
+# ------------------------------------------------------------------------------------------------
+# A content hash of parameters: which base a fine-tune started from
+# ------------------------------------------------------------------------------------------------
+
+FINGERPRINT_MULTIPLIERS = (2654435761, 40503)  # two weightings of each position
+FINGERPRINT_BLOCK_ELEMENTS = 1 << 20
+
+
+def _block_sums(block: np.ndarray, offsets: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """[2] uint32: Σ bits × (index·m | 1) mod 2³² over one block of a leaf of `shape`, where
+    `index` is the element's flat position in the whole leaf (mod 2³²), starting at `offsets`.
+    numpy's uint32 arithmetic wraps, which is exactly the mod 2³² wanted."""
+    bits = np.ascontiguousarray(block).view(f"uint{8 * block.itemsize}").astype(np.uint32)
+    index = np.zeros((), np.uint32)
+    for axis, (offset, size) in enumerate(zip(offsets, block.shape)):
+        stride = np.uint32(math.prod(shape[axis + 1:]) % 2**32)
+        positions = (np.arange(offset, offset + size, dtype=np.uint64) % 2**32).astype(np.uint32)
+        index = index + (positions * stride).reshape((size,) + (1,) * (block.ndim - axis - 1))
+    return np.array([np.sum(bits * (index * np.uint32(m) | np.uint32(1)), dtype=np.uint32)
+                     for m in FINGERPRINT_MULTIPLIERS], np.uint32)
+
+
+def _leaf_sums(x: jax.Array) -> np.ndarray:
+    """[2] uint32: this host's share of a leaf's sums. Each block of the leaf counts once (the
+    replica 0 of a replicated one), read to the host a slab of leading rows at a time."""
+    sums = np.zeros(2, np.uint32)
+    for shard in x.addressable_shards:
+        if shard.replica_id:
+            continue
+        block = np.asarray(shard.data)  # on a CPU the device's own buffer, not a copy
+        offsets = tuple(index.start or 0 for index in shard.index)
+        rows = max(1, FINGERPRINT_BLOCK_ELEMENTS // max(1, math.prod(block.shape[1:])))
+        for start in range(0, block.shape[0], rows) if block.ndim else [None]:
+            slab = block if start is None else block[start:start + rows]
+            slab_offsets = offsets if start is None else (offsets[0] + start, *offsets[1:])
+            sums += _block_sums(slab, slab_offsets, x.shape)
+    return sums
+
+
+def params_fingerprint(params) -> str:
+    """A content hash of a pytree of arrays, for a run's identity (13: the base it started from).
+
+    Per leaf: its shape, dtype and two sums mod 2³² of its bits times odd weights of their
+    positions, so changing or swapping any values changes it; then sha256 of those. Sums add up
+    over blocks, so each host sums the blocks it holds, the hosts' sums are added, and the hash
+    is the same on any mesh. It never holds more than one block of a few MiB beyond the arrays.
+    """
+    leaves = jax.tree.leaves(params)
+    sums = np.stack([_leaf_sums(x) for x in leaves]) if leaves else np.zeros((0, 2), np.uint32)
+    if jax.process_count() > 1:
+        sums = np.sum(multihost_utils.process_allgather(sums), axis=0, dtype=np.uint32)
+    text = json.dumps([[list(x.shape), str(x.dtype), v.tolist()] for x, v in zip(leaves, sums)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory's lock
+# ------------------------------------------------------------------------------------------------
 
 def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")

@@ -20,6 +20,8 @@ Guarantees:
   - a tensor is read a block of rows at a time (`host_array`, BLOCK_BYTES per block) into the
     one array that holds the result, and goes to its devices from there (`on_device`: with a
     sharding, each device receives only its slice), so a 34B loads with little host memory;
+  - `runtime_owned` hands such arrays to buffers a train step can update in place, one leaf at
+    a time, so training a loaded model never holds its parameters twice;
   - an HF checkpoint written here (`write_hf_checkpoint`) replaces an earlier one only when
     asked to (`overwrite`), and each of its files whole: a reader never sees half a file.
 """
@@ -364,3 +366,21 @@ def on_device(host: np.ndarray, sharding=None) -> jax.Array:
     if host.dtype in (np.float32, np.float16) and jax.default_backend() == "cpu":
         return jnp.from_dlpack(host)  # shares the aligned buffer
     return jnp.asarray(host)
+
+
+def runtime_owned(tree):
+    """`tree` with each array copied into a buffer the runtime allocated, one leaf at a time,
+    each original deleted once its copy exists: the peak is the tree plus its largest leaf.
+
+    A device buffer that shares a host array's memory (`on_device` on a CPU) cannot be reused
+    for a jitted step's output when it is donated, so a train step would write new parameters
+    beside the old ones: for OpenMoE-Base a second 3.2 GB on the first step.
+    """
+    copy_of = jax.jit(jnp.copy)  # keeps each leaf's sharding
+
+    def owned(x: jax.Array) -> jax.Array:
+        copy = copy_of(x)
+        copy.block_until_ready()
+        x.delete()
+        return copy
+    return jax.tree.map(owned, tree)

@@ -240,14 +240,6 @@ def test_a_run_directory_of_another_base_is_refused(straight, base_dir, tmp_path
         chat.finetune(recipe(other, moved, **FROZEN_SHARDED), progress=False)
 
 
-def test_fingerprint_changes_with_any_one_value():
-    params = {"a": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones(5, jnp.bfloat16)}
-    changed = {**params, "a": params["a"].at[2, 1].add(1e-6)}
-    swapped = {**params, "a": params["a"][::-1]}
-    prints = {chat.fingerprint(p) for p in (params, changed, swapped)}
-    assert len(prints) == 3 and chat.fingerprint(params) == chat.fingerprint(dict(params))
-
-
 def test_the_chat_session_reuses_its_cache_exactly(base_dir, tokenizer):
     cfg = dataclasses.replace(released.load_config(base_dir)[1], eval_capacity_factor=8.0)
     model = released.model_from_tensors(released.read_tensors(base_dir), cfg)
@@ -256,3 +248,19 @@ def test_the_chat_session_reuses_its_cache_exactly(base_dir, tokenizer):
     history = (chat.encode_turns([("Hi", "")], tokenizer)[0][0] + first + [1]
                + tokenizer.encode(chat.NEXT_TURN.format(query="And?")))
     assert model_lib.generate(model, [history], max_new_tokens=4)[0] == second
+
+
+def test_held_out_batches_count_every_held_out_token_once(tokenizer):
+    rows = list(chat.pack_chat_rows(chat.embedded_conversations("validation"), tokenizer, 128, {}))
+    batches = chat.heldout_batches(tokenizer, 128, 16, 100)["chat"]
+    assert len(batches) == -(-len(rows) // 16) and all(b["inputs"].shape == (16, 128) for b in batches)
+    assert sum(b["loss_mask"].sum() for b in batches) == sum(r["loss_mask"].sum() for r in rows)
+    assert len(chat.heldout_batches(tokenizer, 128, 16, 1)["chat"]) == 1
+
+
+def test_the_judge_scores_what_the_loop_evaluated(straight, tokenizer):
+    # The loop's last held-out loss (on the mesh) and the judge's (one device, unsharded model).
+    summary, _ = straight
+    judged = chat.heldout_loss(chat.run_model(summary["cfg"])[1], chat.eval_sets(summary["cfg"], tokenizer)["chat"])
+    assert judged["loss"] == pytest.approx(summary["eval"]["eval/chat/loss"], rel=1e-5)
+    assert judged["accuracy"] == pytest.approx(summary["eval"]["eval/chat/accuracy"], abs=1e-6)

@@ -6,6 +6,7 @@ command line, the run directory's identity and lock, the health checks, checkpoi
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from support import checkpoints, cli, files, health, host, runs
 
@@ -261,3 +263,43 @@ def test_freed_memory_is_kept_only_where_asked(monkeypatch):
 
 def test_memory_of_a_cpu_device_is_the_hosts():
     assert host.memory_bytes(jax.devices("cpu")[0]) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---------------------------------------------------------------------------------------------
+# runs.params_fingerprint: a content hash of parameters, the same on any mesh
+# ---------------------------------------------------------------------------------------------
+
+def fingerprint_oracle(params) -> str:
+    """The hash computed whole on the device: per leaf, Σ bits × (flat index · m | 1) mod 2³²."""
+    def sums(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        index = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+        return [int(jnp.sum(bits * (index * jnp.uint32(m) | 1), dtype=jnp.uint32))
+                for m in runs.FINGERPRINT_MULTIPLIERS]
+    leaves = jax.tree.leaves(params)
+    text = json.dumps([[list(x.shape), str(x.dtype), sums(x)] for x in leaves])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_tree():
+    rng = np.random.default_rng(0)
+    return {"a": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32), "c": jnp.float32(3.5),
+            "b": jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.bfloat16),
+            "d": jnp.asarray(rng.normal(size=(16, 4, 8)), jnp.float32)}
+
+
+def test_the_fingerprint_is_the_whole_leaf_formula_on_any_mesh(monkeypatch):
+    monkeypatch.setattr(runs, "FINGERPRINT_BLOCK_ELEMENTS", 7)  # many slabs per block
+    params = fingerprint_tree()
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    specs = {"a": P("x", "y"), "b": P(None, "x"), "c": P(), "d": P("y", None, "x")}
+    sharded = {name: jax.device_put(x, NamedSharding(mesh, specs[name])) for name, x in params.items()}
+    assert runs.params_fingerprint(params) == runs.params_fingerprint(sharded) == fingerprint_oracle(params)
+
+
+def test_the_fingerprint_changes_with_any_one_value():
+    params = fingerprint_tree()
+    changed = {**params, "a": params["a"].at[7, 11].add(1e-6)}
+    swapped = {**params, "d": params["d"][::-1]}
+    prints = {runs.params_fingerprint(p) for p in (params, changed, swapped)}
+    assert len(prints) == 3

@@ -428,3 +428,16 @@ def test_a_hub_name_downloads_weights_and_configs_but_never_code(tmp_path, monke
     assert asked["name"] == "OrionZheng/openmoe-base"
     assert fetched == ["config.json", "pytorch_model.bin", "model.safetensors", "spiece.model"]
     assert tensor_files.local_or_download(tmp_path) == tmp_path  # a path is used as it is
+
+
+def test_runtime_owned_copies_each_leaf_and_frees_the_shared_one():
+    import jax
+    host = np.arange(32, dtype=np.float32).reshape(4, 8)
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x", "y"))
+    shared = {"sharded": tensor_files.on_device(host, sharding), "whole": tensor_files.on_device(host.copy())}
+    owned = tensor_files.runtime_owned(shared)
+    for name in shared:
+        assert shared[name].is_deleted() and not owned[name].is_deleted()
+        assert owned[name].sharding == shared[name].sharding
+        np.testing.assert_array_equal(np.asarray(owned[name]), host)
