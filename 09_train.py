@@ -344,17 +344,15 @@ def build_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh, *, abstract: bool =
         params = fresh if params is None else params
         tx = cfg.make_optimizer(params)
         opt_shardings = shard.infer_shardings(tx.init, params, mesh=mesh)
-        if abstract:
-            opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                     jax.eval_shape(tx.init, params), opt_shardings)
-        else:
-            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        opt_state = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  jax.eval_shape(tx.init, params), opt_shardings) if abstract
+                     else jax.jit(tx.init, out_shardings=opt_shardings)(params))
     train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.microbatches, cfg.model.balance_bias_rate),
                          donate_argnums=(0, 1))
 
-    def eval_step(params, batch):  # next-token loss and accuracy at the eval capacity factor
+    def eval_step(params, batch):  # loss, accuracy and target tokens at the eval capacity factor
         metrics = model_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, train=False)[1]
-        return {"loss": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
+        return dict(loss=metrics["cross_entropy"], accuracy=metrics["accuracy"], tokens=metrics["num_tokens"])
 
     # model.cfg is the config as 07 adjusted it to the mesh (its group layout).
     return Trainer(cfg, model.cfg, mesh, params, opt_state, train_step, jax.jit(eval_step))
@@ -385,13 +383,14 @@ def save_checkpoint(manager, step: int, trainer: Trainer) -> None:
 
 
 def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, float]:
-    """Next-token loss and accuracy per domain at the eval capacity factor (train=False)."""
+    """Per domain, next-token loss and accuracy over all its target tokens, at the eval capacity."""
     results = {}
     with jax.set_mesh(trainer.mesh):
         for domain, domain_batches in batches.items():
             values = [trainer.eval_step(trainer.params, shard.global_batch(b, trainer.mesh)) for b in domain_batches]
+            tokens = [float(v["tokens"]) for v in values]  # batches weighted by their target tokens
             for name in ("loss", "accuracy"):
-                results[f"eval/{domain}/{name}"] = float(np.mean([float(v[name]) for v in values]))
+                results[f"eval/{domain}/{name}"] = float(np.average([float(v[name]) for v in values], weights=tokens))
     return results
 
 
