@@ -264,3 +264,20 @@ def test_the_judge_scores_what_the_loop_evaluated(straight, tokenizer):
     judged = chat.heldout_loss(chat.run_model(summary["cfg"])[1], chat.eval_sets(summary["cfg"], tokenizer)["chat"])
     assert judged["loss"] == pytest.approx(summary["eval"]["eval/chat/loss"], rel=1e-5)
     assert judged["accuracy"] == pytest.approx(summary["eval"]["eval/chat/accuracy"], abs=1e-6)
+
+
+def test_a_hub_chat_set_streams_the_chosen_models_conversations(tmp_path, tokenizer, monkeypatch):
+    # WildChat's layout (a `conversation` of {"role", "content"} messages, a `model` column) in a
+    # local JSON-lines file, streamed by 01's loader through `datasets` as a hub set would be.
+    other = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello from 3.5."}]
+    table = [(TURNS, "gpt-4-0314"), (other, "gpt-3.5-turbo"), (TURNS[:2], "gpt-4")]
+    path = tmp_path / "wildchat.jsonl"
+    path.write_text("".join(json.dumps({"conversation": c, "model": m, "turn": 1}) + "\n" for c, m in table))
+    hub = tok.HubSource("json", column="conversation", data_files=str(path))
+    assert list(chat.hub_conversations(hub, "gpt-4")) == [TURNS, TURNS[:2]]
+    monkeypatch.setitem(chat.CHAT_SOURCES, "wildchat-gpt4", (hub, "gpt-4"))
+    counts = {}
+    cfg = dataclasses.replace(chat.QUICK, chat_data="wildchat-gpt4", seq_len=128, batch_size=1)
+    rows = list(chat.chat_batches(cfg, tokenizer, counts=counts))
+    replies = [len(tokenizer.encode(" " + m["content"])) + 1 for m in TURNS + TURNS[:2] if m["role"] == "assistant"]
+    assert sum(row["loss_mask"].sum() for row in rows) == sum(replies) and counts["conversations"] == 2
