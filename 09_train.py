@@ -479,7 +479,7 @@ def training_loop(trainer: Trainer, manager, batches_from, eval_sets: dict, *, s
             with jax.set_mesh(mesh):
                 trainer.params, trainer.opt_state, metrics = trainer.train_step(
                     trainer.params, trainer.opt_state, shard.global_batch(next(batches), mesh))
-            done = step + 1
+            metrics, done = jax.device_get(metrics), step + 1  # waits for the step, so it is timed whole
             record = step_record(done, metrics, lr=float(schedule(step)), seconds=time.time() - tick,
                                  tokens=cfg.batch_size * cfg.seq_len, mfu_per_token_s=mfu_per_token_s)
             # A NaN stops the run here, before this step reaches the metrics or a checkpoint.
