@@ -396,9 +396,8 @@ def evaluate(trainer: Trainer, batches: dict[str, list[dict]]) -> dict[str, floa
 
 def step_record(step: int, metrics: dict, *, lr: float, seconds: float, tokens: int,
                 mfu_per_token_s: float | None) -> dict:
-    """One metrics.jsonl line: lr, speed, losses, drop rate and MaxVio per MoE layer, and MFU (the
-    model's FLOPs per second over the devices' peak: `mfu_per_token_s` is FLOPs per token ÷ peak
-    FLOP/s, None where the peak is unknown)."""
+    """One metrics.jsonl line: lr, speed, losses, drop rate and MaxVio per MoE layer, and MFU
+    (`mfu_per_token_s`: FLOPs per token ÷ the devices' peak FLOP/s; None where it is unknown)."""
     record = {"step": step, "lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds}
     record |= {name: float(metrics[name]) for name in ("loss", "cross_entropy", "z_loss",
                "load_balance_loss", "router_z_loss", "accuracy", "fraction_dropped", "grad_norm")}
@@ -424,9 +423,11 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
           progress: bool = True) -> dict:
     """Train (or resume) the run in cfg.run_dir; return a summary. `stop_after` ends the work
     after that step as if the process were killed there (a later run resumes)."""
-    # A finished run is reported at once, before any data, model or compile.
-    if not overwrite and (finished := runs.finished_summary(
-            cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, steps=cfg.steps)):
+    # A finished run is reported at once, before any data, model or compile. With a warm-up
+    # mixture, warmup_steps also says when the data switches, so then it is the run's identity.
+    resumable = RESUMABLE_FIELDS - ({"warmup_steps"} if cfg.warmup_mixture else set())
+    if not overwrite and (finished := runs.finished_summary(cfg.run_dir, cfg, resumable=resumable,
+                                                            steps=cfg.steps)):
         return finished
 
     # Everything that can be wrong is checked before anything is compiled or written.
@@ -440,8 +441,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, stop_after: int | None =
                for name in {cfg.mixture, cfg.warmup_mixture} - {""}}
 
     # One process per run directory: the first host holds its lock for the whole run.
-    with (runs.claim(cfg.run_dir, cfg, resumable=RESUMABLE_FIELDS, overwrite=overwrite,
-                        writer=jax.process_index() == 0),
+    with (runs.claim(cfg.run_dir, cfg, resumable=resumable, overwrite=overwrite,
+                     writer=jax.process_index() == 0),
           checkpoints.manager(cfg.run_dir, keep_last=cfg.keep_last, keep_period=cfg.keep_period) as manager):
         trainer, eval_sets = build_trainer(cfg, mesh), tok.validation_batches(
             tokenizer, cfg.seq_len, cfg.batch_size // jax.process_count(), cfg.eval_batches)
