@@ -12,7 +12,7 @@ Guarantees:
   - config.json and metrics.jsonl are replaced atomically, and metrics.jsonl always ends with
     one line per step up to the checkpoint the run resumes from;
   - `params_fingerprint` changes when any one parameter value does, is the same on any mesh
-    and host count, and reads one block of a few MiB at a time (no copy of the parameters).
+    and host count, and never copies the parameters whole.
 A run's config arrives here as a dataclass, written to config.json as one flat record; this
 module knows no chapter's config class.
 """
@@ -95,7 +95,8 @@ def params_fingerprint(params) -> str:
     Per leaf: its shape, dtype and two sums mod 2³² of its bits times odd weights of their
     positions, so changing or swapping any values changes it; then sha256 of those. Sums add up
     over blocks, so each host sums the blocks it holds, the hosts' sums are added, and the hash
-    is the same on any mesh. It never holds more than one block of a few MiB beyond the arrays.
+    is the same on any mesh. On a CPU the arrays are read where they are, a slab of a few MiB at
+    a time; on an accelerator each device's block is copied to the host in turn.
     """
     leaves = jax.tree.leaves(params)
     sums = np.stack([_leaf_sums(x) for x in leaves]) if leaves else np.zeros((0, 2), np.uint32)
