@@ -420,8 +420,8 @@ def judge(models: dict, tokenizer, cfg: FinetuneConfig, questions: int = 3) -> d
 
 def judge_lines(results: dict) -> list[str]:  # the before/after table, then answers side by side
     names = list(results)
-    rows = [("", lambda r: "")] + [(label, lambda r, k=k: f"{r[k]:.3f}") for label, k in (
-        ("held-out chat loss (assistant)", "loss"), ("held-out chat accuracy", "accuracy"))] + [
+    rows = [("", lambda r: ""), ("held-out chat loss (assistant)", lambda r: f"{r['loss']:.3f}"),
+            ("held-out chat accuracy", lambda r: f"{r['accuracy']:.1%}")] + [
         (f"drops, positions quarter {q + 1}/4", lambda r, q=q: f"{r['drops'][q]:.1%}")
         for q in range(4)]
     lines = [f"{name:34}" + "".join(f"{fmt(results[n]) or n:>16}" for n in names) for name, fmt in rows]
