@@ -26,6 +26,7 @@ import pathlib
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 import jax
@@ -39,12 +40,14 @@ def quiet_orbax() -> Iterator[None]:
 
     Orbax logs such an error with its traceback (absl), and notes that a checkpoint directory
     is read-only; its abandoned reads and writes report a failure again when collected, once per
-    array (asyncio's "exception was never retrieved", tensorstore's "Event loop is closed"). All
-    are silenced while it works and, if it fails, for the rest of the process: the one line the
-    caller prints carries the cause.
+    array (asyncio's "exception was never retrieved", tensorstore's "Event loop is closed",
+    and, when the process exits, "coroutine ... was never awaited"). All are silenced while it
+    works and, if it fails, for the rest of the process: the one line the caller prints carries
+    the cause.
     """
     logs = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels, report_unraisable = [log.level for log in logs], sys.unraisablehook
+    filters = warnings.filters[:]
 
     def drop_closed_loop_reports(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError)
@@ -54,10 +57,11 @@ def quiet_orbax() -> Iterator[None]:
     for log in logs:
         log.setLevel(logging.CRITICAL)
     sys.unraisablehook = drop_closed_loop_reports
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
     yield
     for log, level in zip(logs, levels):  # reached only on success: nothing was abandoned
         log.setLevel(level)
-    sys.unraisablehook = report_unraisable
+    sys.unraisablehook, warnings.filters[:] = report_unraisable, filters
 
 
 def manager(run_dir: str | os.PathLike, *, keep_last: int, keep_period: int):

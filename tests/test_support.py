@@ -6,10 +6,14 @@ command line, the run directory's identity and lock, the health checks, checkpoi
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +249,33 @@ def test_a_damaged_or_non_finite_checkpoint_is_set_aside(tmp_path, capsys):
     assert checkpoints.saved_steps(tmp_path) == (1,)
     only_params = checkpoints.restore_params(tmp_path, 1, params)
     assert np.array_equal(only_params["w"], params["w"])
+
+
+def test_after_a_failed_orbax_call_its_abandoned_work_stays_silent(monkeypatch):
+    # What a failed write leaves behind reports itself when collected, even at exit; the one line
+    # the caller prints is all the user sees. After a success, nothing stays silenced.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(warnings, "filters", warnings.filters[:])
+    levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+
+    async def write_fragment():
+        pass
+
+    with checkpoints.quiet_orbax():
+        pass
+    with pytest.warns(RuntimeWarning, match="never awaited"):
+        write_fragment()
+        gc.collect()
+    try:
+        with pytest.raises(OSError), checkpoints.quiet_orbax():
+            raise OSError("No space left on device")
+        with warnings.catch_warnings(record=True) as caught:
+            write_fragment()
+            gc.collect()
+        assert not [w for w in caught if "never awaited" in str(w.message)]
+    finally:  # the failure leaves orbax's loggers at CRITICAL, for the rest of the process
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
