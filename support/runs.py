@@ -72,15 +72,14 @@ def _block_sums(block: np.ndarray, offsets: tuple[int, ...], shape: tuple[int, .
                      for m in FINGERPRINT_MULTIPLIERS], np.uint32)
 
 
-def _leaf_sums(x: jax.Array) -> np.ndarray:
-    """[2] uint32: this host's share of a leaf's sums. Each block of the leaf counts once (the
-    replica 0 of a replicated one), read to the host a slab of leading rows at a time."""
+def _leaf_sums(x) -> np.ndarray:
+    """[2] uint32: this host's share of a leaf's sums (a jax.Array's or a numpy array's). Each
+    block counts once (the replica 0 of a replicated one), read a slab of rows at a time."""
     sums = np.zeros(2, np.uint32)
-    for shard in x.addressable_shards:
-        if shard.replica_id:
-            continue
-        block = np.asarray(shard.data)  # on a CPU the device's own buffer, not a copy
-        offsets = tuple(index.start or 0 for index in shard.index)
+    blocks = (((np.asarray(s.data), tuple(i.start or 0 for i in s.index))  # on a CPU: no copy
+               for s in x.addressable_shards if not s.replica_id) if isinstance(x, jax.Array)
+              else [(np.asarray(x), (0,) * np.ndim(x))])
+    for block, offsets in blocks:
         rows = max(1, FINGERPRINT_BLOCK_ELEMENTS // max(1, math.prod(block.shape[1:])))
         for start in range(0, block.shape[0], rows) if block.ndim else [None]:
             slab = block if start is None else block[start:start + rows]
@@ -93,15 +92,21 @@ def params_fingerprint(params) -> str:
     """A content hash of a pytree of arrays, for a run's identity (13: the base it started from).
 
     Per leaf: its shape, dtype and two sums mod 2³² of its bits times odd weights of their
-    positions, so changing or swapping any values changes it; then sha256 of those. Sums add up
-    over blocks, so each host sums the blocks it holds, the hosts' sums are added, and the hash
-    is the same on any mesh. On a CPU the arrays are read where they are, a slab of a few MiB at
-    a time; on an accelerator each device's block is copied to the host in turn.
+    positions, so changing any one value, or swapping two, changes it; then sha256 of those. It
+    tells one checkpoint from another, not a forger's from the real one: sums of 32-bit words
+    can cancel (negating every f32 of a leaf with an even count leaves them).
+
+    Sums add up over blocks, so each host sums the blocks it holds and the hosts' sums are added
+    (a numpy leaf, or an array on one host only, is summed where it is): the hash is the same on
+    any mesh. On a CPU the arrays are read in place, a slab of a few MiB at a time; on an
+    accelerator each device's block is copied to the host in turn.
     """
     leaves = jax.tree.leaves(params)
     sums = np.stack([_leaf_sums(x) for x in leaves]) if leaves else np.zeros((0, 2), np.uint32)
-    if jax.process_count() > 1:
-        sums = np.sum(multihost_utils.process_allgather(sums), axis=0, dtype=np.uint32)
+    if jax.process_count() > 1:  # add up the hosts' blocks of arrays spread over several hosts
+        spread = [isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves]
+        added = np.sum(multihost_utils.process_allgather(sums), axis=0, dtype=np.uint32)
+        sums = np.where(np.array(spread, bool)[:, None], added, sums)
     text = json.dumps([[list(x.shape), str(x.dtype), v.tolist()] for x, v in zip(leaves, sums)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -374,7 +374,8 @@ def runtime_owned(tree):
 
     A device buffer that shares a host array's memory (`on_device` on a CPU) cannot be reused
     for a jitted step's output when it is donated, so a train step would write new parameters
-    beside the old ones: for OpenMoE-Base a second 3.2 GB on the first step.
+    beside the old ones: a second copy of them on the first step. The leaves must be distinct
+    arrays (each is deleted once copied).
     """
     copy_of = jax.jit(jnp.copy)  # keeps each leaf's sharding
 

@@ -346,13 +346,16 @@ def variant_runs(tmp_path_factory):
     return cfg, straight, resumed_cfg, resumed
 
 
-def test_with_a_warmup_mixture_warmup_steps_is_the_runs_identity(variant_runs):
+def test_with_a_warmup_mixture_warmup_steps_is_the_runs_identity(variant_runs, uninterrupted):
     # It says when the data switches streams: a resume with another value would train on other
     # data than the run it continues. Without a warm-up mixture it only shapes the schedule.
     _, _, resumed_cfg, _ = variant_runs
     with pytest.raises(ValueError, match="holds a different run.*warmup_steps"):
         train_lib.train(dataclasses.replace(resumed_cfg, warmup_steps=4, steps=8), progress=False)
-    assert "warmup_steps" in train_lib.RESUMABLE_FIELDS
+    plain, _ = uninterrupted  # finished, so reported at once: accepted as the same run
+    assert plain.warmup_mixture == ""
+    changed = train_lib.train(dataclasses.replace(plain, warmup_steps=plain.warmup_steps + 1), progress=False)
+    assert changed["steps"] == plain.steps and changed.get("complete")
 
 
 def test_variants_resume_exactly_biases_included(variant_runs):

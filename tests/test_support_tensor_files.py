@@ -435,9 +435,18 @@ def test_runtime_owned_copies_each_leaf_and_frees_the_shared_one():
     host = np.arange(32, dtype=np.float32).reshape(4, 8)
     mesh = jax.make_mesh((2, 4), ("x", "y"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x", "y"))
-    shared = {"sharded": tensor_files.on_device(host, sharding), "whole": tensor_files.on_device(host.copy())}
+    shared = {"sharded": tensor_files.on_device(host, sharding),
+              "whole": tensor_files.on_device(tensor_files.host_array(host, False, np.float32))}
     owned = tensor_files.runtime_owned(shared)
     for name in shared:
         assert shared[name].is_deleted() and not owned[name].is_deleted()
         assert owned[name].sharding == shared[name].sharding
         np.testing.assert_array_equal(np.asarray(owned[name]), host)
+    # What it is for: a donated step writes its result into the very buffers it was given.
+    def buffers(x):
+        return [shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards]
+
+    step = jax.jit(lambda x: x + 1, donate_argnums=0)
+    for name, x in owned.items():
+        before = buffers(x)
+        assert buffers(step(x)) == before, name
