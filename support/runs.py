@@ -80,11 +80,10 @@ def _leaf_sums(x) -> np.ndarray:
                for s in x.addressable_shards if not s.replica_id) if isinstance(x, jax.Array)
               else [(np.asarray(x), (0,) * np.ndim(x))])
     for block, offsets in blocks:
+        block, offsets = np.atleast_1d(block), offsets or (0,)  # a scalar: one element at 0
         rows = max(1, FINGERPRINT_BLOCK_ELEMENTS // max(1, math.prod(block.shape[1:])))
-        for start in range(0, block.shape[0], rows) if block.ndim else [None]:
-            slab = block if start is None else block[start:start + rows]
-            slab_offsets = offsets if start is None else (offsets[0] + start, *offsets[1:])
-            sums += _block_sums(slab, slab_offsets, x.shape)
+        for start in range(0, len(block), rows):
+            sums += _block_sums(block[start:start + rows], (offsets[0] + start, *offsets[1:]), x.shape)
     return sums
 
 
